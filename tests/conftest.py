@@ -1,0 +1,59 @@
+"""Shared test fixtures: offline environment, a real S3-compatible server (moto) on loopback.
+
+Everything here starts real components; nothing is mocked. Module-specific fixtures live in the
+test module that needs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import uuid
+
+# Tests never download anything and never phone home. Set before any library is imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="odise-prefect-home-"))
+# Fake credentials for the local S3 server; real ones must never leak into tests.
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+os.environ.pop("AWS_SESSION_TOKEN", None)
+os.environ.pop("AWS_PROFILE", None)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """Endpoint URL of a real S3-compatible server (moto) on 127.0.0.1, random port."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> str:
+    """A fresh, empty bucket on the local S3 server; returns its name."""
+    import s3fs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": s3_endpoint})
+    fs.mkdir(name)
+    return name
+
+
+@pytest.fixture
+def s3_storage_options(s3_endpoint: str) -> dict:
+    """fsspec storage options that reach the local S3 server."""
+    return {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_endpoint}}

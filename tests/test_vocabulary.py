@@ -1,0 +1,362 @@
+"""Tests for odise_model.vocabulary: the classes.txt format, built-in vocabularies, loading, merging."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from odise_model.vocabulary import (
+    BUILTIN_VOCABULARIES,
+    Category,
+    Vocabulary,
+    VocabularyError,
+    coco_seen_synonyms,
+    load_vocabulary,
+    parse_vocabulary,
+)
+
+
+def write(tmp_path: Path, text: str | bytes, name: str = "classes.txt") -> Path:
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load_error(tmp_path: Path, text: str | bytes) -> tuple[VocabularyError, Path]:
+    path = write(tmp_path, text)
+    with pytest.raises(VocabularyError) as info:
+        load_vocabulary(path)
+    return info.value, path
+
+
+# --- the format --------------------------------------------------------------------------------------
+def test_plain_file_comments_blank_lines_synonyms(tmp_path):
+    path = write(
+        tmp_path,
+        "# my classes\n\n  person ,  man,woman  \n   # indented comment\n\nsky, clouds [stuff]\ncar [thing]\n",
+    )
+    vocab = load_vocabulary(path)
+    assert vocab.source == str(path)
+    assert len(vocab) == 3
+    assert vocab.names == ["person", "sky", "car"]
+    assert vocab.ids == [1, 2, 3]
+    assert vocab[0] == Category(1, "person", ("person", "man", "woman"), True)
+    assert vocab[1].synonyms == ("sky", "clouds") and not vocab[1].isthing
+    assert vocab[2].synonyms == ("car",) and vocab[2].isthing
+    assert [c.name for c in vocab] == vocab.names
+    assert vocab.by_id(2).name == "sky"
+    with pytest.raises(KeyError, match="99"):
+        vocab.by_id(99)
+
+
+def test_explicit_ids_markers_and_crlf_bom(tmp_path):
+    text = "\ufeff# header\r\n12: fire hydrant\r\n 3 :car,cars\r\n200: rug [STUFF]\r\n7: tv [old], crt\r\n"
+    vocab = load_vocabulary(write(tmp_path, text))
+    assert vocab.ids == [12, 3, 200, 7]
+    assert vocab.names == ["fire hydrant", "car", "rug", "tv [old]"]
+    assert vocab.by_id(3).synonyms == ("car", "cars")
+    assert not vocab.by_id(200).isthing
+    assert vocab.by_id(7).synonyms == ("tv [old]", "crt")
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "pattern"),
+    [
+        ("# only comments\n\n", None, "empty vocabulary"),
+        ("", None, "empty vocabulary"),
+        ("cat\ndog\n\nCat, kitty\n", 4, "duplicate class 'Cat'"),
+        ("1: cat\n2: dog\n1: bird\n", 3, "duplicate class id 1"),
+        ("cat, kitty\ndog, puppy\nbird, Kitty\n", 3, "synonym 'kitty'"),
+        ("cat\ndog,,puppy\n", 2, "empty synonym"),
+        ("cat\ndog, puppy,\n", 2, "empty synonym"),
+        ("cat\n, dog\n", 2, "empty synonym"),
+        ("cat\n  [stuff]\n", 2, "marker without a class name"),
+        ("1: cat\n2: [thing]\n", 2, "marker without a class name"),
+        ("cat\ndog [animal]\n", 2, r"unknown tag \[animal\]"),
+        ("cat\ndog []\n", 2, r"unknown tag \[\]"),
+        ("1: cat\ndog\n", 2, "mixed explicit ids"),
+        ("cat\n2: dog\n", 2, "mixed explicit ids"),
+        ("1: cat\n2:\n", 2, "id without a class name"),
+        ("0: cat\n", 1, "id must be >= 1"),
+    ],
+)
+def test_errors_name_file_and_line(tmp_path, text, line, pattern):
+    error, path = load_error(tmp_path, text)
+    assert isinstance(error, ValueError)
+    assert error.source == str(path)
+    assert error.line == line
+    assert str(path) in str(error)
+    if line is not None:
+        assert f"{path}:{line}:" in str(error)
+    assert re.search(pattern, str(error)), str(error)
+
+
+def test_non_utf8_reports_line_of_first_bad_byte(tmp_path):
+    data = b"cat\ndog\n" + b"caf\xe9\n" + b"bad\xff\n"
+    error, path = load_error(tmp_path, data)
+    assert error.line == 3
+    assert f"{path}:3:" in str(error)
+    assert "UTF-8" in str(error)
+
+
+def test_duplicate_synonym_within_one_class_is_kept():
+    vocab = parse_vocabulary("stove, kitchen range, kitchen range\n")
+    assert vocab[0].synonyms == ("stove", "kitchen range", "kitchen range")
+
+
+def test_parse_string_source_in_errors():
+    with pytest.raises(VocabularyError, match=r"^<string>:2: ") as info:
+        parse_vocabulary("a\na\n")
+    assert info.value.source == "<string>" and info.value.line == 2
+
+
+# --- built-in vocabularies -----------------------------------------------------------------------------
+def test_coco_panoptic_builtin():
+    coco = load_vocabulary("coco_panoptic")
+    assert coco.source == "coco_panoptic"
+    assert len(coco) == 133
+    assert sum(c.isthing for c in coco) == 80
+    assert sum(not c.isthing for c in coco) == 53
+    synonyms, class_index = coco.flat_synonyms()
+    assert len(synonyms) == 254 == len(class_index)  # official text_embed buffer is [254, 768]
+    assert class_index[:3] == [0, 0, 0] and class_index[-1] == 132
+    # official COCO panoptic ids (panopticapi / detectron2 COCO_CATEGORIES)
+    assert coco.ids == sorted(coco.ids) and coco.ids[0] == 1 and coco.ids[-1] == 200
+    assert all(c.isthing == (c.id <= 90) for c in coco)
+    expected = {
+        1: "person",
+        11: "fire hydrant",
+        13: "stop sign",
+        55: "orange fruit",
+        67: "dining table",
+        72: "tv",
+        90: "toothbrush",
+        92: "banner",
+        145: "playingfield",
+        187: "sky",
+        199: "wall",
+        200: "rug",
+    }
+    for cat_id, name in expected.items():
+        assert coco.by_id(cat_id).name == name
+    for missing in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91):
+        with pytest.raises(KeyError):
+            coco.by_id(missing)
+    assert coco.by_id(1).synonyms[:4] == ("person", "child", "girl", "boy")
+    assert coco.by_id(1).synonyms[-1] == "clothes"
+    assert coco.by_id(145).synonyms == (
+        "playingfield",
+        "tennis court",
+        "baseball feild",
+        "soccer field",
+        "tennis field",
+    )
+    assert not coco.by_id(92).isthing and coco.by_id(90).isthing
+
+
+def test_ade20k_150_builtin():
+    ade = load_vocabulary("ade20k_150")
+    assert len(ade) == 150
+    assert ade.ids == list(range(1, 151))
+    assert sum(c.isthing for c in ade) == 100
+    assert ade.by_id(1).name == "wall" and not ade.by_id(1).isthing
+    assert ade.by_id(13).name == "person" and ade.by_id(13).isthing
+    assert ade.by_id(150).synonyms == ("flag", "flags")
+    assert ade.by_id(72).synonyms.count("kitchen range") == 2  # kept exactly as in OpenSeg's list
+    assert not ade.by_id(146).isthing  # shower: stuff in Mask2Former's metadata
+    assert len(ade.flat_synonyms()[0]) == 403
+
+
+def test_builtins_are_cached_and_listed():
+    assert BUILTIN_VOCABULARIES == ("coco_panoptic", "ade20k_150")
+    assert load_vocabulary("coco_panoptic") is load_vocabulary("coco_panoptic")
+
+
+def test_coco_seen_synonyms():
+    seen = coco_seen_synonyms()
+    assert isinstance(seen, frozenset) and len(seen) == 254
+    assert {"person", "childeren", "wall", "rug", "tv remote"} <= seen
+    assert "flag" not in seen
+    ade = load_vocabulary("ade20k_150")
+    unseen = [c.name for c in ade if not any(s in seen for s in c.synonyms)]
+    assert "flag" in unseen and "person" not in unseen
+
+
+def test_import_is_light():
+    code = "import sys, odise_model.vocabulary; print('torch' in sys.modules, 'fsspec' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+# --- hashing and canonical text --------------------------------------------------------------------------
+def test_sha256_ignores_formatting_but_not_content():
+    a = parse_vocabulary("person, man\nsky [stuff]\n")
+    b = parse_vocabulary("# comment\n\n1:person ,man [thing]\n  2 :  sky   [Stuff]  \n", source="other")
+    assert a == b and a.sha256() == b.sha256()
+    assert len(a.sha256()) == 64
+    different = [
+        "person, men\nsky [stuff]\n",  # synonym
+        "person, man\nsky\n",  # flag
+        "1: person, man\n3: sky [stuff]\n",  # id
+        "sky [stuff]\nperson, man\n",  # order (= classifier order)
+        "man, person\nsky [stuff]\n",  # synonym order / display name
+    ]
+    hashes = {parse_vocabulary(t).sha256() for t in different}
+    assert len(hashes) == len(different) and a.sha256() not in hashes
+
+
+@pytest.mark.parametrize("name", BUILTIN_VOCABULARIES)
+def test_to_text_round_trip_builtins(name):
+    vocab = load_vocabulary(name)
+    again = parse_vocabulary(vocab.to_text())
+    assert again == vocab and again.sha256() == vocab.sha256()
+
+
+def test_to_text_round_trip_tricky_names():
+    vocab = Vocabulary(
+        (
+            Category(5, "tv [old]", ("tv [old]",)),  # needs an explicit [thing] to survive
+            Category(2, "#hashtag", ("#hashtag", "3: odd")),
+            Category(9, "sky", ("sky",), isthing=False),
+        )
+    )
+    text = vocab.to_text()
+    assert text.splitlines()[0] == "5: tv [old] [thing]"
+    assert parse_vocabulary(text) == vocab
+
+
+def test_coco_categories_export():
+    cats = load_vocabulary("coco_panoptic").coco_categories()
+    assert cats[0] == {"id": 1, "name": "person", "isthing": 1, "synonyms": list(cats[0]["synonyms"])}
+    assert cats[-1]["id"] == 200 and cats[-1]["isthing"] == 0
+    assert sum(c["isthing"] for c in cats) == 80
+
+
+def test_category_and_vocabulary_validation():
+    with pytest.raises(VocabularyError, match="first synonym"):
+        Category(1, "cat", ("kitty", "cat"))
+    with pytest.raises(VocabularyError, match="id must be"):
+        Category(0, "cat", ("cat",))
+    with pytest.raises(VocabularyError, match="comma"):
+        Category(1, "a,b", ("a,b",))
+    assert Category(1, "cat", ["cat", "kitty"]).synonyms == ("cat", "kitty")
+    with pytest.raises(VocabularyError, match="duplicate class id 1"):
+        Vocabulary((Category(1, "a", ("a",)), Category(1, "b", ("b",))))
+    with pytest.raises(VocabularyError, match="empty vocabulary"):
+        Vocabulary(())
+
+
+# --- loading -------------------------------------------------------------------------------------------
+def test_list_of_strings():
+    vocab = load_vocabulary(["cat, kitty", " dog ", "traffic cone"])
+    assert vocab.source == "<list>"
+    assert vocab.ids == [1, 2, 3]
+    assert vocab.names == ["cat", "dog", "traffic cone"]
+    assert vocab[0].synonyms == ("cat", "kitty")
+    assert all(c.isthing for c in vocab)
+    assert load_vocabulary(("a", "b")).names == ["a", "b"]
+    with pytest.raises(VocabularyError, match=r"^<list>:2: .*empty synonym"):
+        load_vocabulary(["cat", "dog,"])
+    with pytest.raises(VocabularyError, match=r"^<list>:3: .*duplicate class"):
+        load_vocabulary(["cat", "dog", "CAT"])
+    with pytest.raises(VocabularyError, match=r"^<list>:1: .*markers"):
+        load_vocabulary(["sky [stuff]"])
+    with pytest.raises(VocabularyError, match="empty vocabulary"):
+        load_vocabulary([])
+
+
+def test_vocabulary_returned_as_is_and_bad_types():
+    vocab = parse_vocabulary("a\n")
+    assert load_vocabulary(vocab) is vocab
+    with pytest.raises(TypeError):
+        load_vocabulary(42)  # type: ignore[arg-type]
+
+
+def test_missing_file(tmp_path):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(FileNotFoundError, match="nope.txt") as info:
+        load_vocabulary(missing)
+    assert info.value.filename == str(missing)
+    with pytest.raises(FileNotFoundError, match="built-in vocabularies"):
+        load_vocabulary("coco_panoptik")
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        load_vocabulary((tmp_path / "nope.txt").as_uri())
+
+
+def test_load_from_file_url(tmp_path):
+    path = write(tmp_path, "1: cat, kitty\n5: grass [stuff]\n")
+    url = path.as_uri()
+    assert url.startswith("file://")
+    vocab = load_vocabulary(url)
+    assert vocab.source == url
+    assert vocab == load_vocabulary(path)
+    assert load_vocabulary(str(path)) == vocab
+    bad = write(tmp_path, "cat\ncat\n", name="bad.txt")
+    with pytest.raises(VocabularyError, match=r"bad\.txt:2: ") as info:
+        load_vocabulary(bad.as_uri())
+    assert info.value.source == bad.as_uri()
+
+
+# --- merging -------------------------------------------------------------------------------------------
+def test_merge_rules():
+    mine = parse_vocabulary("3: traffic cone\n7: Kitty, house cat\n", source="mine")
+    other = parse_vocabulary(
+        "1: person\n3: cone, pylon\n7: cat, kitty\n8: sky [stuff]\n9: dog\n", source="other"
+    )
+    merged = mine.merge(other)
+    assert merged.source == "mine+other"
+    # self first and unchanged; 'cat, kitty' dropped (kitty ~ Kitty); colliding id 3 -> max(7, 1, 8, 9) + 1
+    assert [(c.id, c.name) for c in merged] == [
+        (3, "traffic cone"),
+        (7, "Kitty"),
+        (1, "person"),
+        (10, "cone"),
+        (8, "sky"),
+        (9, "dog"),
+    ]
+    assert not merged.by_id(8).isthing
+    assert merged.by_id(10).synonyms == ("cone", "pylon")
+
+
+def test_merge_with_builtin(tmp_path):
+    path = write(tmp_path, "traffic cone, pylon\nperson, pedestrian\nforklift\n")
+    merged = load_vocabulary(path, merge_with="coco_panoptic")
+    coco = load_vocabulary("coco_panoptic")
+    assert merged.names[:3] == ["traffic cone", "person", "forklift"]
+    assert merged.ids[:3] == [1, 2, 3]
+    assert len(merged) == 3 + 132  # COCO 'person' dropped: same synonym as the user's class
+    assert merged.by_id(4).name == "motorcycle"  # no collision: COCO id kept
+    assert merged.by_id(201).name == "bicycle"  # COCO 2 and 3 collide with the user's ids
+    assert merged.by_id(202).name == "car"
+    assert merged.by_id(200).name == "rug"
+    both = load_vocabulary(["forklift"], merge_with=["coco_panoptic", "ade20k_150"])
+    assert both.names[0] == "forklift" and len(both) > len(coco)
+    assert "flag" in both.names and both.names.count("person") == 1
+
+
+def test_pickle_round_trip():
+    import pickle
+
+    coco = load_vocabulary("coco_panoptic")
+    again = pickle.loads(pickle.dumps(coco))
+    assert again == coco and again.source == coco.source and again.by_id(200).name == "rug"
+    assert hash(again) == hash(coco)
+
+
+def test_load_from_s3_with_storage_options(s3_bucket, s3_storage_options):
+    import fsspec
+
+    url = f"s3://{s3_bucket}/vocab/classes.txt"
+    with fsspec.open(url, "wb", **s3_storage_options) as f:
+        f.write(b"1: cat, kitty\n2: grass [stuff]\n")
+    vocab = load_vocabulary(url, storage_options=s3_storage_options)
+    assert vocab.names == ["cat", "grass"] and vocab.source == url
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        load_vocabulary(f"s3://{s3_bucket}/missing.txt", storage_options=s3_storage_options)
