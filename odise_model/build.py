@@ -1,0 +1,168 @@
+"""The one place where ODISE components are sized and wired from a config, and where weights are attached.
+
+``build_odise("tiny")`` gives a seeded random model (tests, plumbing checks);
+``build_odise("odise_label_coco", pretrained=True)`` or with explicit ``checkpoint=`` / ``sd_weights=`` /
+``clip_weights=`` sources gives the official weights (see :mod:`odise_model.checkpoint`). With weights the
+model is first built on the ``meta`` device and the loaded tensors are assigned in place, so building the
+official-size model never holds two copies of Stable Diffusion / CLIP in host memory.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import torch
+
+from .classifier import OpenVocabHead
+from .clip import SharedCLIP
+from .config import ODISEConfig, load_config
+from .feature_extractor import FeatureProjections, StableDiffusionTaps
+from .implicit_captioner import ImplicitCaptioner
+from .model import ODISE
+from .pixel_decoder import PixelDecoder
+from .transformer_decoder import TransformerDecoder
+from .vocabulary import load_vocabulary
+
+__all__ = ["build_odise", "build_components", "build_sd_text_encoder", "sd_prompt_token_ids", "empty_prompt_embedding"]
+
+SOT_TOKEN = 49406
+EOT_TOKEN = 49407
+
+
+def sd_prompt_token_ids(text: str, context_length: int = 77) -> torch.Tensor:
+    """Token ids of ``text`` as SD v1's tokenizer (``openai/clip-vit-large-patch14``) produces them.
+
+    BOS, the CLIP BPE tokens, EOS, then EOS as padding up to ``context_length`` (that tokenizer pads with
+    ``<|endoftext|>``, not 0). Uses open_clip's bundled BPE vocabulary: nothing is downloaded.
+    ``""`` -> ``[49406, 49407 x 76]``.
+    """
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tokens = SimpleTokenizer().encode(text)[: context_length - 2]
+    ids = [SOT_TOKEN, *tokens, EOT_TOKEN]
+    ids += [EOT_TOKEN] * (context_length - len(ids))
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def build_sd_text_encoder(cfg: ODISEConfig):
+    """SD's CLIP text encoder (transformers ``CLIPTextModel``) from the config, random weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(**cfg.stable_diffusion.text_encoder)).eval()
+
+
+@torch.no_grad()
+def empty_prompt_embedding(text_encoder, context_length: int = 77) -> torch.Tensor:
+    """``1 x 77 x D`` last hidden state of SD's text encoder for the empty prompt (official ``uncond_inputs``)."""
+    ids = sd_prompt_token_ids("", context_length).to(text_encoder.device)
+    return text_encoder(input_ids=ids).last_hidden_state.float()
+
+
+def build_components(cfg: ODISEConfig, *, meta_sd: bool = False, meta_clip: bool = False) -> ODISE:
+    """Construct every component with the sizes of ``cfg`` (random initialisation).
+
+    ``meta_sd`` / ``meta_clip`` build Stable Diffusion / CLIP on the ``meta`` device (no memory) because their
+    weights will be assigned from files; the trainable parts are always real tensors.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    sd_cfg = cfg.stable_diffusion
+    if sd_cfg.unet.get("class_embed_type") != "identity":
+        raise ValueError("stable_diffusion.unet.class_embed_type must be 'identity' (carries the captioner's time conditioning)")
+    with torch.device("meta") if meta_clip else nullcontext():
+        clip = SharedCLIP(cfg.clip)
+    with torch.device("meta") if meta_sd else nullcontext():
+        vae = AutoencoderKL(**sd_cfg.vae)
+        unet = UNet2DConditionModel(**sd_cfg.unet)
+        sd = StableDiffusionTaps(vae=vae, unet=unet, cfg=sd_cfg, tile_size=cfg.input.tile_size)
+    sd.requires_grad_(False)
+    sd.eval()
+    captioner = ImplicitCaptioner(
+        clip_dim=cfg.clip.embed_dim,
+        context_len=int(sd_cfg.text_encoder.get("max_position_embeddings", 77)),
+        context_dim=int(unet.config.cross_attention_dim),
+        time_embed_dim=int(unet.time_embedding.linear_2.out_features),
+    )
+    projections = FeatureProjections(in_channels=sd.feature_channels, strides=sd.feature_strides, cfg=cfg.projection)
+    in_channels = {name: cfg.projection.dim for name in projections.strides}
+    pixel_decoder = PixelDecoder(in_channels=in_channels, in_strides=projections.strides, cfg=cfg.pixel_decoder)
+    decoder = TransformerDecoder(
+        in_channels=cfg.pixel_decoder.conv_dim,
+        cfg=cfg.transformer_decoder,
+        projection_dim=cfg.classifier.projection_dim,
+        binary_class_head=cfg.classifier.kind == "caption",
+    )
+    head = OpenVocabHead(
+        kind=cfg.classifier.kind,
+        clip_dim=cfg.clip.embed_dim,
+        projection_dim=cfg.classifier.projection_dim,
+        num_train_classes=len(load_vocabulary(cfg.classifier.train_vocabulary)),
+        eos_coef=cfg.classifier.eos_coef,
+    )
+    return ODISE(
+        config=cfg,
+        clip=clip,
+        captioner=captioner,
+        sd=sd,
+        projections=projections,
+        pixel_decoder=pixel_decoder,
+        decoder=decoder,
+        head=head,
+    )
+
+
+def build_odise(
+    config: str | os.PathLike | ODISEConfig = "tiny",
+    *,
+    checkpoint: str | None = None,
+    sd_weights: str | None = None,
+    clip_weights: str | None = None,
+    pretrained: bool = False,
+    offline: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    storage_options: dict | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> ODISE:
+    """Build an ODISE model.
+
+    Args:
+        config: ``"tiny"``, ``"odise_label_coco"``, ``"odise_caption_coco"``, a JSON path or an
+            :class:`ODISEConfig`.
+        checkpoint: ODISE weights: a release name (``"odise_label_coco_50e"``), local path or fsspec URL
+            (s3://, gs://, https://); official layout ``{"model": state_dict}``.
+        sd_weights: Stable Diffusion v1.3: ``"sd-v1-3"`` (official file), a single-file ``.ckpt`` /
+            ``.safetensors`` path or URL, a diffusers folder or a hub id.
+        clip_weights: CLIP ViT-L/14-336: ``"openai"`` (open_clip's tag) or a file in the OpenAI layout.
+        pretrained: fill every source left as None with the official one for this variant.
+        offline: never touch the network (default: ``$ODISE_OFFLINE`` / ``$HF_HUB_OFFLINE``); a missing
+            file raises :class:`odise_model.checkpoint.WeightsNotFoundError` saying where it was looked for.
+        cache_dir: download cache (default ``$ODISE_CACHE`` or ``~/.cache/odise_annotate``).
+        storage_options: fsspec options for remote sources (e.g. an S3 endpoint).
+        dtype: cast the frozen SD and CLIP weights to this dtype (``torch.bfloat16`` / ``"bf16"``); trainable
+            parts stay float32. Default: float32.
+        device: where the model lives.
+        seed: seed of the random initialisation (when some weights are not given).
+    Returns:
+        the model in eval mode. With no weight arguments (and ``pretrained=False``) all weights are random
+        (seeded); a model with random weights only produces plumbing-check output.
+    """
+    from . import checkpoint as ckpt
+
+    cfg = load_config(config)
+    dtype = ckpt.parse_dtype(dtype)
+    sources = ckpt.WeightSources.resolve(
+        cfg, checkpoint=checkpoint, sd_weights=sd_weights, clip_weights=clip_weights, pretrained=pretrained
+    )
+    loader = ckpt.WeightLoader(offline=offline, cache_dir=cache_dir, storage_options=storage_options)
+    # Fail fast: find every file (downloading if allowed) before building anything big.
+    located = loader.locate_all(sources)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_components(cfg, meta_sd=located.sd is not None, meta_clip=located.clip is not None)
+        ckpt.materialize(model, located, dtype=dtype)
+    model.weight_provenance = located.provenance()
+    return model.to(device).eval()
