@@ -1,0 +1,273 @@
+"""The ONE Arrow schema of the Parquet output (versioned) and the run's provenance record.
+
+One row per input sample: either labelled (``error`` is null) or an error record (``error`` says why;
+``segments``/``instances`` are empty lists, ``panoptic_png`` null, ``width``/``height`` null when the
+image could not even be read). Files are plain Parquet: pyarrow, pandas and HF ``datasets`` read them
+without this package.
+
+Columns (``SCHEMA_VERSION = 1``):
+
+==============  ===================================================================================
+run_id          string, the run that produced the row
+shard           string, URL of the input shard (for virtual image shards: ``<folder>#images-<n>``)
+shard_id        string, filesystem-safe unique shard name (output file names)
+key             string, sample key, unique within a shard (WebDataset key, or relative image path)
+image_id        int64, stable id = ``int(sha1(f"{shard_id}/{key}").hexdigest()[:15], 16)`` (< 2**60)
+image_ext       string, extension of the image member / file ("jpg", "png", ...), null if none
+width, height   int32, image size in pixels after EXIF orientation; null when unknown
+segments        list<struct<id int32, category_id int32, category_name string, isthing bool,
+                score float32, area int64, bbox fixed_size_list<float32>[4] (x, y, w, h in pixels),
+                rle struct<size list<int32> [h, w], counts string (COCO compressed RLE)>>>
+instances       list<struct<category_id int32, category_name string, score float32, bbox, rle>>
+panoptic_png    binary, COCO panoptic PNG (id = R + 256 G + 256^2 B), null when not requested
+error           string, null when labelled
+==============  ===================================================================================
+
+Schema-level metadata: ``odise_annotate.schema_version`` (ASCII int) and ``odise_annotate.provenance``
+(JSON of :class:`RunProvenance`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "METADATA_PROVENANCE_KEY",
+    "METADATA_VERSION_KEY",
+    "RunProvenance",
+    "error_row",
+    "image_id_for",
+    "label_row",
+    "output_schema",
+    "package_version",
+    "provenance_from_schema",
+    "rows_to_table",
+]
+
+SCHEMA_VERSION = 1
+METADATA_VERSION_KEY = b"odise_annotate.schema_version"
+METADATA_PROVENANCE_KEY = b"odise_annotate.provenance"
+
+RLE_TYPE = pa.struct([pa.field("size", pa.list_(pa.int32())), pa.field("counts", pa.string())])
+BBOX_TYPE = pa.list_(pa.float32(), 4)
+SEGMENT_TYPE = pa.struct(
+    [
+        pa.field("id", pa.int32()),
+        pa.field("category_id", pa.int32()),
+        pa.field("category_name", pa.string()),
+        pa.field("isthing", pa.bool_()),
+        pa.field("score", pa.float32()),
+        pa.field("area", pa.int64()),
+        pa.field("bbox", BBOX_TYPE),
+        pa.field("rle", RLE_TYPE),
+    ]
+)
+INSTANCE_TYPE = pa.struct(
+    [
+        pa.field("category_id", pa.int32()),
+        pa.field("category_name", pa.string()),
+        pa.field("score", pa.float32()),
+        pa.field("bbox", BBOX_TYPE),
+        pa.field("rle", RLE_TYPE),
+    ]
+)
+
+_FIELDS = [
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("shard", pa.string(), nullable=False),
+    pa.field("shard_id", pa.string(), nullable=False),
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("image_id", pa.int64(), nullable=False),
+    pa.field("image_ext", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("segments", pa.list_(SEGMENT_TYPE)),
+    pa.field("instances", pa.list_(INSTANCE_TYPE)),
+    pa.field("panoptic_png", pa.binary()),
+    pa.field("error", pa.string()),
+]
+COLUMNS = tuple(f.name for f in _FIELDS)
+_REQUIRED = ("run_id", "shard", "shard_id", "key")
+
+
+def package_version() -> str:
+    """Installed version of the ``odise-annotate`` distribution, or ``"0+unknown"``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("odise-annotate")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+@dataclass(frozen=True)
+class RunProvenance:
+    """What produced a run's labels; stored in every Parquet file and as ``provenance.json``.
+
+    Attributes:
+        run_id: unique id of the run (also in every row).
+        model_variant: model config name (e.g. ``"odise_label_coco_50e"``).
+        weights_sha256: ``{weight source name: sha256 hex or None when unknown}``.
+        vocabulary_source: where the vocabulary came from (file path / URL / builtin name).
+        vocabulary_sha256: :meth:`Vocabulary.sha256` of the vocabulary used.
+        categories: COCO categories ``[{"id", "name", "isthing", ...}]`` of the vocabulary.
+        thresholds: post-processing thresholds (``{"object_mask_threshold": 0.8, ...}``).
+        package_version: version of this package.
+        weights_licences: licence text / names of the model weights used.
+        created_at: UTC ISO-8601 time the run was created.
+        settings: any other run settings worth keeping (batch size, image size, ...), JSON-able.
+        schema_version: the output schema version (:data:`SCHEMA_VERSION`).
+    """
+
+    run_id: str
+    model_variant: str
+    weights_sha256: dict[str, str | None] = field(default_factory=dict)
+    vocabulary_source: str = ""
+    vocabulary_sha256: str = ""
+    categories: list[dict[str, Any]] = field(default_factory=list)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    package_version: str = field(default_factory=package_version)
+    weights_licences: str = ""
+    created_at: str = field(default_factory=_utc_now)
+    settings: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        """Deterministic JSON (sorted keys)."""
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunProvenance:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown provenance keys {unknown} (known: {sorted(known)})")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RunProvenance:
+        return cls.from_dict(json.loads(text))
+
+    def label_fingerprint(self) -> dict[str, Any]:
+        """The fields that change what labels a run produces (used to refuse mixing runs in one output)."""
+        return {
+            "model_variant": self.model_variant,
+            "weights_sha256": self.weights_sha256,
+            "vocabulary_sha256": self.vocabulary_sha256,
+            "categories": self.categories,
+            "thresholds": self.thresholds,
+            "schema_version": self.schema_version,
+        }
+
+
+def output_schema(provenance: RunProvenance | None = None) -> pa.Schema:
+    """The output Arrow schema; metadata holds the schema version and, if given, the provenance JSON."""
+    metadata = {METADATA_VERSION_KEY: str(SCHEMA_VERSION).encode()}
+    if provenance is not None:
+        metadata[METADATA_PROVENANCE_KEY] = provenance.to_json(indent=None).encode()
+    return pa.schema(_FIELDS, metadata=metadata)
+
+
+def provenance_from_schema(schema: pa.Schema) -> RunProvenance | None:
+    """The :class:`RunProvenance` stored in a schema's metadata, or None."""
+    raw = (schema.metadata or {}).get(METADATA_PROVENANCE_KEY)
+    return None if raw is None else RunProvenance.from_json(raw)
+
+
+def image_id_for(shard_id: str, key: str) -> int:
+    """Stable positive int64 image id: first 15 hex digits of ``sha1(shard_id + "/" + key)`` (< 2**60)."""
+    return int(hashlib.sha1(f"{shard_id}/{key}".encode()).hexdigest()[:15], 16)
+
+
+def label_row(
+    *, run_id: str, shard: str, shard_id: str, key: str, encoded: dict[str, Any], image_ext: str | None = None
+) -> dict[str, Any]:
+    """Row of a labelled sample from :func:`pipeline.encode.encode_result`'s output."""
+    return {
+        "run_id": run_id,
+        "shard": shard,
+        "shard_id": shard_id,
+        "key": key,
+        "image_id": image_id_for(shard_id, key),
+        "image_ext": image_ext,
+        "width": encoded["width"],
+        "height": encoded["height"],
+        "segments": encoded["segments"],
+        "instances": encoded.get("instances", []),
+        "panoptic_png": encoded.get("panoptic_png"),
+        "error": None,
+    }
+
+
+def error_row(
+    *,
+    run_id: str,
+    shard: str,
+    shard_id: str,
+    key: str,
+    error: str,
+    image_ext: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+) -> dict[str, Any]:
+    """Row of a sample that could not be labelled; ``error`` must be a non-empty reason."""
+    if not error:
+        raise ValueError("error rows need a non-empty error message")
+    return {
+        "run_id": run_id,
+        "shard": shard,
+        "shard_id": shard_id,
+        "key": key,
+        "image_id": image_id_for(shard_id, key),
+        "image_ext": image_ext,
+        "width": width,
+        "height": height,
+        "segments": [],
+        "instances": [],
+        "panoptic_png": None,
+        "error": error,
+    }
+
+
+def _normalise_row(row: dict[str, Any], index: int) -> dict[str, Any]:
+    extra = set(row) - set(COLUMNS)
+    if extra:
+        raise ValueError(f"row {index} has unknown columns {sorted(extra)}; known: {list(COLUMNS)}")
+    for name in _REQUIRED:
+        if not row.get(name):
+            raise ValueError(f"row {index} is missing {name!r}: { ({k: row.get(k) for k in _REQUIRED}) }")
+    out = dict(row)
+    if out.get("image_id") is None:
+        out["image_id"] = image_id_for(out["shard_id"], out["key"])
+    for name in ("segments", "instances"):
+        if out.get(name) is None:
+            out[name] = []
+    if out.get("error") is None and (out.get("width") is None or out.get("height") is None):
+        raise ValueError(f"labelled row {index} ({out['shard_id']}/{out['key']}) needs width and height")
+    return out
+
+
+def rows_to_table(rows: list[dict[str, Any]], provenance: RunProvenance | None) -> pa.Table:
+    """Validate row dicts (as from :func:`label_row` / :func:`error_row`) and build an output table.
+
+    Missing optional columns are filled (``image_id`` computed, lists empty, others null); unknown
+    columns, missing ``run_id``/``shard``/``shard_id``/``key`` or a labelled row without a size raise
+    ``ValueError`` naming the row.
+    """
+    normalised = [_normalise_row(r, i) for i, r in enumerate(rows)]
+    return pa.Table.from_pylist(normalised, schema=output_schema(provenance))
