@@ -22,7 +22,7 @@ from .postprocess import instance_inference, panoptic_inference, resize_mask_log
 from .types import Instance, PanopticResult, Segment, bbox_from_mask
 from .vocabulary import Vocabulary, load_vocabulary
 
-__all__ = ["Predictor", "to_rgb_array", "resized_size"]
+__all__ = ["Predictor", "to_rgb_array", "resize_image", "resized_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,17 @@ def to_rgb_array(image: Any) -> np.ndarray:
     elif arr.shape[2] == 4:
         arr = arr[:, :, :3]
     return np.ascontiguousarray(arr)
+
+
+def resize_image(rgb: np.ndarray, short_side: int, max_size: int) -> np.ndarray:
+    """``HxWx3`` uint8 -> resized as the official test path (PIL bilinear to :func:`resized_size`)."""
+    from PIL import Image
+
+    height, width = rgb.shape[:2]
+    new_h, new_w = resized_size(height, width, short_side, max_size)
+    if (new_h, new_w) == (height, width):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((new_w, new_h), Image.BILINEAR))
 
 
 def resized_size(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
@@ -119,20 +130,19 @@ class Predictor:
     # --- preprocessing -------------------------------------------------------------------------------
     def prepare(self, image: Any) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
         """Image -> (padded ``3xHpxWp`` float tensor in [0, 1] on CPU, resized ``(h, w)``, original ``(H, W)``)."""
-        from PIL import Image
-
         rgb = to_rgb_array(image)
-        height, width = rgb.shape[:2]
         cfg = self.model.config.input
-        new_h, new_w = resized_size(height, width, cfg.short_side, cfg.max_size)
-        if (new_h, new_w) != (height, width):
-            rgb = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), Image.BILINEAR))
-        tensor = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float() / 255.0
-        div = cfg.size_divisibility
+        return self.prepare_resized(resize_image(rgb, cfg.short_side, cfg.max_size), rgb.shape[:2])
+
+    def prepare_resized(self, resized: np.ndarray, original_size: tuple[int, int]):
+        """Like :meth:`prepare` for an image already resized by :func:`resize_image` (e.g. in a CPU task)."""
+        new_h, new_w = resized.shape[:2]
+        tensor = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))).float() / 255.0
+        div = self.model.config.input.size_divisibility
         pad_h, pad_w = (-new_h) % div, (-new_w) % div
         if pad_h or pad_w:
             tensor = F.pad(tensor, (0, pad_w, 0, pad_h), value=0.0)
-        return tensor, (new_h, new_w), (height, width)
+        return tensor, (new_h, new_w), (int(original_size[0]), int(original_size[1]))
 
     # --- main entry --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -147,9 +157,16 @@ class Predictor:
         if not isinstance(images, (list, tuple)):
             images = [images]
         results: list[PanopticResult] = []
-        vocab_emb = self.model.vocabulary_embedding(self.vocabulary)
         for start in range(0, len(images), self.batch_size):
-            prepared = [self.prepare(im) for im in images[start : start + self.batch_size]]
+            results.extend(self.predict_prepared([self.prepare(im) for im in images[start : start + self.batch_size]]))
+        return results
+
+    @torch.no_grad()
+    def predict_prepared(self, prepared: Sequence[tuple[torch.Tensor, tuple[int, int], tuple[int, int]]]) -> list[PanopticResult]:
+        """One model call on outputs of :meth:`prepare` / :meth:`prepare_resized` (all in one batch)."""
+        results: list[PanopticResult] = []
+        vocab_emb = self.model.vocabulary_embedding(self.vocabulary)
+        if prepared:
             tensors = [p[0].to(self.device) for p in prepared]
             outputs = self.model.infer(
                 tensors,

@@ -80,6 +80,22 @@ def png_to_panoptic(data: bytes) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
+def semantic_to_png(semantic: np.ndarray) -> bytes:
+    """``HxW`` category ids (0..65535) -> 16-bit grayscale PNG bytes."""
+    arr = np.asarray(semantic)
+    if arr.ndim != 2 or (arr.size and (arr.min() < 0 or arr.max() > 65535)):
+        raise ValueError(f"semantic map must be HxW with ids in [0, 65535], got shape {arr.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype(np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_to_semantic(data: bytes) -> np.ndarray:
+    """Inverse of :func:`semantic_to_png`: ``HxW`` int32 category ids."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im).astype(np.int32)
+
+
 def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
     """COCO compressed RLE of an ``HxW`` boolean mask: ``{"size": [h, w], "counts": str}``."""
     from pycocotools import mask as mask_utils
@@ -215,6 +231,9 @@ def encode_result(result: PanopticResult, *, include_png: bool) -> dict[str, Any
         "segments": segments,
         "instances": instances,
         "panoptic_png": panoptic_to_png(seg_map) if include_png else None,
+        "semantic_png": (
+            semantic_to_png(result.semantic_seg) if include_png and result.semantic_seg is not None else None
+        ),
     }
 
 

@@ -20,6 +20,8 @@ segments        list<struct<id int32, category_id int32, category_name string, i
                 rle struct<size list<int32> [h, w], counts string (COCO compressed RLE)>>>
 instances       list<struct<category_id int32, category_name string, score float32, bbox, rle>>
 panoptic_png    binary, COCO panoptic PNG (id = R + 256 G + 256^2 B), null when not requested
+semantic_png    binary, 16-bit grayscale PNG of the semantic output's category id per pixel (0 = none),
+                null when not requested
 error           string, null when labelled
 ==============  ===================================================================================
 
@@ -92,6 +94,7 @@ _FIELDS = [
     pa.field("segments", pa.list_(SEGMENT_TYPE)),
     pa.field("instances", pa.list_(INSTANCE_TYPE)),
     pa.field("panoptic_png", pa.binary()),
+    pa.field("semantic_png", pa.binary()),
     pa.field("error", pa.string()),
 ]
 COLUMNS = tuple(f.name for f in _FIELDS)
@@ -210,6 +213,7 @@ def label_row(
         "segments": encoded["segments"],
         "instances": encoded.get("instances", []),
         "panoptic_png": encoded.get("panoptic_png"),
+        "semantic_png": encoded.get("semantic_png"),
         "error": None,
     }
 
@@ -240,6 +244,7 @@ def error_row(
         "segments": [],
         "instances": [],
         "panoptic_png": None,
+        "semantic_png": None,
         "error": error,
     }
 

@@ -1,0 +1,467 @@
+"""``run_annotation(config) -> RunSummary``: label a whole dataset with Ray Data, exactly once per image.
+
+Steps:
+
+1. check inputs before anything heavy: vocabulary parses, shards exist and are readable, the output is
+   writable and not inside the input, the model config loads and the weights are reachable (downloaded
+   into the cache if allowed): every problem is reported here, before Ray starts or a model is built;
+2. provenance (model, weights sha256, vocabulary and its hash, thresholds, versions, licences) is written
+   to ``<output>/provenance.json`` (a rerun into the same output must use the same settings); leftovers of
+   interrupted runs are cleaned and already-committed shards are skipped;
+3. Ray Data streaming: one read task per shard (stream the tar, decode, resize; CPU) -> an actor pool
+   with one model per GPU (built once per actor) -> encode (RLE, PNG) and write staging files (CPU); the
+   driver only sees small records (keys written per shard) and commits a shard (atomically, marker last)
+   as soon as all of its keys are staged;
+4. COCO exports are merged from the committed shards; ``summary.json`` is written.
+
+No Prefect import here: flows call this function.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
+from typing import Any
+
+from .annotator import Annotator, overlay_plan
+from .config import AnnotateConfig, RunSummary
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_annotation", "check_inputs", "PipelineError", "OutputError", "resolve_vocabulary"]
+
+
+class PipelineError(RuntimeError):
+    """The Ray pipeline failed or ended without committing every shard it started."""
+
+
+class OutputError(OSError):
+    """The output URL cannot be written (or lies inside the input)."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# 1. checks
+# --------------------------------------------------------------------------------------------------------
+def resolve_vocabulary(config: AnnotateConfig):
+    """The run's vocabulary: ``vocab_file`` (path, URL or built-in name) merged with ``merge_vocab``."""
+    from odise_model.vocabulary import load_vocabulary
+
+    if config.vocab_file:
+        return load_vocabulary(config.vocab_file, merge_with=config.merge_vocab or None, storage_options=config.storage_options)
+    first, *rest = config.merge_vocab
+    return load_vocabulary(first, merge_with=rest or None)
+
+
+def check_output_writable(url: str, storage_options: dict) -> None:
+    """Write and delete a probe object under ``url``; raise :class:`OutputError` naming the URL otherwise."""
+    from fsspec.core import url_to_fs
+
+    try:
+        fs, root = url_to_fs(url, **storage_options)
+        probe = posixpath.join(root.rstrip("/"), f".write-probe-{uuid.uuid4().hex}")
+        if not ("://" in url and not url.startswith("file://")):
+            os.makedirs(root, exist_ok=True)
+        fs.pipe_file(probe, b"ok")
+        fs.rm_file(probe)
+    except Exception as exc:
+        raise OutputError(f"output {url} is not writable: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_output_outside_input(config: AnnotateConfig) -> None:
+    specs = [config.input] if isinstance(config.input, str) else config.input
+    out = config.output
+    if "://" in out and not out.startswith("file://"):
+        return
+    out_abs = os.path.abspath(out.removeprefix("file://"))
+    for spec in specs:
+        if "://" in spec and not spec.startswith("file://"):
+            continue
+        base = spec.removeprefix("file://")
+        base = base.split("*", 1)[0].split("{", 1)[0]
+        base = os.path.abspath(base if os.path.isdir(base) else os.path.dirname(base) or ".")
+        if out_abs == base or out_abs.startswith(base + os.sep):
+            raise OutputError(f"output {config.output} lies inside the input folder {base}; its files would be read as input")
+
+
+def check_inputs(config: AnnotateConfig) -> dict[str, Any]:
+    """Validate everything that can be checked without building a model (fast; raises on the first problem).
+
+    Returns ``{"vocabulary", "shards", "model_config", "located", "weights"}`` for the run.
+    Raises ``VocabularyError`` / ``FileNotFoundError`` (vocabulary), ``InputError`` (shards),
+    :class:`OutputError`, ``ConfigError`` (model), ``WeightsNotFoundError`` / ``CheckpointError`` (weights).
+    """
+    import odise_model
+    from odise_model.checkpoint import WeightLoader, WeightSources
+
+    from .sources import list_shards
+
+    vocabulary = resolve_vocabulary(config)
+    shards = list_shards(config.input, config.storage_options, images_per_virtual_shard=config.images_per_virtual_shard)
+    _check_output_outside_input(config)
+    check_output_writable(config.output, config.out_storage_options)
+    model_cfg = odise_model.load_config(config.model)
+    sources = WeightSources.resolve(
+        model_cfg,
+        checkpoint=config.checkpoint,
+        sd_weights=config.sd_weights,
+        clip_weights=config.clip_weights,
+        pretrained=config.use_pretrained,
+    )
+    loader = WeightLoader(offline=config.offline, cache_dir=config.cache_dir, storage_options=config.storage_options)
+    located = loader.locate_all(sources)
+    return {"vocabulary": vocabulary, "shards": shards, "model_config": model_cfg, "located": located, "sources": sources}
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2. provenance
+# --------------------------------------------------------------------------------------------------------
+def _provenance(config: AnnotateConfig, checked: dict[str, Any], run_id: str):
+    from .schema import RunProvenance
+
+    model_cfg = checked["model_config"]
+    vocab = checked["vocabulary"]
+    located = checked["located"]
+    weights = located.provenance()
+    post = model_cfg.postprocess
+    thresholds = {
+        "object_mask_threshold": config.object_mask_threshold if config.object_mask_threshold is not None else post.object_mask_threshold,
+        "overlap_threshold": config.overlap_threshold if config.overlap_threshold is not None else post.overlap_threshold,
+        "alpha": config.alpha if config.alpha is not None else model_cfg.classifier.alpha,
+        "beta": config.beta if config.beta is not None else model_cfg.classifier.beta,
+    }
+    licences = sorted({w["license"] for w in weights.values() if w and w.get("license")})
+    if config.is_plumbing_check:
+        licences = ["none: random weights (plumbing check, labels are meaningless)"]
+    return RunProvenance(
+        run_id=run_id,
+        model_variant=model_cfg.name,
+        weights_sha256={k: (None if w is None else w["sha256"]) for k, w in weights.items()},
+        vocabulary_source=str(config.vocab_file or "+".join(config.merge_vocab)),
+        vocabulary_sha256=vocab.sha256(),
+        categories=vocab.coco_categories(),
+        thresholds=thresholds,
+        weights_licences="; ".join(licences),
+        settings={
+            "weights": {k: (None if w is None else w["source"]) for k, w in weights.items()},
+            "plumbing_check": config.is_plumbing_check,
+            "input_resize": {"short_side": model_cfg.input.short_side, "max_size": model_cfg.input.max_size},
+            "include_png": config.include_png,
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# 3. Ray
+# --------------------------------------------------------------------------------------------------------
+def _start_ray(config: AnnotateConfig) -> bool:
+    """Connect to ``ray_address`` or start a local Ray; returns True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
+    if config.ray_address:
+        ray.init(address=config.ray_address, **kwargs)
+    else:
+        ray.init(num_cpus=config.num_cpus, **kwargs)
+    return True
+
+
+def _resources(config: AnnotateConfig) -> tuple[str, float, int]:
+    """(device, GPUs per actor, number of actors)."""
+    import ray
+
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    device = config.device
+    if device == "auto":
+        device = "cuda" if gpus > 0 else "cpu"
+    if device == "cuda" and gpus == 0:
+        raise PipelineError("device='cuda' but the Ray cluster has no GPUs")
+    per_actor = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if device == "cuda" else 0.0)
+    if config.num_actors is not None:
+        actors = config.num_actors
+    elif device == "cuda" and per_actor > 0:
+        actors = max(1, int(gpus // per_actor))
+    else:
+        actors = 1
+    return device, per_actor, actors
+
+
+def _to_table(fn):
+    """Wrap a dict-of-lists UDF so Ray Data always receives pyarrow tables (bytes stay binary)."""
+
+    def wrapped(batch, **kwargs):
+        import pyarrow as pa
+
+        cols = batch.to_pydict() if hasattr(batch, "to_pydict") else batch
+        out = fn(cols, **kwargs)
+        if hasattr(out, "__next__"):
+            return (pa.Table.from_pydict(o) for o in out)
+        return pa.Table.from_pydict(out)
+
+    return wrapped
+
+
+class _TableAnnotator(Annotator):
+    """:class:`Annotator` speaking pyarrow tables."""
+
+    def __call__(self, batch):  # type: ignore[override]
+        import pyarrow as pa
+
+        return pa.Table.from_pydict(super().__call__(batch.to_pydict()))
+
+
+def _build_dataset(config: AnnotateConfig, todo, checked, provenance, device, gpus_per_actor, actors):
+    import ray
+
+    model_cfg = checked["model_config"]
+    sources = checked["sources"]
+    items = [{"shard": json.dumps(asdict(s))} for s in todo]
+    shard_index = {s.shard_id: i for i, s in enumerate(todo)}
+    per_shard = overlay_plan(len(todo), config.overlays)
+    dtype = config.dtype if config.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
+    model_kwargs = {
+        "config": config.model,
+        "checkpoint": sources.checkpoint,
+        "sd_weights": sources.sd,
+        "clip_weights": sources.clip,
+        "offline": True if checked["located"].any() else config.offline,  # files were fetched in step 1
+        "cache_dir": config.cache_dir,
+        "storage_options": config.storage_options,
+        "dtype": None if dtype == "fp32" else dtype,
+    }
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.map_batches(
+        _to_table(_read_stage),
+        fn_kwargs={
+            "storage_options": config.storage_options,
+            "short_side": model_cfg.input.short_side,
+            "max_size": model_cfg.input.max_size,
+            "max_pixels": config.max_pixels,
+            "shard_index": shard_index,
+            "overlays_per_shard": per_shard,
+            "overlays_total": config.overlays,
+        },
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=0.25,
+        max_retries=3,
+        retry_exceptions=[OSError],
+    )
+    ds = ds.map_batches(
+        _TableAnnotator,
+        fn_constructor_kwargs={
+            "model_kwargs": model_kwargs,
+            "vocabulary_text": checked["vocabulary"].to_text(),
+            "predictor_kwargs": {"batch_size": config.batch_size, "tile_batch_size": config.tile_batch_size},
+            "overrides": {
+                "object_mask_threshold": config.object_mask_threshold,
+                "overlap_threshold": config.overlap_threshold,
+                "alpha": config.alpha,
+                "beta": config.beta,
+            },
+            "device": device,
+        },
+        batch_size=config.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=gpus_per_actor if device == "cuda" else 0,
+        num_cpus=config.cpus_per_actor,
+        max_restarts=-1,
+        max_task_retries=-1,
+    )
+    ds = ds.map_batches(
+        _to_table(_encode_stage),
+        fn_kwargs={
+            "out_url": config.output,
+            "storage_options": config.out_storage_options,
+            "provenance_json": provenance.to_json(indent=None),
+            "include_png": config.include_png,
+        },
+        batch_size=config.batch_size,
+        batch_format="pyarrow",
+        num_cpus=0.25,
+        max_retries=3,
+        retry_exceptions=[OSError],
+    )
+    return ds
+
+
+def _read_stage(batch, **kwargs):
+    from .annotator import ReadShard
+
+    return ReadShard(**kwargs)(batch)
+
+
+def _encode_stage(batch, **kwargs):
+    from .annotator import EncodeAndStage
+
+    return EncodeAndStage(**kwargs)(batch)
+
+
+# --------------------------------------------------------------------------------------------------------
+# 4. driver
+# --------------------------------------------------------------------------------------------------------
+def _category_counts(out_url: str, storage_options: dict, parquet_rel: str) -> Counter:
+    import pyarrow.parquet as pq
+    from fsspec.core import url_to_fs
+
+    fs, root = url_to_fs(out_url, **storage_options)
+    with fs.open(posixpath.join(root.rstrip("/"), parquet_rel), "rb") as fh:
+        table = pq.read_table(fh, columns=["segments"])
+    counts: Counter = Counter()
+    for segments in table.column("segments").to_pylist():
+        counts.update(s["category_name"] for s in segments or [])
+    return counts
+
+
+def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
+    """Label every image of ``config.input`` into ``config.output`` (see the module doc for the steps).
+
+    ``on_progress`` is called after each committed shard with ``{"shards_done", "shards_total", "images",
+    "errors", "segments", "elapsed_s"}`` (the Prefect flow turns it into a progress artifact).
+    """
+    from .sources import ShardRef
+    from .writers import (
+        clean_uncommitted,
+        commit_shard,
+        committed_shards,
+        finalize_coco,
+        write_provenance,
+        write_run_summary,
+    )
+
+    started = time.perf_counter()
+    # 1. checks
+    checked = check_inputs(config)
+    shards: list[ShardRef] = checked["shards"]
+    out, out_opts = config.output, config.out_storage_options
+    run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    if config.is_plumbing_check:
+        log.warning("PLUMBING CHECK: model %r with random weights; the labels are meaningless", config.model)
+    # 2. provenance, cleanup, resume
+    provenance = write_provenance(out, out_opts, _provenance(config, checked, run_id), allow_mismatch=config.allow_provenance_mismatch)
+    provenance = type(provenance)(**{**provenance.to_dict(), "run_id": run_id})
+    cleaned = clean_uncommitted(out, out_opts)
+    if cleaned:
+        log.info("cleaned leftovers of %d interrupted shard(s): %s", len(cleaned), cleaned[:10])
+    done = committed_shards(out, out_opts)
+    todo = [s for s in shards if s.shard_id not in done]
+    summary = RunSummary(
+        run_id=run_id,
+        output=out,
+        shards_total=len(shards),
+        shards_skipped=len(shards) - len(todo),
+        plumbing_check=config.is_plumbing_check,
+    )
+    log.info("%d shard(s): %d to label, %d already committed", len(shards), len(todo), summary.shards_skipped)
+    categories = checked["vocabulary"].coco_categories()
+    counts: Counter = Counter()
+
+    # 3. Ray pipeline
+    if todo:
+        import ray
+
+        started_ray = _start_ray(config)
+        try:
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = False
+            if hasattr(ctx, "execution_no_progress_timeout_s"):
+                ctx.execution_no_progress_timeout_s = config.no_progress_timeout_s
+            device, gpus_per_actor, actors = _resources(config)
+            ds = _build_dataset(config, todo, checked, provenance, device, gpus_per_actor, actors)
+            by_id = {s.shard_id: s for s in todo}
+            keys: dict[str, set[str]] = {s.shard_id: set() for s in todo}
+            totals: dict[str, int] = {}
+            committing: dict[str, Future] = {}
+            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="commit") as pool:
+
+                def commit(sid: str):
+                    info = commit_shard(
+                        out,
+                        out_opts,
+                        shard=by_id[sid],
+                        expected_keys=set(keys[sid]),
+                        provenance=provenance,
+                        categories=categories,
+                        write_coco=config.write_coco,
+                    )
+                    return info, _category_counts(out, out_opts, info.parquet)
+
+                def maybe_commit(sid: str) -> None:
+                    if sid in totals and sid not in committing and len(keys[sid]) >= totals[sid]:
+                        committing[sid] = pool.submit(commit, sid)
+
+                def harvest(block: bool) -> None:
+                    for sid, fut in list(committing.items()):
+                        if fut is None or not (block or fut.done()):
+                            continue
+                        info, cats = fut.result()
+                        committing[sid] = None  # type: ignore[assignment]
+                        summary.shards_committed += 1
+                        summary.images += info.n_images
+                        summary.labelled += info.n_labelled
+                        summary.errors += info.n_errors
+                        summary.segments += info.n_segments
+                        counts.update(cats)
+                        if on_progress is not None:
+                            on_progress(
+                                {
+                                    "shards_done": summary.shards_committed + summary.shards_skipped,
+                                    "shards_total": summary.shards_total,
+                                    "images": summary.images,
+                                    "errors": summary.errors,
+                                    "segments": summary.segments,
+                                    "elapsed_s": round(time.perf_counter() - started, 1),
+                                }
+                            )
+
+                try:
+                    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                        for rec in batch.to_pylist():
+                            sid = rec["shard_id"]
+                            if rec["type"] == "end":
+                                totals[sid] = rec["count"]
+                            elif rec["type"] == "staged":
+                                keys[sid].update(rec["keys"])
+                                summary.overlays.extend(posixpath.join(out, o) for o in rec["overlays"])
+                            else:
+                                continue
+                            maybe_commit(sid)
+                        harvest(block=False)
+                except Exception as exc:
+                    raise PipelineError(f"annotation pipeline failed: {type(exc).__name__}: {exc}") from exc
+                harvest(block=True)
+            missing = sorted(sid for sid in by_id if sid not in committing)
+            if missing:
+                raise PipelineError(
+                    f"{len(missing)} shard(s) did not receive all their samples and were not committed: {missing[:10]}; "
+                    "rerun to retry them (committed shards are kept)"
+                )
+        finally:
+            if started_ray:
+                ray.shutdown()
+
+    # 4. exports and summary
+    if config.write_coco:
+        summary.coco = dict(finalize_coco(out, out_opts, categories))
+    summary.elapsed_s = round(time.perf_counter() - started, 3)
+    summary.images_per_s = round(summary.images / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
+    summary.category_counts = dict(counts.most_common())
+    totals_file = write_run_summary(
+        out,
+        out_opts,
+        provenance=None,
+        shards=shards,
+        extra={"last_run": summary.to_dict()},
+    )
+    summary.error_reasons = dict(totals_file.get("errors_by_reason", {}))
+    return summary
