@@ -84,6 +84,7 @@ class ReadShard:
         self.rows_per_batch = rows_per_batch
 
     def _decode(self, shard: dict, sample, position: int) -> dict[str, Any]:
+        """Row of one sample; ``position`` = number of images of this shard decoded so far."""
         from odise_model.predictor import resize_image
 
         from .decode import ImageDecodeError, decode_image
@@ -102,6 +103,7 @@ class ReadShard:
         resized = resize_image(rgb, self.short_side, self.max_size)
         index = self.shard_index.get(shard["shard_id"], 0)
         overlay = position < self.overlays_per_shard and index * self.overlays_per_shard + position < self.overlays_total
+        self._decoded += 1
         row.update(
             image=np.ascontiguousarray(resized).tobytes(),
             rh=int(resized.shape[0]),
@@ -126,8 +128,9 @@ class ReadShard:
             )
             rows: list[dict[str, Any]] = []
             total = 0
-            for position, sample in enumerate(iter_samples(ref, self.storage_options)):
-                rows.append(self._decode(shard, sample, position))
+            self._decoded = 0  # overlays go to the first images of a shard that decode
+            for sample in iter_samples(ref, self.storage_options):
+                rows.append(self._decode(shard, sample, self._decoded))
                 total += 1
                 if len(rows) >= self.rows_per_batch:
                     yield _columns(rows)

@@ -39,6 +39,19 @@ log = logging.getLogger(__name__)
 __all__ = ["run_annotation", "check_inputs", "PipelineError", "OutputError", "resolve_vocabulary"]
 
 
+TRANSIENT_ERRORS = (
+    "Connection reset",
+    "ConnectionError",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "timed out",
+    "Temporary failure",
+    "Service Unavailable",
+    "SlowDown",
+    "InternalError",
+)
+
+
 class PipelineError(RuntimeError):
     """The Ray pipeline failed or ended without committing every shard it started."""
 
@@ -85,8 +98,9 @@ def _check_output_outside_input(config: AnnotateConfig) -> None:
         if "://" in spec and not spec.startswith("file://"):
             continue
         base = spec.removeprefix("file://")
-        base = base.split("*", 1)[0].split("{", 1)[0]
-        base = os.path.abspath(base if os.path.isdir(base) else os.path.dirname(base) or ".")
+        if not os.path.isdir(base):  # a shard, pattern or manifest: outputs never match it
+            continue
+        base = os.path.abspath(base)
         if out_abs == base or out_abs.startswith(base + os.sep):
             raise OutputError(f"output {config.output} lies inside the input folder {base}; its files would be read as input")
 
@@ -253,8 +267,6 @@ def _build_dataset(config: AnnotateConfig, todo, checked, provenance, device, gp
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=0.25,
-        max_retries=3,
-        retry_exceptions=[OSError],
     )
     ds = ds.map_batches(
         _TableAnnotator,
@@ -275,9 +287,7 @@ def _build_dataset(config: AnnotateConfig, todo, checked, provenance, device, gp
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=gpus_per_actor if device == "cuda" else 0,
         num_cpus=config.cpus_per_actor,
-        max_restarts=-1,
-        max_task_retries=-1,
-    )
+    )  # Ray Data restarts a dead actor and retries its batches (max_restarts / max_task_retries -1 by default)
     ds = ds.map_batches(
         _to_table(_encode_stage),
         fn_kwargs={
@@ -289,8 +299,6 @@ def _build_dataset(config: AnnotateConfig, todo, checked, provenance, device, gp
         batch_size=config.batch_size,
         batch_format="pyarrow",
         num_cpus=0.25,
-        max_retries=3,
-        retry_exceptions=[OSError],
     )
     return ds
 
@@ -376,6 +384,9 @@ def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, A
             ctx.enable_progress_bars = False
             if hasattr(ctx, "execution_no_progress_timeout_s"):
                 ctx.execution_no_progress_timeout_s = config.no_progress_timeout_s
+            # transient storage errors in read / write tasks are retried (matched on the message)
+            ctx.retried_map_errors = list(TRANSIENT_ERRORS)
+            ctx.max_map_retries = 3
             device, gpus_per_actor, actors = _resources(config)
             ds = _build_dataset(config, todo, checked, provenance, device, gpus_per_actor, actors)
             by_id = {s.shard_id: s for s in todo}

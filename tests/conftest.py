@@ -57,3 +57,29 @@ def s3_bucket(s3_endpoint: str) -> str:
 def s3_storage_options(s3_endpoint: str) -> dict:
     """fsspec storage options that reach the local S3 server."""
     return {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_endpoint}}
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray with 2 CPUs shared by the tests of a session (started once; ~3 s)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """Real photos (scikit-image's public-domain / CC0 samples) as HxWx3 uint8 arrays."""
+    import skimage.data as data
+
+    return {
+        "astronaut": data.astronaut(),
+        "coffee": data.coffee(),
+        "chelsea": data.chelsea(),
+        "rocket": data.rocket(),
+    }
