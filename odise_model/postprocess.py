@@ -12,7 +12,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["resize_mask_logits", "panoptic_inference", "semantic_inference", "instance_inference", "PanopticSegment"]
+__all__ = [
+    "resize_mask_logits",
+    "panoptic_inference",
+    "semantic_inference",
+    "instance_inference",
+    "mask_boxes",
+    "pack_masks",
+    "PanopticSegment",
+]
 
 
 def resize_mask_logits(
@@ -106,11 +114,14 @@ def instance_inference(
     *,
     topk: int,
     things_only: bool,
-) -> list[tuple[int, float, torch.Tensor]]:
-    """Top-k (query, class) pairs as instances: ``[(class_index, score, HxW bool mask)]`` by descending score.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k (query, class) pairs as instances, sorted by descending score.
 
     ``score`` = class probability x mean mask probability inside the binary mask (``logit > 0``);
     with ``things_only`` (panoptic on) only thing classes are kept, as the official code does.
+
+    Returns:
+        ``(class_index N long, score N float, masks NxHxW bool)`` on ``mask_pred``'s device.
     """
     num_classes = mask_cls.shape[-1] - 1
     scores = F.softmax(mask_cls.float(), dim=-1)[:, :-1]
@@ -121,11 +132,38 @@ def instance_inference(
     if things_only:
         keep = isthing.to(labels.device)[labels]
         top_scores, labels, queries = top_scores[keep], labels[keep], queries[keep]
-    if queries.numel() == 0:
-        return []
     logits = mask_pred[queries].float()
     binary = logits > 0
-    mask_scores = (logits.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+    flat = binary.flatten(1)
+    mask_scores = (logits.sigmoid().flatten(1) * flat).sum(1) / (flat.sum(1) + 1e-6)
     final = top_scores * mask_scores
     order = torch.argsort(final, descending=True, stable=True)
-    return [(int(labels[i]), float(final[i]), binary[i]) for i in order.tolist()]
+    return labels[order], final[order], binary[order]
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Tight COCO boxes ``Nx4`` (x, y, w, h; int64) of ``NxHxW`` bool masks; zeros for empty masks."""
+    n, h, w = masks.shape
+    if n == 0:
+        return torch.zeros((0, 4), dtype=torch.long, device=masks.device)
+    rows, cols = masks.any(2), masks.any(1)
+    ar_h = torch.arange(h, device=masks.device)
+    ar_w = torch.arange(w, device=masks.device)
+    y0 = torch.where(rows, ar_h, h).min(1).values
+    y1 = torch.where(rows, ar_h, -1).max(1).values
+    x0 = torch.where(cols, ar_w, w).min(1).values
+    x1 = torch.where(cols, ar_w, -1).max(1).values
+    empty = ~rows.any(1)
+    boxes = torch.stack([x0, y0, x1 - x0 + 1, y1 - y0 + 1], 1)
+    return torch.where(empty[:, None], torch.zeros_like(boxes), boxes)
+
+
+def pack_masks(masks: torch.Tensor) -> torch.Tensor:
+    """``NxHxW`` bool -> ``N x ceil(H*W/8)`` uint8, bit order of ``numpy.packbits`` (computed on the device)."""
+    n = masks.shape[0]
+    flat = masks.reshape(n, -1)
+    pad = (-flat.shape[1]) % 8
+    if pad:
+        flat = F.pad(flat, (0, pad))
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32, device=masks.device)
+    return (flat.view(n, -1, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,11 +19,18 @@ import torch
 import torch.nn.functional as F
 
 from .model import ODISE
-from .postprocess import instance_inference, panoptic_inference, resize_mask_logits, semantic_inference
-from .types import Instance, PanopticResult, Segment, bbox_from_mask
+from .postprocess import (
+    instance_inference,
+    mask_boxes,
+    pack_masks,
+    panoptic_inference,
+    resize_mask_logits,
+    semantic_inference,
+)
+from .types import Instance, PanopticResult, Segment
 from .vocabulary import Vocabulary, load_vocabulary
 
-__all__ = ["Predictor", "to_rgb_array", "resize_image", "resized_size"]
+__all__ = ["Predictor", "RawPrediction", "to_rgb_array", "resize_image", "resized_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,26 +169,9 @@ class Predictor:
             results.extend(self.predict_prepared([self.prepare(im) for im in images[start : start + self.batch_size]]))
         return results
 
-    @torch.no_grad()
     def predict_prepared(self, prepared: Sequence[tuple[torch.Tensor, tuple[int, int], tuple[int, int]]]) -> list[PanopticResult]:
         """One model call on outputs of :meth:`prepare` / :meth:`prepare_resized` (all in one batch)."""
-        results: list[PanopticResult] = []
-        vocab_emb = self.model.vocabulary_embedding(self.vocabulary)
-        if prepared:
-            tensors = [p[0].to(self.device) for p in prepared]
-            outputs = self.model.infer(
-                tensors,
-                [p[1] for p in prepared],
-                vocab_emb,
-                tile_batch_size=self.tile_batch_size,
-                full_decode=self.full_decode,
-                sequential_tiles=self.sequential_tiles,
-                use_clip=self.use_clip,
-            )
-            for (tensor, resized, original), (mask_cls, mask_logits) in zip(prepared, outputs):
-                padded = (int(tensor.shape[-2]), int(tensor.shape[-1]))
-                results.append(self.postprocess(mask_cls, mask_logits, padded, resized, original))
-        return results
+        return [raw.to_result() for raw in self.predict_prepared_raw(prepared)]
 
     def postprocess(
         self,
@@ -191,10 +182,22 @@ class Predictor:
         output_size: tuple[int, int],
     ) -> PanopticResult:
         """Model outputs of one image (``Qx(K+1)`` log-probs, ``Qxh/4xw/4`` logits) -> typed result."""
+        return self.postprocess_raw(mask_cls, mask_logits, padded_size, image_size, output_size).to_result()
+
+    def postprocess_raw(
+        self,
+        mask_cls: torch.Tensor,
+        mask_logits: torch.Tensor,
+        padded_size: tuple[int, int],
+        image_size: tuple[int, int],
+        output_size: tuple[int, int],
+    ) -> RawPrediction:
+        """Post-processing on the model's device; returns compact CPU arrays (instance masks bit-packed)."""
         cfg = self.model.config.postprocess
         masks = resize_mask_logits(mask_logits, padded_size, image_size, output_size)
         isthing = self._isthing.to(masks.device)
         categories = self.vocabulary.categories
+        cat_ids = torch.tensor([c.id for c in categories], dtype=torch.int32, device=masks.device)
 
         panoptic = np.zeros(output_size, dtype=np.int32)
         segments: list[Segment] = []
@@ -206,32 +209,76 @@ class Predictor:
                 object_mask_threshold=cfg.object_mask_threshold,
                 overlap_threshold=cfg.overlap_threshold,
             )
+            if segs:
+                seg_masks = pan[None] == torch.tensor([s.id for s in segs], device=pan.device).view(-1, 1, 1)
+                areas = seg_masks.flatten(1).sum(1).tolist()
+                boxes = mask_boxes(seg_masks).tolist()
+                for seg, area, box in zip(segs, areas, boxes):
+                    cat = categories[seg.class_index]
+                    segments.append(Segment(seg.id, cat.id, cat.name, seg.isthing, seg.score, int(area), tuple(box)))
             panoptic = pan.cpu().numpy().astype(np.int32)
-            for seg in segs:
-                seg_mask = panoptic == seg.id
-                cat = categories[seg.class_index]
-                segments.append(
-                    Segment(
-                        id=seg.id,
-                        category_id=cat.id,
-                        category_name=cat.name,
-                        isthing=seg.isthing,
-                        score=seg.score,
-                        area=int(seg_mask.sum()),
-                        bbox=bbox_from_mask(seg_mask),
-                    )
-                )
         semantic = None
         if cfg.semantic_on:
-            scores = semantic_inference(mask_cls, masks)
-            ids = torch.tensor([c.id for c in categories], dtype=torch.int32, device=scores.device)
-            semantic = ids[scores.argmax(0)].cpu().numpy()
-        instances: list[Instance] = []
+            semantic = cat_ids[semantic_inference(mask_cls, masks).argmax(0)].cpu().numpy()
+        raw = RawPrediction(panoptic=panoptic, segments=segments, semantic=semantic, vocabulary=self.vocabulary)
         if cfg.instance_on:
-            for class_index, score, mask in instance_inference(
+            classes, scores, inst_masks = instance_inference(
                 mask_cls, masks, isthing, topk=cfg.topk_per_image, things_only=cfg.panoptic_on
-            ):
-                mask_np = mask.cpu().numpy()
-                cat = categories[class_index]
-                instances.append(Instance(cat.id, cat.name, score, mask_np, bbox_from_mask(mask_np)))
-        return PanopticResult(panoptic_seg=panoptic, segments=segments, semantic_seg=semantic, instances=instances)
+            )
+            raw.instance_category_ids = cat_ids[classes].cpu().numpy().astype(np.int64)
+            raw.instance_scores = scores.cpu().numpy().astype(np.float32)
+            raw.instance_boxes = mask_boxes(inst_masks).cpu().numpy().astype(np.int64)
+            raw.instance_masks_packed = pack_masks(inst_masks).cpu().numpy()
+        return raw
+
+    @torch.no_grad()
+    def predict_prepared_raw(self, prepared) -> list[RawPrediction]:
+        """Like :meth:`predict_prepared` but returns :class:`RawPrediction` (no per-instance mask unpacking)."""
+        out: list[RawPrediction] = []
+        if not prepared:
+            return out
+        vocab_emb = self.model.vocabulary_embedding(self.vocabulary)
+        outputs = self.model.infer(
+            [p[0].to(self.device) for p in prepared],
+            [p[1] for p in prepared],
+            vocab_emb,
+            tile_batch_size=self.tile_batch_size,
+            full_decode=self.full_decode,
+            sequential_tiles=self.sequential_tiles,
+            use_clip=self.use_clip,
+        )
+        for (tensor, resized, original), (mask_cls, mask_logits) in zip(prepared, outputs):
+            padded = (int(tensor.shape[-2]), int(tensor.shape[-1]))
+            out.append(self.postprocess_raw(mask_cls, mask_logits, padded, resized, original))
+        return out
+
+
+@dataclass
+class RawPrediction:
+    """Compact result of one image, cheap to move between processes.
+
+    ``panoptic`` / ``semantic``: ``HxW`` int32 (segment ids / category ids); ``segments``: typed segments;
+    instances as arrays: category ids ``N``, scores ``N``, boxes ``Nx4`` (x, y, w, h) and masks bit-packed
+    ``N x ceil(H*W/8)`` uint8 (``numpy.packbits`` order over the flattened ``HxW`` mask).
+    """
+
+    panoptic: np.ndarray
+    segments: list[Segment]
+    semantic: np.ndarray | None
+    vocabulary: Vocabulary
+    instance_category_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    instance_scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    instance_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int64))
+    instance_masks_packed: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint8))
+
+    def instance_mask(self, i: int) -> np.ndarray:
+        h, w = self.panoptic.shape
+        return np.unpackbits(self.instance_masks_packed[i], count=h * w).reshape(h, w).astype(bool)
+
+    def to_result(self) -> PanopticResult:
+        names = {c.id: c.name for c in self.vocabulary}
+        instances = [
+            Instance(int(cid), names[int(cid)], float(score), self.instance_mask(i), tuple(int(v) for v in box))
+            for i, (cid, score, box) in enumerate(zip(self.instance_category_ids, self.instance_scores, self.instance_boxes))
+        ]
+        return PanopticResult(panoptic_seg=self.panoptic, segments=self.segments, semantic_seg=self.semantic, instances=instances)

@@ -6,8 +6,9 @@ Rows flowing through the pipeline (plain columns, so Arrow can carry them):
 * ``shard``, ``shard_id``, ``key``, ``image_ext``, ``error``
 * decode stage adds: ``image`` (the resized image's raw uint8 bytes), ``rh``, ``rw`` (its size),
   ``height``, ``width`` (original size), ``overlay`` (bool: render an overlay for this sample)
-* model stage replaces ``image`` by: ``panoptic`` (int32 bytes, original size), ``semantic`` (int32 bytes),
-  ``segments`` (JSON), ``instances`` (JSON with packed-bit masks) and keeps the image for overlays only
+* model stage adds: ``panoptic`` / ``semantic`` (int32 bytes at the original size), ``segments`` (JSON),
+  ``inst_meta`` (JSON: category, score per instance), ``inst_masks`` (instance masks bit-packed on the GPU,
+  ``N x ceil(H*W/8)`` bytes); the image is kept only for overlays
 * encode/stage step writes staging Parquet files and emits small records for the driver.
 
 Images travel as raw bytes plus their shape rather than as tensor columns, so ragged sizes never hit
@@ -16,7 +17,6 @@ Arrow's tensor extension types.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import math
@@ -184,37 +184,31 @@ class Annotator:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         n = len(batch["key"])
         out = {k: list(batch[k]) for k in batch}
-        out["panoptic"] = [b""] * n
-        out["semantic"] = [b""] * n
+        for col in ("panoptic", "semantic", "inst_masks"):
+            out[col] = [b""] * n
         out["segments"] = [""] * n
-        out["instances"] = [""] * n
+        out["inst_meta"] = [""] * n
         todo = [i for i in range(n) if batch["kind"][i] == "sample" and not batch["error"][i]]
-        if todo:
-            prepared = []
-            for i in todo:
-                h, w = int(batch["rh"][i]), int(batch["rw"][i])
-                image = np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(h, w, 3)
-                prepared.append(self.predictor.prepare_resized(image, (int(batch["height"][i]), int(batch["width"][i]))))
-            results = []
-            for start in range(0, len(prepared), self.batch_size):
-                results.extend(self.predictor.predict_prepared(prepared[start : start + self.batch_size]))
-            for i, result in zip(todo, results):
-                out["panoptic"][i] = result.panoptic_seg.astype(np.int32).tobytes()
-                out["semantic"][i] = (
-                    result.semantic_seg.astype(np.int32).tobytes() if result.semantic_seg is not None else b""
-                )
-                out["segments"][i] = json.dumps([s.__dict__ for s in result.segments])
-                out["instances"][i] = json.dumps(
-                    [
-                        {
-                            "category_id": inst.category_id,
-                            "category_name": inst.category_name,
-                            "score": inst.score,
-                            "mask": base64.b64encode(np.packbits(inst.mask, axis=None).tobytes()).decode(),
-                        }
-                        for inst in result.instances
-                    ]
-                )
+        prepared = []
+        for i in todo:
+            h, w = int(batch["rh"][i]), int(batch["rw"][i])
+            image = np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(h, w, 3)
+            prepared.append(self.predictor.prepare_resized(image, (int(batch["height"][i]), int(batch["width"][i]))))
+        results = []
+        for start in range(0, len(prepared), self.batch_size):
+            results.extend(self.predictor.predict_prepared_raw(prepared[start : start + self.batch_size]))
+        for i, raw in zip(todo, results):
+            out["panoptic"][i] = raw.panoptic.astype(np.int32).tobytes()
+            out["semantic"][i] = raw.semantic.astype(np.int32).tobytes() if raw.semantic is not None else b""
+            out["segments"][i] = json.dumps([s.__dict__ for s in raw.segments])
+            names = {c.id: c.name for c in raw.vocabulary}
+            out["inst_meta"][i] = json.dumps(
+                [
+                    {"category_id": int(c), "category_name": names[int(c)], "score": float(sc)}
+                    for c, sc in zip(raw.instance_category_ids, raw.instance_scores)
+                ]
+            )
+            out["inst_masks"][i] = np.ascontiguousarray(raw.instance_masks_packed).tobytes()
         for i in range(n):  # keep the image only where an overlay is wanted
             if not batch["overlay"][i]:
                 out["image"][i] = b""
@@ -239,10 +233,11 @@ class EncodeAndStage:
         if batch["semantic"][i]:
             semantic = np.frombuffer(batch["semantic"][i], dtype=np.int32).reshape(h, w)
         segments = [Segment(**{**s, "bbox": tuple(s["bbox"])}) for s in json.loads(batch["segments"][i])]
+        meta = json.loads(batch["inst_meta"][i])
+        packed = np.frombuffer(batch["inst_masks"][i], dtype=np.uint8).reshape(len(meta), -1) if meta else None
         instances = []
-        for inst in json.loads(batch["instances"][i]):
-            bits = np.frombuffer(base64.b64decode(inst["mask"]), dtype=np.uint8)
-            mask = np.unpackbits(bits, count=h * w).reshape(h, w).astype(bool)
+        for j, inst in enumerate(meta):
+            mask = np.unpackbits(packed[j], count=h * w).reshape(h, w).astype(bool)
             instances.append(Instance(inst["category_id"], inst["category_name"], inst["score"], mask, (0, 0, 0, 0)))
         return PanopticResult(panoptic_seg=panoptic, segments=segments, semantic_seg=semantic, instances=instances)
 

@@ -253,10 +253,28 @@ def test_semantic_and_instance_inference():
     sem = semantic_inference(cls, mask_pred)
     assert sem.shape == (2, h, w)
     assert sem.argmax(0).tolist() == [[0, 1], [1, 1]]
-    inst = instance_inference(cls, mask_pred, torch.tensor([True, False]), topk=10, things_only=True)
-    assert [i[0] for i in inst] == [0, 0]  # only the thing class survives, from both queries
-    assert inst[0][1] > inst[1][1]
-    assert inst[0][2].tolist() == m.tolist()
+    classes, scores, masks = instance_inference(cls, mask_pred, torch.tensor([True, False]), topk=10, things_only=True)
+    assert classes.tolist() == [0, 0]  # only the thing class survives, from both queries
+    assert scores[0] > scores[1]
+    assert masks[0].tolist() == m.tolist()
+
+
+def test_mask_boxes_and_packing_match_numpy():
+    import numpy as np
+
+    from odise_model.postprocess import mask_boxes, pack_masks
+    from odise_model.types import bbox_from_mask
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((4, 7, 9), bool)
+    masks[0, 2:5, 3:8] = True
+    masks[1] = rng.random((7, 9)) > 0.7
+    masks[3, 6, 0] = True  # masks[2] stays empty
+    boxes = mask_boxes(torch.from_numpy(masks)).tolist()
+    assert boxes == [list(bbox_from_mask(m)) for m in masks]
+    assert boxes[0] == [3, 2, 5, 3] and boxes[2] == [0, 0, 0, 0]
+    packed = pack_masks(torch.from_numpy(masks)).numpy()
+    assert np.array_equal(packed, np.stack([np.packbits(m.reshape(-1)) for m in masks]))
 
 
 def test_resize_mask_logits_crops_padding_before_resizing():
