@@ -1,0 +1,410 @@
+"""The ``annotate`` flow: validate parameters -> ``check`` -> ``label`` -> ``report``.
+
+Orchestration only; the work is :func:`pipeline.run.run_annotation`:
+
+1. the flow's parameters (named like :class:`pipeline.config.AnnotateConfig`'s fields, plus
+   ``storage_block``) are validated into an ``AnnotateConfig`` by :func:`flows.params.annotate_config`
+   (pydantic; relative paths resolved against the working directory) before any task starts;
+2. ``check`` (:func:`pipeline.run.check_inputs`): vocabulary parses, shards exist, output is writable,
+   model config loads, weights are reachable; fails fast (retried only on I/O / network errors);
+3. ``label`` (:func:`pipeline.run.run_annotation`): Ray Data pipeline with per-shard commits; a progress
+   artifact (key ``annotate-progress``) is updated as shards commit; reruns on the same input/output
+   label only the shards not committed yet, so Prefect retries and reruns are safe;
+4. ``report``: table artifacts (``annotate-summary``, ``annotate-categories``), a markdown artifact
+   (``annotate-report``: plumbing-check warning, summary, link to the outputs, a few overlay images),
+   a link artifact (``annotate-output``) and image artifacts for overlays served over http(s).
+
+Credentials: see :mod:`flows.params` (environment or a Prefect Secret block named by ``storage_block``;
+read inside the tasks, never logged, never in artifacts or outputs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import posixpath
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from uuid import UUID
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_image_artifact,
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from pipeline.config import AnnotateConfig, RunSummary
+
+from ._prefect import PLUMBING_NOTICE, forward_logs, retry_on_io_error, with_credentials
+from .params import annotate_config, config_default, is_url
+
+__all__ = ["annotate", "check", "label", "report", "CheckReport", "progress_listener", "ARTIFACT_KEYS"]
+
+ARTIFACT_KEYS = {
+    "progress": "annotate-progress",
+    "summary": "annotate-summary",
+    "categories": "annotate-categories",
+    "report": "annotate-report",
+    "output": "annotate-output",
+    "overlay": "annotate-overlay",
+}
+"""Artifact keys written by the flow (lowercase, dashes: Prefect's rule)."""
+
+_D = config_default
+_listeners: list[Callable[[dict[str, Any]], None]] = []
+
+
+@contextlib.contextmanager
+def progress_listener(fn: Callable[[dict[str, Any]], None]) -> Iterator[None]:
+    """Also send the ``label`` task's progress events to ``fn`` while the context is open (this process only).
+
+    Events: ``{"event": "start", "output"}`` when labelling starts; ``{"event": "shard", ...}`` with the
+    dict of ``run_annotation``'s ``on_progress`` (``shards_done``, ``shards_total``, ``images``, ``errors``,
+    ``segments``, ``elapsed_s``) after each committed shard; ``{"event": "done", "summary"}`` at the end.
+    Used by ``odise-annotate`` for its terminal progress bar; the flow itself only needs the artifact.
+    """
+    _listeners.append(fn)
+    try:
+        yield
+    finally:
+        _listeners.remove(fn)
+
+
+def _notify(event: dict[str, Any]) -> None:
+    for fn in list(_listeners):
+        try:
+            fn(event)
+        except Exception:  # noqa: BLE001 - a broken progress bar must not fail a run
+            logging.getLogger(__name__).debug("progress listener failed", exc_info=True)
+
+
+@dataclass
+class CheckReport:
+    """What ``check`` found: everything is in place for the run (small and loggable: no secrets)."""
+
+    shards: int
+    first_shards: list[str]
+    categories: int
+    vocabulary_sha256: str
+    model: str
+    plumbing_check: bool
+    weights: dict[str, str | None] = field(default_factory=dict)
+
+
+@task(name="check", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_on_io_error)
+def check(config: AnnotateConfig, storage_block: str | None = None) -> CheckReport:
+    """Fail fast: vocabulary, shards, output, model config and weights (:func:`pipeline.run.check_inputs`)."""
+    from pipeline.run import check_inputs
+
+    logger = get_run_logger()
+    with forward_logs("pipeline", "odise_model"):
+        checked = check_inputs(with_credentials(config, storage_block))
+    located = checked["located"]
+    weights = {
+        k: (None if f is None else str(f.path))
+        for k, f in (("checkpoint", located.checkpoint), ("sd", located.sd), ("clip", located.clip))
+    }
+    result = CheckReport(
+        shards=len(checked["shards"]),
+        first_shards=[s.shard_id for s in checked["shards"][:5]],
+        categories=len(checked["vocabulary"]),
+        vocabulary_sha256=checked["vocabulary"].sha256(),
+        model=checked["model_config"].name,
+        plumbing_check=config.is_plumbing_check,
+        weights=weights,
+    )
+    logger.info(
+        "inputs OK: %d shard(s), %d categories, model %s, output %s",
+        result.shards,
+        result.categories,
+        result.model,
+        config.output,
+    )
+    return result
+
+
+@task(name="label", retries=2, retry_delay_seconds=30, retry_condition_fn=retry_on_io_error)
+def label(
+    config: AnnotateConfig, storage_block: str | None = None, progress_artifact: UUID | None = None
+) -> RunSummary:
+    """Run the annotation pipeline; update the progress artifact as shards commit."""
+    from pipeline.run import run_annotation
+
+    logger = get_run_logger()
+
+    def on_progress(p: dict[str, Any]) -> None:
+        done, total = p["shards_done"], max(1, p["shards_total"])
+        text = f"{p['shards_done']}/{p['shards_total']} shards, {p['images']} images, {p['errors']} errors, {p['elapsed_s']} s"
+        logger.info("committed: %s", text)
+        if progress_artifact is not None:
+            try:
+                update_progress_artifact(
+                    artifact_id=progress_artifact, progress=100.0 * done / total, description=text
+                )
+            except Exception as exc:  # noqa: BLE001 - progress display must not fail the run
+                logger.warning("could not update the progress artifact: %s", type(exc).__name__)
+        _notify({"event": "shard", **p})
+
+    _notify({"event": "start", "output": config.output})
+    with forward_logs("pipeline", "odise_model"):
+        summary = run_annotation(with_credentials(config, storage_block), on_progress=on_progress)
+    if progress_artifact is not None:
+        with contextlib.suppress(Exception):
+            update_progress_artifact(
+                artifact_id=progress_artifact,
+                progress=100.0,
+                description=f"done: {summary.shards_total} shards ({summary.shards_skipped} already committed), "
+                f"{summary.images} images labelled now, {summary.errors} errors",
+            )
+    _notify({"event": "done", "summary": summary})
+    logger.info(
+        "labelled %d image(s) (%d errors, %d segments) in %.1f s; %d shard(s) committed now, %d skipped (already done)",
+        summary.labelled,
+        summary.errors,
+        summary.segments,
+        summary.elapsed_s,
+        summary.shards_committed,
+        summary.shards_skipped,
+    )
+    if summary.plumbing_check:
+        logger.warning(PLUMBING_NOTICE.format(model=config.model))
+    return summary
+
+
+def _as_link(url: str) -> str:
+    """A clickable form of an output URL (``file://`` for local paths)."""
+    if is_url(url):
+        return url
+    return "file://" + os.path.abspath(url)
+
+
+def _existing_overlays(config: AnnotateConfig, storage_block: str | None, limit: int) -> list[str]:
+    """Overlay URLs already in the output (a rerun that labels nothing still shows some)."""
+    from fsspec.core import url_to_fs
+
+    try:
+        opts = with_credentials(config, storage_block).out_storage_options
+        fs, root = url_to_fs(config.output, **opts)
+        found = sorted(fs.glob(posixpath.join(root.rstrip("/"), "overlays", "**", "*.jpg")))[:limit]
+    except Exception:  # noqa: BLE001 - the report is best effort
+        return []
+    prefix = config.output.rstrip("/")
+    rel = [posixpath.relpath(p, root.rstrip("/")) for p in found]
+    return [posixpath.join(prefix, r) for r in rel]
+
+
+@task(name="report", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_io_error)
+def report(
+    summary: RunSummary,
+    checked: CheckReport,
+    config: AnnotateConfig,
+    storage_block: str | None = None,
+    max_images: int = 4,
+) -> dict[str, str]:
+    """Artifacts: summary table, per-category table, markdown report with overlays, link to the outputs.
+
+    Returns ``{artifact name: artifact id}``.
+    """
+    plumbing = summary.plumbing_check
+    flag = "PLUMBING CHECK (random weights, labels are meaningless): " if plumbing else ""
+    rows = [
+        {"metric": "output", "value": summary.output},
+        {
+            "metric": "model",
+            "value": checked.model + (" (PLUMBING CHECK: random weights)" if plumbing else ""),
+        },
+        {
+            "metric": "vocabulary",
+            "value": f"{config.vocab_file or '+'.join(config.merge_vocab)} ({checked.categories} categories)",
+        },
+        {
+            "metric": "shards (total / committed now / already done)",
+            "value": f"{summary.shards_total} / {summary.shards_committed} / {summary.shards_skipped}",
+        },
+        {"metric": "images (this run)", "value": summary.images},
+        {"metric": "labelled", "value": summary.labelled},
+        {"metric": "errors", "value": summary.errors},
+        {"metric": "segments", "value": summary.segments},
+        {"metric": "elapsed (s)", "value": summary.elapsed_s},
+        {"metric": "images / s", "value": summary.images_per_s},
+        {"metric": "plumbing check", "value": plumbing},
+    ]
+    rows += [{"metric": f"error: {reason}", "value": n} for reason, n in summary.error_reasons.items()]
+    ids: dict[str, str] = {}
+    ids["summary"] = str(
+        create_table_artifact(
+            table=rows, key=ARTIFACT_KEYS["summary"], description=f"{flag}annotation run summary"
+        )
+    )
+    cats = [{"category": name, "segments": n} for name, n in summary.category_counts.items()] or [
+        {"category": "(no new segments in this run)", "segments": 0}
+    ]
+    ids["categories"] = str(
+        create_table_artifact(
+            table=cats,
+            key=ARTIFACT_KEYS["categories"],
+            description=f"{flag}segments per category labelled in this run",
+        )
+    )
+
+    overlays = list(summary.overlays[:max_images]) or _existing_overlays(config, storage_block, max_images)
+    md = ["# Annotation run", ""]
+    if plumbing:
+        md += [
+            "> **⚠ PLUMBING CHECK** — model `"
+            + checked.model
+            + "` has **random weights**: every label below is "
+            "meaningless. The run only proves that reading, Ray, the model, encoding and writing work. "
+            "Use `model=odise_label_coco` with the official weights for real labels.",
+            "",
+        ]
+    link = _as_link(summary.output)
+    md += [
+        f"Outputs: [{summary.output}]({link})",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| shards | {summary.shards_total} total, {summary.shards_committed} committed now, {summary.shards_skipped} already done |",
+        f"| images this run | {summary.images} ({summary.labelled} labelled, {summary.errors} errors) |",
+        f"| segments | {summary.segments} |",
+        f"| time | {summary.elapsed_s:.1f} s ({summary.images_per_s:.2f} images/s) |",
+        "",
+        "Layout: `parquet/` (one row per image: segments, RLE masks, panoptic PNG), `coco/panoptic.json` + "
+        "`coco/panoptic/<shard>/<key>.png`, `coco/instances.json`, `overlays/`, `provenance.json`, `summary.json`.",
+        "",
+    ]
+    for name, url in sorted(summary.coco.items()):
+        md.append(f"- COCO {name}: [{url}]({_as_link(url)})")
+    if overlays:
+        md += ["", "## Overlays", ""]
+        md += [f"![{posixpath.basename(u)}]({_as_link(u)})" for u in overlays]
+    ids["report"] = str(
+        create_markdown_artifact(
+            markdown="\n".join(md), key=ARTIFACT_KEYS["report"], description=f"{flag}annotation report"
+        )
+    )
+    ids["output"] = str(
+        create_link_artifact(
+            link=link,
+            link_text=summary.output,
+            key=ARTIFACT_KEYS["output"],
+            description=f"{flag}annotation outputs",
+        )
+    )
+    for i, url in enumerate(u for u in overlays if u.startswith(("http://", "https://"))):
+        ids[f"overlay-{i}"] = str(
+            create_image_artifact(
+                image_url=url, key=ARTIFACT_KEYS["overlay"], description=f"{flag}overlay {i}"
+            )
+        )
+    return ids
+
+
+@flow(name="annotate", description="Label images with open-vocabulary panoptic segmentation (ODISE).")
+def annotate(
+    input: str | list[str],
+    output: str,
+    vocab_file: str | None = _D("vocab_file"),
+    merge_vocab: list[str] | None = None,
+    model: str = _D("model"),
+    checkpoint: str | None = None,
+    sd_weights: str | None = None,
+    clip_weights: str | None = None,
+    pretrained: bool | None = None,
+    offline: bool | None = None,
+    cache_dir: str | None = None,
+    batch_size: int = _D("batch_size"),
+    tile_batch_size: int = _D("tile_batch_size"),
+    num_actors: int | None = None,
+    gpus_per_actor: float | None = None,
+    cpus_per_actor: float = _D("cpus_per_actor"),
+    device: Literal["auto", "cpu", "cuda"] = _D("device"),
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = _D("dtype"),
+    object_mask_threshold: float | None = None,
+    overlap_threshold: float | None = None,
+    alpha: float | None = None,
+    beta: float | None = None,
+    include_png: bool = _D("include_png"),
+    write_coco: bool = _D("write_coco"),
+    overlays: int = _D("overlays"),
+    max_pixels: int = _D("max_pixels"),
+    images_per_virtual_shard: int = _D("images_per_virtual_shard"),
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+    no_progress_timeout_s: float = _D("no_progress_timeout_s"),
+    storage_options: dict[str, Any] | None = None,
+    output_storage_options: dict[str, Any] | None = None,
+    allow_provenance_mismatch: bool = _D("allow_provenance_mismatch"),
+    storage_block: str | None = None,
+) -> RunSummary:
+    """Label every image of ``input`` into ``output`` (Parquet + COCO panoptic + overlays).
+
+    Args:
+        input: shards: glob, ``{000..009}`` brace pattern, manifest file, folder of ``.tar`` shards or folder of
+            images; local paths (relative to the working directory) or URLs (``s3://bucket/shards/*.tar``).
+        output: output folder or URL (``out/run1``, ``s3://bucket/labels/run1``); reruns into it label only what is missing.
+        vocab_file: ``classes.txt`` path (relative to the working directory) or URL, or a built-in vocabulary
+            name (``coco_panoptic``, ``ade20k_150``).
+        merge_vocab: built-in vocabularies (or files) merged after ``vocab_file``.
+        model: ``odise_label_coco`` (default), ``odise_caption_coco``, ``tiny`` (random weights: a plumbing check) or a JSON path.
+        checkpoint: ODISE weights: release name, path or URL (default: the official release for the model).
+        sd_weights: Stable Diffusion v1.3 weights: ``sd-v1-3``, ``.ckpt`` path/URL, diffusers folder or hub id.
+        clip_weights: CLIP ViT-L/14-336 weights: ``openai`` or a file path/URL.
+        pretrained: use the official weights for every source not given (default: yes, except for ``tiny``).
+        offline: never touch the network for weights (default: ``$ODISE_OFFLINE`` / ``$HF_HUB_OFFLINE``).
+        cache_dir: weights cache (default ``$ODISE_CACHE`` or ``~/.cache/odise_annotate``).
+        batch_size: images per model call.
+        tile_batch_size: Stable Diffusion tiles per forward pass.
+        num_actors: model replicas (default: one per GPU, or 1 on CPU).
+        gpus_per_actor: GPUs per replica (default 1 when the Ray cluster has GPUs, else 0; 0.5 packs two per GPU).
+        cpus_per_actor: CPUs reserved per replica.
+        device: ``auto`` (cuda when the Ray cluster has GPUs), ``cpu`` or ``cuda``.
+        dtype: dtype of the frozen SD/CLIP weights: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.
+        object_mask_threshold: override the model's object score threshold (0..1).
+        overlap_threshold: override the model's overlap threshold (0..1).
+        alpha: CLIP fusion exponent for classes seen in training (0..1).
+        beta: CLIP fusion exponent for unseen classes (0..1).
+        include_png: store the panoptic PNG bytes in the Parquet rows.
+        write_coco: write COCO panoptic + instances exports under ``coco/``.
+        overlays: number of overlay images written under ``overlays/``.
+        max_pixels: decompression-bomb limit (pixels per image).
+        images_per_virtual_shard: images per shard when the input is a folder of images.
+        ray_address: existing Ray cluster (``auto``, ``ray://head:10001``); empty: start a local Ray.
+        num_cpus: CPUs of the local Ray (default: all).
+        no_progress_timeout_s: fail when the pipeline makes no progress for this long.
+        storage_options: fsspec options for input and output **without credentials** (e.g.
+            ``{"client_kwargs": {"endpoint_url": "http://minio:9000"}}``).
+        output_storage_options: fsspec options for the output if different (no credentials either).
+        allow_provenance_mismatch: allow adding labels to an output written with other settings.
+        storage_block: name of a Prefect Secret (or ``json/<name>``) block holding fsspec credentials
+            (``{"key": ..., "secret": ...}``); default: credentials from the environment / ``~/.aws``.
+
+    Returns:
+        The pipeline's :class:`~pipeline.config.RunSummary`.
+    """
+    params = dict(locals())
+    logger = get_run_logger()
+    # 1. parameters -> AnnotateConfig (pydantic; raises ParameterError naming the parameter)
+    block = params.pop("storage_block")
+    config = annotate_config(params)
+    if config.is_plumbing_check:
+        logger.warning(PLUMBING_NOTICE.format(model=config.model))
+    # 2. check
+    checked = check(config, block)
+    # 3. label
+    progress_id = create_progress_artifact(
+        progress=0.0,
+        key=ARTIFACT_KEYS["progress"],
+        description=("PLUMBING CHECK (random weights): " if config.is_plumbing_check else "")
+        + f"labelling {checked.shards} shard(s)",
+    )
+    summary = label(config, block, progress_id)
+    # 4. report
+    report(summary, checked, config, block)
+    return summary

@@ -1,0 +1,395 @@
+"""Flow parameters -> pipeline configs: validation, path resolution, credential rules (no Prefect import).
+
+The Prefect flows, ``python -m flows.serve`` and the ``odise-*`` console scripts all go through these
+functions, so a bad parameter gives the same message everywhere, before anything heavy starts
+(no Ray, no model, no Prefect server needed to validate).
+
+Rules
+-----
+* Relative local paths (``input``, ``output``, ``vocab_file``, ``merge_vocab`` entries, a model JSON,
+  weights files, ``cache_dir``) are resolved against the **working directory** of the run (the shell's
+  for the command line, the deployment's pull-step directory for a deployment) and passed on as
+  absolute paths, so Ray workers and later retries see the same files. URLs (``s3://...``) are kept.
+* ``vocab_file`` is a path or URL, or a built-in vocabulary name (``coco_panoptic``, ``ade20k_150``)
+  when no file of that name exists in the working directory.
+* Credentials never travel as flow parameters (Prefect stores parameters and shows them in its UI):
+  ``storage_options`` may hold endpoints, regions and similar settings only; keys that look like
+  credentials (``key``, ``secret``, ``token``, ``password``, ...) are refused with a message that says
+  where credentials go instead: the environment (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``,
+  ``~/.aws``, fsspec config files) or a Prefect Secret / JSON block named by ``storage_block``, which
+  is read inside the tasks (:func:`flows._prefect.with_credentials`) and never logged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from pipeline.config import AnnotateConfig
+
+__all__ = [
+    "ParameterError",
+    "CREDENTIAL_KEYS",
+    "annotate_config",
+    "check_no_credentials",
+    "config_default",
+    "credential_paths",
+    "is_url",
+    "resolve_path",
+    "resolve_vocab_file",
+    "user_errors",
+]
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+CREDENTIAL_KEYS = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "passwd",
+        "access_key",
+        "secret_key",
+        "access_key_id",
+        "secret_access_key",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "session_token",
+        "security_token",
+        "sas_token",
+        "account_key",
+        "client_secret",
+        "connection_string",
+        "credentials",
+        "api_key",
+        "private_key",
+    }
+)
+"""Keys refused in ``storage_options`` parameters (compared lower-case, ``-`` read as ``_``).
+Keys ending in ``_secret``, ``_token`` or ``_password`` are refused too."""
+
+_CREDENTIAL_SUFFIXES = ("_secret", "_token", "_password")
+
+CREDENTIALS_HELP = (
+    "credentials must not be passed as flow parameters (Prefect stores parameters and shows them in its UI); "
+    "use the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws, fsspec config) "
+    "or save them in a Prefect Secret block and pass its name as storage_block"
+)
+
+
+class ParameterError(ValueError):
+    """A flow / command-line parameter is invalid; the message names the parameter (never a secret value)."""
+
+
+def is_url(value: str) -> bool:
+    """True for ``scheme://...`` (``file://`` included)."""
+    return bool(_URL.match(value))
+
+
+def config_default(name: str) -> Any:
+    """The default of :class:`~pipeline.config.AnnotateConfig` field ``name`` (keeps flow/CLI defaults in sync)."""
+    field = AnnotateConfig.model_fields[name]
+    if field.default_factory is not None:
+        return field.default_factory()
+    return field.default
+
+
+def resolve_path(value: str, cwd: str | os.PathLike | None = None) -> str:
+    """Absolute path for a local path (``~`` expanded, relative to ``cwd``); URLs unchanged.
+
+    Glob / brace patterns stay patterns (only their directory part is made absolute).
+    """
+    if is_url(value):
+        return value
+    path = Path(os.path.expanduser(value))
+    if not path.is_absolute():
+        path = Path(cwd or os.getcwd()) / path
+    return os.path.normpath(str(path))
+
+
+def resolve_vocab_file(value: str, cwd: str | os.PathLike | None = None, *, name: str = "vocab_file") -> str:
+    """A vocabulary source: a URL, an existing file (made absolute) or a built-in vocabulary name.
+
+    Raises:
+        ParameterError: neither a file in the working directory nor a built-in name.
+    """
+    from odise_model.vocabulary import BUILTIN_VOCABULARIES
+
+    if is_url(value):
+        return value
+    path = resolve_path(value, cwd)
+    if os.path.exists(path):
+        return path
+    if value in BUILTIN_VOCABULARIES:
+        return value
+    where = os.path.abspath(cwd or os.getcwd())
+    raise ParameterError(
+        f"invalid parameter {name}={value!r}: no such file {path} (relative paths are resolved against the "
+        f"working directory {where}) and not a built-in vocabulary ({', '.join(BUILTIN_VOCABULARIES)})"
+    )
+
+
+def _maybe_local_file(value: str | None, cwd: str | os.PathLike | None) -> str | None:
+    """Weights / model specs: an existing local file becomes absolute; release names and URLs stay."""
+    if value is None or is_url(value):
+        return value
+    path = resolve_path(value, cwd)
+    return path if os.path.exists(path) else value
+
+
+def credential_paths(options: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of keys in ``options`` (nested dicts included) that look like credentials."""
+    found: list[str] = []
+    if isinstance(options, Mapping):
+        for key, value in options.items():
+            norm = str(key).lower().replace("-", "_")
+            path = f"{prefix}[{key!r}]"
+            if norm in CREDENTIAL_KEYS or norm.endswith(_CREDENTIAL_SUFFIXES):
+                found.append(path)
+            else:
+                found += credential_paths(value, path)
+    elif isinstance(options, list | tuple):
+        for i, value in enumerate(options):
+            found += credential_paths(value, f"{prefix}[{i}]")
+    return found
+
+
+def check_no_credentials(name: str, options: Any) -> None:
+    """Refuse credential-like keys in a ``storage_options`` parameter; the message names keys, never values."""
+    found = credential_paths(options)
+    if found:
+        raise ParameterError(
+            f"invalid parameter {name}: {', '.join(name + p for p in found)} looks like a credential; {CREDENTIALS_HELP}"
+        )
+
+
+def _validation_message(exc: ValidationError, params: Mapping[str, Any]) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        field = loc[0] if loc else ""
+        msg = err.get("msg", "invalid")
+        if not field:
+            parts.append(msg.removeprefix("Value error, "))
+            continue
+        shown = "" if "storage_options" in field else f"={params.get(field)!r}"
+        where = field + "".join(f"[{p}]" for p in loc[1:])
+        parts.append(f"{where}{shown}: {msg.removeprefix('Value error, ')}")
+    return "invalid parameter " + "; ".join(parts)
+
+
+def annotate_config(params: Mapping[str, Any], *, cwd: str | os.PathLike | None = None) -> AnnotateConfig:
+    """Validate flow parameters (named like :class:`AnnotateConfig`'s fields) into an ``AnnotateConfig``.
+
+    Local paths are resolved against ``cwd`` (default: the process's working directory); see the module
+    doc. ``None`` values mean "the config's default".
+
+    Raises:
+        ParameterError: naming every bad parameter (values of storage options are never shown).
+    """
+    values = {k: v for k, v in params.items() if v is not None}
+    unknown = sorted(set(values) - set(AnnotateConfig.model_fields))
+    if unknown:
+        raise ParameterError(f"unknown parameter(s) {unknown}; known: {sorted(AnnotateConfig.model_fields)}")
+    for name in ("storage_options", "output_storage_options"):
+        if name in values:
+            check_no_credentials(name, values[name])
+    try:
+        if isinstance(values.get("input"), str):
+            values["input"] = (
+                resolve_path(values["input"], cwd) if values["input"].strip() else values["input"]
+            )
+        elif isinstance(values.get("input"), list | tuple):
+            values["input"] = [
+                resolve_path(v, cwd) if isinstance(v, str) and v.strip() else v for v in values["input"]
+            ]
+        if isinstance(values.get("output"), str) and values["output"].strip():
+            values["output"] = resolve_path(values["output"], cwd)
+        if isinstance(values.get("vocab_file"), str) and values["vocab_file"].strip():
+            values["vocab_file"] = resolve_vocab_file(values["vocab_file"], cwd)
+        if isinstance(values.get("merge_vocab"), list | tuple):
+            values["merge_vocab"] = [
+                resolve_vocab_file(v, cwd, name=f"merge_vocab[{i}]") if isinstance(v, str) else v
+                for i, v in enumerate(values["merge_vocab"])
+            ]
+        for name in ("model", "checkpoint", "sd_weights", "clip_weights"):
+            if isinstance(values.get(name), str):
+                values[name] = _maybe_local_file(values[name], cwd)
+        if isinstance(values.get("cache_dir"), str):
+            values["cache_dir"] = resolve_path(values["cache_dir"], cwd)
+        return AnnotateConfig(**values)
+    except ValidationError as exc:
+        raise ParameterError(_validation_message(exc, params)) from None
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "bad input or settings" (shown as one line, never retried)."""
+    from odise_model.checkpoint import CheckpointError, WeightsNotFoundError
+    from odise_model.config import ConfigError
+    from odise_model.vocabulary import VocabularyError
+    from pipeline.run import OutputError
+    from pipeline.sources import InputError
+    from pipeline.writers import ProvenanceMismatchError
+
+    return (
+        ParameterError,
+        VocabularyError,
+        ConfigError,
+        CheckpointError,
+        WeightsNotFoundError,
+        InputError,
+        OutputError,
+        ProvenanceMismatchError,
+        FileNotFoundError,
+        PermissionError,
+        IsADirectoryError,
+        NotADirectoryError,
+    )
+
+
+def iter_causes(exc: BaseException) -> Iterable[BaseException]:
+    """``exc`` and its ``__cause__`` / ``__context__`` chain (each once)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+_NETWORK_ERROR_NAMES = frozenset(
+    {
+        # botocore / aiobotocore
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ConnectionClosedError",
+        # aiohttp
+        "ClientConnectionError",
+        "ClientConnectorError",
+        "ClientOSError",
+        "ClientPayloadError",
+        "ServerDisconnectedError",
+        "ServerTimeoutError",
+        # httpx / urllib3 / requests / http.client
+        "TransportError",
+        "ProtocolError",
+        "IncompleteRead",
+        "ChunkedEncodingError",
+        "RemoteDisconnected",
+    }
+)
+
+
+def is_transient_io_error(exc: BaseException) -> bool:
+    """True when retrying may help: an I/O or network error, not bad input.
+
+    Walks the cause chain: any "bad input" error (:func:`user_errors`, ``ValueError``, ``TypeError``,
+    ``KeyError``) in it means no retry; otherwise an ``OSError`` (connection resets, timeouts, DNS,
+    ``OutputError`` caused by a network error) or a known network-library error means retry.
+    """
+    chain = list(iter_causes(exc))
+    bad_input = user_errors() + (ValueError, TypeError, KeyError)
+    for e in chain:
+        if isinstance(e, bad_input) and not isinstance(e, _output_error_type()):
+            return False
+    for e in chain:
+        if isinstance(e, OSError) and not isinstance(e, _output_error_type()):
+            return True
+        if any(cls.__name__ in _NETWORK_ERROR_NAMES for cls in type(e).__mro__):
+            return True
+    return False
+
+
+def _output_error_type() -> type[BaseException]:
+    from pipeline.run import OutputError
+
+    return OutputError
+
+
+class EntryPointMissingError(RuntimeError):
+    """The pipeline code a flow calls is not part of this installation (yet)."""
+
+
+def load_entry_point(module: str, name: str, what: str) -> Any:
+    """``module.name`` imported late (flows are declared before every pipeline part exists).
+
+    Raises:
+        EntryPointMissingError: naming the missing module / function; the flow fails with it, results are never faked.
+    """
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
+            raise EntryPointMissingError(
+                f"{what} is not available in this installation: module {module} is missing"
+            ) from None
+        raise
+    if not hasattr(mod, name):
+        raise EntryPointMissingError(
+            f"{what} is not available in this installation: {module}.{name} is missing"
+        )
+    return getattr(mod, name)
+
+
+def build_model(cls: Any, params: Mapping[str, Any], *, what: str) -> Any:
+    """``cls(**params)`` (a pydantic model or dataclass); errors become :class:`ParameterError` naming the field."""
+    try:
+        return cls(**params)
+    except ValidationError as exc:
+        raise ParameterError(
+            _validation_message(exc, params).replace("invalid parameter", f"invalid {what} parameter", 1)
+        ) from None
+    except TypeError as exc:  # dataclass: unknown / missing field
+        raise ParameterError(f"invalid {what} parameters: {exc}") from None
+
+
+def result_dict(result: Any) -> dict[str, Any]:
+    """A pipeline result as a dict (``to_dict()``, a dataclass, a pydantic model or a mapping)."""
+    import dataclasses
+
+    if hasattr(result, "to_dict"):
+        return dict(result.to_dict())
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        return dataclasses.asdict(result)
+    if hasattr(result, "model_dump"):
+        return dict(result.model_dump())
+    if isinstance(result, Mapping):
+        return dict(result)
+    return {"result": repr(result)}
+
+
+def table_rows(data: Mapping[str, Any], prefix: str = "", *, max_rows: int = 200) -> list[dict[str, Any]]:
+    """``[{"metric": "a.b", "value": v}, ...]``: nested mappings flattened, lists/None shown as JSON text."""
+    import json
+
+    rows: list[dict[str, Any]] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            rows += table_rows(value, name + ".", max_rows=max_rows)
+        elif isinstance(value, bool | int | float | str):
+            rows.append({"metric": name, "value": value})
+        else:
+            rows.append({"metric": name, "value": json.dumps(value, default=str)[:500]})
+        if len(rows) >= max_rows:
+            break
+    return rows[:max_rows]
+
+
+def replace_fields(obj: Any, **changes: Any) -> Any:
+    """A copy of a pydantic model or dataclass with ``changes`` (used for credentials inside tasks)."""
+    import dataclasses
+
+    if hasattr(obj, "model_copy"):
+        return obj.model_copy(update=changes)
+    return dataclasses.replace(obj, **changes)

@@ -1,0 +1,223 @@
+"""Tests of flows/cli.py through the installed console scripts (subprocesses, as a user runs them).
+
+``odise-annotate --help`` documents every option; the tiny model on the shipped examples runs the whole
+flow locally (ephemeral Prefect, local Ray) and says it is a plumbing check; the official model offline
+with an empty weights cache stops at once with the missing file named (no Ray, no traceback, exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+BIN = Path(sys.executable).parent
+
+
+def _script(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        pytest.skip(f"console script {name} is not installed (pip install -e .)")
+    return str(path)
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        ODISE_CACHE=str(tmp_path / "odise-cache"),
+        HF_HUB_OFFLINE="1",
+    )
+    for name in ("PREFECT_API_URL", "ODISE_MODEL_ZOO", "ODISE_DEBUG"):
+        env.pop(name, None)
+    return env
+
+
+def _run(args: list[str], tmp_path: Path, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+
+
+def _flags(help_text: str) -> set[str]:
+    return set(re.findall(r"--[a-z][a-z0-9-]*", help_text))
+
+
+def test_annotate_help_documents_every_option(tmp_path):
+    from pipeline.config import AnnotateConfig
+
+    proc = _run([_script("odise-annotate"), "--help"], tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    flags = _flags(proc.stdout)
+    for name in AnnotateConfig.model_fields:
+        assert "--" + name.replace("_", "-") in flags, name
+    assert {"--storage-block", "--verbose", "--no-progress", "--offline", "--no-offline"} <= flags
+    assert "PLUMBING CHECK" in proc.stdout and "Exit codes" in proc.stdout
+    # every option has help text: argparse puts an option without help on a line of its own, nothing after it
+    lines = proc.stdout.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("--") and "  " not in line.strip():
+            assert i + 1 < len(lines) and lines[i + 1].startswith(" " * 10), line
+
+
+@pytest.mark.parametrize(
+    ("script", "module", "cls", "renamed"),
+    [
+        ("odise-evaluate", "pipeline.scoring", "EvaluateConfig", {"json_output": "--json"}),
+        ("odise-train", "pipeline.train", "TrainConfig", {}),
+    ],
+)
+def test_evaluate_and_train_help_document_every_config_field(tmp_path, script, module, cls, renamed):
+    import importlib
+
+    config = getattr(importlib.import_module(module), cls)
+    proc = _run([_script(script), "--help"], tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    flags = _flags(proc.stdout)
+    for name in config.model_fields:
+        assert renamed.get(name, "--" + name.replace("_", "-")) in flags, name
+
+
+@pytest.mark.slow
+def test_tiny_run_on_the_examples_via_the_console_script(tmp_path):
+    out = tmp_path / "out"
+    started = time.perf_counter()
+    proc = _run(
+        [
+            _script("odise-annotate"),
+            "--input",
+            "examples/images",
+            "--vocab-file",
+            "examples/classes.txt",
+            "--output",
+            str(out),
+            "--model",
+            "tiny",
+            "--num-cpus",
+            "2",
+        ],
+        tmp_path,
+        timeout=540,
+    )
+    elapsed = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PLUMBING CHECK" in proc.stderr and "RANDOM weights" in proc.stderr
+    assert "labelled 4 image(s) (0 errors" in proc.stdout
+    assert "1/1" in proc.stderr and "labelling" in proc.stderr  # the progress bar
+    assert "Traceback" not in proc.stderr
+    for rel in ("provenance.json", "summary.json", "coco/panoptic.json", "coco/instances.json"):
+        assert (out / rel).is_file(), rel
+    assert list((out / "parquet").glob("*.parquet"))
+    assert len(list((out / "overlays").rglob("*.jpg"))) == 4
+    assert json.loads((out / "provenance.json").read_text())["settings"]["plumbing_check"] is True
+    print(f"tiny CLI run: {elapsed:.1f} s")
+
+    # odise-evaluate on that output, with its own COCO export as ground truth: PQ 100
+    proc = _run(
+        [
+            _script("odise-evaluate"),
+            "--ground-truth",
+            str(out / "coco" / "panoptic.json"),
+            "--ground-truth-png",
+            str(out / "coco" / "panoptic"),
+            "--predictions",
+            str(out),
+            "--json",
+            str(tmp_path / "pq.json"),
+            "--no-instance-ap",
+        ],
+        tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"PQ All\s+100\.0", proc.stdout), proc.stdout
+    metrics = json.loads((tmp_path / "pq.json").read_text())
+    assert metrics["num_images"] == 4 and metrics["instance"] is None
+
+
+def test_official_model_offline_without_weights_fails_fast(tmp_path):
+    cache = tmp_path / "empty-cache"
+    cache.mkdir()
+    started = time.perf_counter()
+    proc = _run(
+        [
+            _script("odise-annotate"),
+            "--input",
+            "examples/images",
+            "--vocab-file",
+            "examples/classes.txt",
+            "--output",
+            str(tmp_path / "out"),
+            "--offline",
+            "--cache-dir",
+            str(cache),
+        ],
+        tmp_path,
+        timeout=120,
+    )
+    elapsed = time.perf_counter() - started
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr
+    assert "odise-annotate: error: checkpoint weights file 'odise_label_coco_50e-b67d2efc.pth'" in err
+    assert str(cache) in err  # where it looked
+    assert "how to provide" in err and "--checkpoint" in err
+    assert "Traceback" not in err
+    assert "Starting temporary server" not in err and "Ray" not in err  # stopped before Prefect and Ray
+    # ~5 s on an idle 2-core machine (imports + checks); the bound leaves room for a loaded CI box
+    assert elapsed < 40, f"took {elapsed:.1f} s"
+
+
+def test_bad_options_give_one_line_errors(tmp_path):
+    proc = _run(
+        [
+            _script("odise-annotate"),
+            "--input",
+            "examples/images",
+            "--output",
+            str(tmp_path / "o"),
+            "--batch-size",
+            "0",
+        ],
+        tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "odise-annotate: error: invalid parameter batch_size=0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = _run(
+        [
+            _script("odise-annotate"),
+            "--input",
+            "examples/images",
+            "--output",
+            str(tmp_path / "o"),
+            "--vocab-file",
+            "nope.txt",
+        ],
+        tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "invalid parameter vocab_file='nope.txt'" in proc.stderr and str(REPO) in proc.stderr
+    proc = _run(
+        [
+            _script("odise-annotate"),
+            "--input",
+            "examples/images",
+            "--output",
+            str(tmp_path / "o"),
+            "--storage-options",
+            '{"key": "AKIA", "secret": "hunter2"}',
+        ],
+        tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "looks like a credential" in proc.stderr and "hunter2" not in proc.stderr
