@@ -140,7 +140,13 @@ def label(
 
     def on_progress(p: dict[str, Any]) -> None:
         done, total = p["shards_done"], max(1, p["shards_total"])
-        text = f"{p['shards_done']}/{p['shards_total']} shards, {p['images']} images, {p['errors']} errors, {p['elapsed_s']} s"
+        text = (
+            f"{p['shards_done']}/{p['shards_total']} shards, {p['images']} images committed "
+            f"({p.get('images_staged', p['images'])} labelled so far), {p['errors']} errors, {p['elapsed_s']} s"
+        )
+        if p.get("event", "shard") != "shard":  # images staged inside a shard: only the bar moves
+            _notify({**p, "event": "images"})
+            return
         logger.info("committed: %s", text)
         if progress_artifact is not None:
             try:
@@ -149,7 +155,7 @@ def label(
                 )
             except Exception as exc:  # noqa: BLE001 - progress display must not fail the run
                 logger.warning("could not update the progress artifact: %s", type(exc).__name__)
-        _notify({"event": "shard", **p})
+        _notify({**p, "event": "shard"})
 
     _notify({"event": "start", "output": config.output})
     with forward_logs("pipeline", "odise_model"):

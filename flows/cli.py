@@ -322,6 +322,8 @@ class _ProgressBar:
                 images=event["images"], errors=event["errors"], segments=event["segments"], refresh=False
             )
             self.bar.refresh()
+        elif event.get("event") == "images" and self.bar is not None:
+            self.bar.set_postfix(images=event.get("images_staged", 0), errors=event["errors"], refresh=True)
         elif event.get("event") == "done":
             self.close()
 

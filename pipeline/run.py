@@ -120,7 +120,6 @@ def check_inputs(config: AnnotateConfig) -> dict[str, Any]:
     vocabulary = resolve_vocabulary(config)
     shards = list_shards(config.input, config.storage_options, images_per_virtual_shard=config.images_per_virtual_shard)
     _check_output_outside_input(config)
-    check_output_writable(config.output, config.out_storage_options)
     model_cfg = odise_model.load_config(config.model)
     sources = WeightSources.resolve(
         model_cfg,
@@ -131,6 +130,7 @@ def check_inputs(config: AnnotateConfig) -> dict[str, Any]:
     )
     loader = WeightLoader(offline=config.offline, cache_dir=config.cache_dir, storage_options=config.storage_options)
     located = loader.locate_all(sources)
+    check_output_writable(config.output, config.out_storage_options)  # last: it creates a local output folder
     return {"vocabulary": vocabulary, "shards": shards, "model_config": model_cfg, "located": located, "sources": sources}
 
 
@@ -334,8 +334,11 @@ def _category_counts(out_url: str, storage_options: dict, parquet_rel: str) -> C
 def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
     """Label every image of ``config.input`` into ``config.output`` (see the module doc for the steps).
 
-    ``on_progress`` is called after each committed shard with ``{"shards_done", "shards_total", "images",
-    "errors", "segments", "elapsed_s"}`` (the Prefect flow turns it into a progress artifact).
+    ``on_progress`` is called with ``{"event", "shards_done", "shards_total", "images", "images_staged",
+    "errors", "segments", "elapsed_s"}``: ``event="shard"`` after each committed shard (``images`` /
+    ``errors`` / ``segments`` count committed shards), ``event="images"`` whenever newly labelled images are
+    staged (``images_staged``, so progress moves within a large shard). The Prefect flow and the CLI turn it
+    into a progress artifact / bar.
     """
     from .sources import ShardRef
     from .writers import (
@@ -424,16 +427,19 @@ def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, A
                         summary.segments += info.n_segments
                         counts.update(cats)
                         if on_progress is not None:
-                            on_progress(
-                                {
-                                    "shards_done": summary.shards_committed + summary.shards_skipped,
-                                    "shards_total": summary.shards_total,
-                                    "images": summary.images,
-                                    "errors": summary.errors,
-                                    "segments": summary.segments,
-                                    "elapsed_s": round(time.perf_counter() - started, 1),
-                                }
-                            )
+                            on_progress(progress("shard"))
+
+                def progress(event: str) -> dict[str, Any]:
+                    return {
+                        "event": event,
+                        "shards_done": summary.shards_committed + summary.shards_skipped,
+                        "shards_total": summary.shards_total,
+                        "images": summary.images,
+                        "images_staged": sum(len(k) for k in keys.values()),
+                        "errors": summary.errors,
+                        "segments": summary.segments,
+                        "elapsed_s": round(time.perf_counter() - started, 1),
+                    }
 
                 try:
                     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -444,6 +450,8 @@ def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, A
                             elif rec["type"] == "staged":
                                 keys[sid].update(rec["keys"])
                                 summary.overlays.extend(posixpath.join(out, o) for o in rec["overlays"])
+                                if on_progress is not None:
+                                    on_progress(progress("images"))
                             else:
                                 continue
                             maybe_commit(sid)

@@ -181,7 +181,8 @@ def test_driver_interrupted_then_rerun_resumes(tmp_path, photos, ray_local):
     out = tmp_path / "out"
 
     def interrupt(progress):
-        raise KeyboardInterrupt  # the operator hits Ctrl-C after the first committed shard
+        if progress["event"] == "shard":
+            raise KeyboardInterrupt  # the operator hits Ctrl-C after the first committed shard
 
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_annotation(config(str(shards), str(out), overlays=0), on_progress=interrupt)
@@ -217,7 +218,7 @@ def test_actor_killed_mid_run_loses_nothing(tmp_path, photos, ray_local):
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     out = tmp_path / "out"
-    summary = pipeline.run_annotation(config(str(shards), str(out), overlays=0), on_progress=lambda p: first_commit.set())
+    summary = pipeline.run_annotation(config(str(shards), str(out), overlays=0), on_progress=lambda p: p["event"] == "shard" and first_commit.set())
     thread.join(timeout=5)
     assert killed, "the test never found the model actor to kill"
     rows = read_rows(str(out))
