@@ -2,9 +2,11 @@
 
 ``build_odise("tiny")`` gives a seeded random model (tests, plumbing checks);
 ``build_odise("odise_label_coco", pretrained=True)`` or with explicit ``checkpoint=`` / ``sd_weights=`` /
-``clip_weights=`` sources gives the official weights (see :mod:`odise_model.checkpoint`). With weights the
-model is first built on the ``meta`` device and the loaded tensors are assigned in place, so building the
-official-size model never holds two copies of Stable Diffusion / CLIP in host memory.
+``clip_weights=`` sources gives the official weights (see :mod:`odise_model.checkpoint`). With weights, Stable
+Diffusion and CLIP are first built on the ``meta`` device (no memory) and their tensors are then assigned from
+memory-mapped files one at a time (cast to ``dtype`` on the way, file pages released after each copy), so
+building the official-size model peaks near the size of the model itself in host memory, never model + files
+(measured in ``tests/test_checkpoint_full_size.py``).
 """
 
 from __future__ import annotations
@@ -141,8 +143,9 @@ def build_odise(
             file raises :class:`odise_model.checkpoint.WeightsNotFoundError` saying where it was looked for.
         cache_dir: download cache (default ``$ODISE_CACHE`` or ``~/.cache/odise_annotate``).
         storage_options: fsspec options for remote sources (e.g. an S3 endpoint).
-        dtype: cast the frozen SD and CLIP weights to this dtype (``torch.bfloat16`` / ``"bf16"``); trainable
-            parts stay float32. Default: float32.
+        dtype: cast the frozen SD and CLIP weights to this dtype (``torch.bfloat16`` / ``"bf16"``) while they
+            are loaded (so the fp32 copy never exists: about half the host memory); trainable parts, and the
+            empty-prompt embedding (computed in fp32), stay float32. Default: float32.
         device: where the model lives.
         seed: seed of the random initialisation (when some weights are not given).
     Returns:

@@ -20,19 +20,38 @@ raises :class:`WeightsNotFoundError` naming the file, the places searched and ho
 Loading is strict: the ODISE key map (:data:`ODISE_KEY_MAP`) is the single table between official and our names,
 used by :func:`load_odise_checkpoint` and :func:`save_checkpoint`; every key of a file must be consumed, every
 parameter the file should provide must be present, shapes and dtypes must match; otherwise
-:class:`CheckpointError` lists the missing / unexpected / mismatched keys and names the file. Files are read with
-``torch.load(weights_only=True)`` or safetensors (a pickle never runs code); the OpenAI CLIP TorchScript archive
-is read with ``torch.jit.load`` (TorchScript deserialisation does not execute Python code).
+:class:`CheckpointError` lists the missing / unexpected / mismatched keys and names the file.
+
+Safety: pickles are read with ``torch.load(weights_only=True)`` (or safetensors), so a checkpoint never runs
+code. PyTorch-Lightning and detectron2 training files (the official SD ``.ckpt`` among them) also pickle
+training metadata (``pytorch_lightning...ModelCheckpoint`` callback state, numpy scalars, fvcore schedulers)
+that ``weights_only`` refuses; the globals listed in :data:`METADATA_GLOBAL_PREFIXES` are therefore bound to an
+inert placeholder class that stores nothing and runs nothing, and any other global is refused before
+unpickling, naming it. The OpenAI CLIP file is a TorchScript archive, read with ``torch.jit.load``: that
+deserialises TorchScript IR (no Python code from the file is executed), though a TorchScript ``__setstate__``
+in a hostile archive would be run by the TorchScript interpreter; convert untrusted CLIP files to safetensors.
+
+Memory: the frozen weights (SD, CLIP: 98% of the model) are built on the ``meta`` device and filled from
+memory-mapped files one tensor at a time: each tensor is copied (and cast: fp16 CLIP -> fp32, or fp32 -> bf16
+with ``dtype=``) into private memory and its file pages are handed back to the OS right away (Linux
+``madvise(MADV_DONTNEED)`` on the private file mapping). Host memory therefore peaks near the size of the
+loaded model, not model + file, and the model never depends on the file after loading (replacing or deleting
+it is safe). SD's text encoder is loaded first, used once for the empty-prompt embedding, and freed before the
+UNet is read.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
+import io
 import json
 import logging
+import mmap as _mmap
 import os
 import re
+import sys
 import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -54,6 +73,7 @@ __all__ = [
     "FROZEN_SOURCE_PREFIXES",
     "RECREATED_KEYS",
     "RELEASES",
+    "METADATA_GLOBAL_PREFIXES",
     "WeightSources",
     "WeightLoader",
     "to_official_key",
@@ -62,6 +82,7 @@ __all__ = [
     "load_odise_checkpoint",
     "save_checkpoint",
     "read_checkpoint_file",
+    "convert_sd_single_file",
     "default_cache_dir",
     "file_sha256",
     "parse_dtype",
@@ -145,6 +166,29 @@ CLIP_IGNORED_KEYS = frozenset({"input_resolution", "context_length", "vocab_size
 # Our modules whose weights are in ODISE checkpoints (the trainable part + the no-object weights).
 ODISE_CKPT_MODULES = ("captioner.", "projections.", "pixel_decoder.", "decoder.", "head.")
 
+# Pickle globals of training metadata found in official training files (PyTorch-Lightning callback state in
+# SD .ckpt files, detectron2 / fvcore trainer state, numpy scalars). When unpickling they are bound to an inert
+# placeholder: nothing from these modules is imported or called. A name ending in "." is a prefix.
+METADATA_GLOBAL_PREFIXES: tuple[str, ...] = (
+    "pytorch_lightning.",
+    "lightning.",
+    "lightning_fabric.",
+    "fvcore.",
+    "detectron2.",
+    "iopath.",
+    "omegaconf.",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy.dtypes.",
+    "_codecs.encode",
+    "__builtin__.set",
+    "builtins.set",
+)
+
 
 def _key_map(kind: str) -> list[tuple[str, str]]:
     return ODISE_KEY_MAP["common"] + ODISE_KEY_MAP[kind]
@@ -223,6 +267,9 @@ RELEASES: dict[str, Release] = {
         sha256="3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
     ),
 }
+_RELEASE_KIND = {"odise_label_coco_50e": "checkpoint", "odise_caption_coco_50e": "checkpoint", "sd-v1-3": "sd",
+                 "openai": "clip"}
+# torch.hub convention: "<name>-<first hex digits of the sha256>.<ext>"
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.[A-Za-z0-9]+$")
 
 
@@ -249,24 +296,23 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return names[dtype]
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """sha256 of a local file, remembered in the cache keyed by (path, size, mtime)."""
-    path = Path(path).resolve()
+def _sha256_memo_file() -> Path:
+    return default_cache_dir() / "sha256.json"
+
+
+def _memo_key(path: Path) -> str:
     stat = path.stat()
-    memo_file = default_cache_dir() / "sha256.json"
-    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _remember_sha256(path: Path, value: str) -> None:
+    """Record a file's sha256 keyed by (path, size, mtime), so it is hashed once (best effort)."""
+    memo_file = _sha256_memo_file()
     try:
         memo = json.loads(memo_file.read_text())
     except (OSError, ValueError):
         memo = {}
-    if key in memo:
-        return memo[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    value = digest.hexdigest()
-    memo[key] = value
+    memo[_memo_key(path.resolve())] = value
     try:
         memo_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
@@ -274,6 +320,24 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         os.replace(tmp, memo_file)
     except OSError:
         pass
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 of a local file, remembered in the cache keyed by (path, size, mtime)."""
+    path = Path(path).resolve()
+    try:
+        memo = json.loads(_sha256_memo_file().read_text())
+    except (OSError, ValueError):
+        memo = {}
+    key = _memo_key(path)
+    if key in memo:
+        return memo[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    value = digest.hexdigest()
+    _remember_sha256(path, value)
     return value
 
 
@@ -285,9 +349,14 @@ def _check_hash(path: Path, *, expected: str | None, source: str) -> None:
         return
     actual = file_sha256(path)
     if not actual.startswith(want):
+        origin = "the release's published sha256" if expected else (
+            f"the hash prefix in its name ('-{want}', torch.hub convention; rename the file if that suffix is "
+            "not a hash)"
+        )
         raise CheckpointError(
-            f"{source}: sha256 mismatch for {path}: expected {want}..., got {actual[: len(want)]}... "
-            f"(the file is corrupt, truncated or not the released one; delete it and download it again)"
+            f"{path}: sha256 mismatch for {source!r}: expected {want}..., got {actual[: len(want)]}... "
+            f"(checked against {origin}). The file is corrupt, truncated or not the released one; delete it and "
+            "download it again"
         )
 
 
@@ -358,17 +427,25 @@ class Located:
 
 
 _HINTS = {
-    "checkpoint": "download it from the ODISE release page (https://github.com/NVlabs/ODISE/releases/tag/v1.0.0) "
-    "and pass its path or URL as checkpoint=... / --checkpoint, or put it in $ODISE_MODEL_ZOO or the cache",
-    "sd": "download sd-v1-3.ckpt (https://huggingface.co/CompVis/stable-diffusion-v-1-3-original, licence "
-    "acceptance required) and pass its path as sd_weights=... / --sd-weights, or put it in $ODISE_MODEL_ZOO",
-    "clip": "download ViT-L-14-336px.pt (OpenAI CLIP) and pass its path as clip_weights=... / --clip-weights, "
-    "or put it in $ODISE_MODEL_ZOO or the cache",
+    "checkpoint": "download it from the ODISE release page (https://github.com/NVlabs/ODISE/releases/tag/v1.0.0, "
+    "e.g. " + RELEASES["odise_label_coco_50e"].url + ") and pass its path or URL as checkpoint=... / "
+    "--checkpoint, or put it (same file name) in $ODISE_MODEL_ZOO or the cache folder listed above",
+    "sd": "download " + RELEASES["sd-v1-3"].url + " (licence acceptance required on Hugging Face) and pass its "
+    "path as sd_weights=... / --sd-weights, or put it (same file name) in $ODISE_MODEL_ZOO or the cache folder "
+    "listed above",
+    "clip": "download " + RELEASES["openai"].url + " (OpenAI CLIP) and pass its path as clip_weights=... / "
+    "--clip-weights, or put it (same file name) in $ODISE_MODEL_ZOO or the cache folder listed above",
 }
 
 
 class WeightLoader:
-    """Resolves weight specs to local files (cache, model zoo, downloads) honouring offline mode."""
+    """Resolves weight specs to local files (cache, model zoo, downloads) honouring offline mode.
+
+    Lookup order for a release name or URL: ``$ODISE_MODEL_ZOO/<file name>``, then
+    ``<cache_dir>/<kind>/<file name>`` (URLs other than releases are cached as ``<sha1(url)[:10]>-<file name>``
+    so two URLs ending in the same name never collide), then a download into the cache (not offline).
+    A local path that does not exist is also looked up by file name in ``$ODISE_MODEL_ZOO``.
+    """
 
     def __init__(self, *, offline: bool | None = None, cache_dir=None, storage_options: dict | None = None) -> None:
         self.offline = _env_offline() if offline is None else bool(offline)
@@ -383,31 +460,34 @@ class WeightLoader:
         )
 
     # -- helpers ---------------------------------------------------------------------------------------
-    def _not_found(self, kind: str, spec: str, searched: Iterable[str], reason: str) -> WeightsNotFoundError:
-        where = "\n  ".join(searched)
+    def _not_found(self, kind: str, spec: str, filename: str, searched: Iterable[str], reason: str):
+        where = "\n    ".join(searched)
         return WeightsNotFoundError(
-            f"{kind} weights {spec!r} not available: {reason}.\n  searched:\n  {where}\n  how to provide: {_HINTS[kind]}"
+            f"{kind} weights file {filename!r} (from {spec!r}) not available: {reason}.\n"
+            f"  searched:\n    {where}\n  how to provide: {_HINTS[kind]}"
         )
 
-    def _zoo_candidates(self, kind: str, filename: str) -> list[Path]:
-        out = []
-        if os.environ.get("ODISE_MODEL_ZOO"):
-            out.append(Path(os.environ["ODISE_MODEL_ZOO"]).expanduser() / filename)
-        out.append(self.cache_dir / kind / filename)
-        return out
+    @staticmethod
+    def _zoo_dir() -> Path | None:
+        zoo = os.environ.get("ODISE_MODEL_ZOO")
+        return Path(zoo).expanduser() if zoo else None
 
-    def _download(self, url: str, dest: Path, *, kind: str, spec: str, searched: list[str]) -> str:
+    def _download(self, url: str, dest: Path, *, kind: str, spec: str, filename: str, searched: list[str]) -> str:
         """Stream ``url`` (any fsspec protocol) to ``dest`` atomically; returns the sha256."""
         import fsspec
 
         if self.offline:
-            raise self._not_found(kind, spec, searched, "offline mode and no local copy")
+            raise self._not_found(kind, spec, filename, [*searched, f"{url} (not tried: offline)"],
+                                  "offline mode and no local copy")
         dest.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
         fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
         try:
             protocol = url.split("://", 1)[0]
-            options = self.storage_options if protocol not in ("http", "https") else {}
+            if protocol in ("http", "https"):
+                options = {"block_size": 0}  # one streaming GET: no HEAD / range requests (plain servers)
+            else:
+                options = dict(self.storage_options)
             logger.info("downloading %s -> %s", url, dest)
             with fsspec.open(url, "rb", **options) as src, os.fdopen(fd, "wb") as out:
                 while block := src.read(1 << 22):
@@ -415,27 +495,35 @@ class WeightLoader:
                     out.write(block)
             os.replace(tmp_name, dest)
         except FileNotFoundError as exc:
-            raise self._not_found(kind, spec, [*searched, url], f"not found at the URL ({exc})") from exc
-        except OSError as exc:
-            raise self._not_found(kind, spec, [*searched, url], f"download failed: {exc}") from exc
-        except Exception as exc:  # network libraries raise many types (aiohttp, botocore, ...)
-            raise self._not_found(kind, spec, [*searched, url], f"download failed: {type(exc).__name__}: {exc}") from exc
+            cause = exc.__cause__  # fsspec's http raises FileNotFoundError for unreachable hosts too
+            if cause is not None and not isinstance(cause, FileNotFoundError):
+                reason = f"download failed: {type(cause).__name__}: {cause}"
+            else:
+                reason = f"not found at the URL ({exc})"
+            raise self._not_found(kind, spec, filename, [*searched, url], reason) from exc
+        except Exception as exc:  # network libraries raise many types (aiohttp, botocore, OSError, ...)
+            raise self._not_found(
+                kind, spec, filename, [*searched, url], f"download failed: {type(exc).__name__}: {exc}"
+            ) from exc
         finally:
             if os.path.exists(tmp_name):
                 os.unlink(tmp_name)
         value = digest.hexdigest()
+        _remember_sha256(dest, value)
         return value
 
-    def _from_url(self, url: str, kind: str, spec: str, *, filename: str | None = None, release: Release | None = None):
-        name = filename or url.rstrip("/").rsplit("/", 1)[-1] or "weights"
-        if release is None:
-            name = f"{hashlib.sha1(url.encode()).hexdigest()[:10]}-{name}"
-        candidates = self._zoo_candidates(kind, name)
+    def _from_url(self, url: str, kind: str, spec: str, *, release: Release | None = None):
+        name = release.filename if release else (url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "weights")
+        cache_name = name if release else f"{hashlib.sha1(url.encode()).hexdigest()[:10]}-{name}"
+        candidates = []
+        if (zoo := self._zoo_dir()) is not None:
+            candidates.append(zoo / name)
+        candidates.append(self.cache_dir / kind / cache_name)
         for cand in candidates:
             if cand.is_file():
                 return cand, None
         searched = [str(c) for c in candidates]
-        digest = self._download(url, candidates[-1], kind=kind, spec=spec, searched=searched)
+        digest = self._download(url, candidates[-1], kind=kind, spec=spec, filename=name, searched=searched)
         return candidates[-1], digest
 
     # -- main entry --------------------------------------------------------------------------------------
@@ -443,29 +531,36 @@ class WeightLoader:
         """Resolve one spec to a local path (downloading into the cache when allowed)."""
         release = RELEASES.get(spec)
         if release is not None:
-            if kind == "checkpoint" and not spec.startswith("odise_") or kind == "sd" and spec != "sd-v1-3" or kind == "clip" and spec != "openai":
-                raise ValueError(f"{spec!r} is not a {kind} release (known: {sorted(RELEASES)})")
-            path, digest = self._from_url(release.url, kind, spec, filename=release.filename, release=release)
+            if _RELEASE_KIND[spec] != kind:
+                names = sorted(k for k, v in _RELEASE_KIND.items() if v == kind)
+                raise ValueError(f"{spec!r} is not a {kind} release (known {kind} releases: {names})")
+            path, digest = self._from_url(release.url, kind, spec, release=release)
             _check_hash(path, expected=release.sha256, source=spec)
             return LocatedFile(kind, spec, path, license=release.license, sha256=digest)
         if spec.startswith("file://"):
-            spec_path = Path(spec[len("file://") :])
+            spec_path = Path(spec[len("file://") :]).expanduser()
         elif "://" in spec:
             path, digest = self._from_url(spec, kind, spec)
             _check_hash(path, expected=None, source=spec)
             return LocatedFile(kind, spec, path, sha256=digest)
         else:
             spec_path = Path(spec).expanduser()
-        if spec_path.is_file():
-            _check_hash(spec_path, expected=None, source=spec)
-            return LocatedFile(kind, spec, spec_path)
         if spec_path.is_dir():
             if kind != "sd":
                 raise CheckpointError(f"{spec}: is a directory; {kind} weights must be a file")
             return LocatedFile(kind, spec, spec_path, is_diffusers_dir=True)
-        if kind == "sd" and re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        searched = [str(spec_path.absolute())]
+        zoo = self._zoo_dir()
+        if not spec_path.is_file() and zoo is not None and spec_path.name:
+            searched.append(str(zoo / spec_path.name))
+            if (zoo / spec_path.name).is_file():
+                spec_path = zoo / spec_path.name
+        if spec_path.is_file():
+            _check_hash(spec_path, expected=None, source=spec)
+            return LocatedFile(kind, spec, spec_path)
+        if kind == "sd" and "://" not in spec and re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
             return self._hub_snapshot(spec)
-        raise self._not_found(kind, spec, [str(spec_path.resolve())], "no such file")
+        raise self._not_found(kind, spec, spec_path.name or spec, searched, "no such file")
 
     def _hub_snapshot(self, repo_id: str) -> LocatedFile:
         from huggingface_hub import snapshot_download
@@ -480,14 +575,39 @@ class WeightLoader:
             )
         except Exception as exc:  # huggingface_hub raises several error types for offline / missing
             raise self._not_found(
-                "sd", repo_id, [str(self.cache_dir / "hub")], f"hub snapshot unavailable ({type(exc).__name__}: {exc})"
+                "sd", repo_id, repo_id, [str(self.cache_dir / "hub")],
+                f"hub snapshot unavailable ({type(exc).__name__}: {exc})",
             ) from exc
         return LocatedFile("sd", repo_id, Path(path), is_diffusers_dir=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Reading files
+# Reading files safely
 # ----------------------------------------------------------------------------------------------------------
+class _Placeholder:
+    """Stands in for a training-metadata global (see :data:`METADATA_GLOBAL_PREFIXES`) while unpickling.
+
+    Accepts any constructor arguments and any pickled state and keeps none of it: no code from the
+    named module is imported or run. Weights are never placeholders (strict loading requires tensors).
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Placeholder:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return "<training metadata placeholder>"
+
+
+def _is_metadata_global(name: str) -> bool:
+    return any(name.startswith(p) if p.endswith(".") else name == p for p in METADATA_GLOBAL_PREFIXES)
+
+
 def _is_torchscript(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
@@ -497,38 +617,131 @@ def _is_torchscript(path: Path) -> bool:
     return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
 
 
-def read_checkpoint_file(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
-    """Read a weights file safely: safetensors, ``torch.load(weights_only=True)``, or a TorchScript archive.
+_REFUSAL_MARKERS = ("Unsupported global", "Trying to call reduce", "Can only build", "Can only create new object",
+                    "is blocked", "Unsupported operand", "Unsupported class")
 
-    Returns the top-level object (a dict). Errors name the file.
+
+class _FilePages:
+    """Hands the pages of a privately memory-mapped weights file back to the OS once tensors were copied out.
+
+    Linux only (elsewhere :meth:`release` does nothing and memory peaks higher). Only address ranges of the
+    mappings created by our own ``torch.load(mmap=True)`` call are touched; they are private file mappings
+    that are never written, so ``MADV_DONTNEED`` merely drops clean pages (a later read re-faults them from
+    the file), which is why releasing a page shared with a neighbouring tensor is harmless.
     """
-    path = Path(path)
+
+    MADV_DONTNEED = 4
+
+    def __init__(self, regions: list[tuple[int, int]]) -> None:
+        self.regions = regions
+        self._madvise = None
+        if regions:
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                libc.madvise.restype = ctypes.c_int
+                self._madvise = libc.madvise
+            except (OSError, AttributeError):
+                self.regions = []
+
+    @staticmethod
+    def mappings(path: Path) -> set[tuple[int, int]]:
+        """Private mappings of ``path`` in this process (empty off Linux)."""
+        if not sys.platform.startswith("linux"):
+            return set()
+        real = os.path.realpath(path)
+        found = set()
+        try:
+            with open("/proc/self/maps") as fh:
+                for line in fh:
+                    parts = line.rstrip("\n").split(maxsplit=5)
+                    if len(parts) == 6 and parts[5] == real and parts[1].endswith("p"):
+                        start, end = (int(x, 16) for x in parts[0].split("-"))
+                        found.add((start, end))
+        except OSError:
+            return set()
+        return found
+
+    def release(self, tensor: torch.Tensor) -> None:
+        if not self.regions or tensor.device.type != "cpu":
+            return
+        storage = tensor.untyped_storage()
+        start, nbytes = storage.data_ptr(), storage.nbytes()
+        if nbytes == 0:
+            return
+        page = _mmap.PAGESIZE
+        for lo, hi in self.regions:
+            if lo <= start < hi:
+                a = max(lo, start & ~(page - 1))
+                b = min(hi, (start + nbytes + page - 1) & ~(page - 1))
+                if b > a:
+                    self._madvise(a, b - a, self.MADV_DONTNEED)
+                return
+
+
+def _read_weights(path: Path, *, mmap: bool = False) -> tuple[dict[str, Any], _FilePages | None]:
+    """Read a weights file safely; returns the top-level dict and, when memory-mapped, its page releaser."""
+    pages = None
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return dict(load_file(str(path)))
+            return dict(load_file(str(path))), None
         if _is_torchscript(path):
             module = torch.jit.load(str(path), map_location="cpu")
-            return {k: v for k, v in module.state_dict().items()}
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
-    except FileNotFoundError:
+            state = dict(module.state_dict())
+            del module
+            return state, None
+        if zipfile.is_zipfile(path):
+            # Refuse code-running pickles before unpickling anything, naming the globals; bind known
+            # training-metadata globals to an inert placeholder.
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+            refused = sorted(g for g in unsafe if not _is_metadata_global(g))
+            if refused:
+                raise CheckpointError(
+                    f"{path}: cannot read weights: it pickles Python objects that would run code on load "
+                    f"({', '.join(refused)}); refusing (weights_only=True). Convert the file to safetensors or "
+                    "re-save only its tensors"
+                )
+            allowed = [(_Placeholder, g) for g in unsafe]
+        else:
+            allowed = []
+        before = _FilePages.mappings(path) if mmap else set()
+        with torch.serialization.safe_globals(allowed):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+        if mmap:
+            pages = _FilePages(sorted(_FilePages.mappings(path) - before))
+    except (FileNotFoundError, CheckpointError):
         raise
     except Exception as exc:
         text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text or "UnpicklingError" in type(exc).__name__:
-            reason = "it contains pickled Python objects that would run code on load; refusing (weights_only=True)"
-        elif "zip" in text.lower() or "EOF" in text or "truncat" in text.lower() or "central directory" in text:
-            reason = f"the file is truncated or corrupt ({text.splitlines()[0] if text else type(exc).__name__})"
+        first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
+        if any(m in text for m in _REFUSAL_MARKERS):
+            detail = next((line.strip() for line in text.splitlines() if any(m in line for m in _REFUSAL_MARKERS)), first)
+            reason = (f"it pickles Python objects that would run code on load; refusing (weights_only=True): "
+                      f"{detail}")
+        elif isinstance(exc, EOFError) or any(
+            s in text.lower() for s in ("zip", "eof", "truncat", "central directory", "ran out of input")
+        ):
+            reason = f"the file is truncated or corrupt ({type(exc).__name__}: {first})"
         else:
-            reason = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+            reason = f"{type(exc).__name__}: {first}"
         raise CheckpointError(f"{path}: cannot read weights: {reason}") from exc
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
-    return dict(obj)
+    return dict(obj), pages
 
 
-def _report(path, *, missing=(), unexpected=(), mismatched=(), what="") -> None:
+def read_checkpoint_file(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
+    """Read a weights file safely: safetensors, ``torch.load(weights_only=True)``, or a TorchScript archive.
+
+    Returns the top-level object (a dict). Errors (:class:`CheckpointError`) name the file: unreadable or
+    truncated files, pickles that would run code (refused; the code never runs), non-dict contents.
+    """
+    return _read_weights(Path(path), mmap=mmap)[0]
+
+
+def _report(path, *, missing=(), unexpected=(), mismatched=(), what="", hint="") -> None:
     if not (missing or unexpected or mismatched):
         return
     lines = [f"{path}: {what} does not match the model"]
@@ -538,57 +751,102 @@ def _report(path, *, missing=(), unexpected=(), mismatched=(), what="") -> None:
             shown = "\n    ".join(keys[:25])
             more = f"\n    ... and {len(keys) - 25} more" if len(keys) > 25 else ""
             lines.append(f"  {title} ({len(keys)}):\n    {shown}{more}")
+    if hint:
+        lines.append(f"  {hint}")
     raise CheckpointError("\n".join(lines))
 
 
-def _assign_strict(module: nn.Module, state: Mapping[str, torch.Tensor], *, path, what: str, dtype=None) -> None:
-    """Strictly assign ``state`` into ``module`` (keys, shapes, dtypes), casting to ``dtype`` if given."""
-    expected = module.state_dict(keep_vars=True)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+def _take(value: torch.Tensor, dtype: torch.dtype, pages: _FilePages | None) -> torch.Tensor:
+    """``value`` as a contiguous ``dtype`` tensor in private memory; a memory-mapped source's pages are released.
+
+    A tensor already in private memory with the right dtype and layout is returned as is (no copy).
+    """
+    if pages is None and value.dtype == dtype and value.is_contiguous():
+        return value
+    out = torch.empty(value.shape, dtype=dtype, device="cpu")
+    out.copy_(value)
+    if pages is not None:
+        pages.release(value)
+    return out
+
+
+def _assign_strict(module: nn.Module, state: Mapping[str, Any], *, path, what: str, dtype=None,
+                   pages: _FilePages | None = None, skip: Iterable[str] = (), names: Mapping[str, str] | None = None,
+                   hint: str = "") -> None:
+    """Strictly assign ``state`` into ``module`` (a meta-device module is fine): keys, shapes, dtype kinds.
+
+    Floating tensors may come in any floating dtype (OpenAI CLIP files are fp16, SD files fp32) and are cast
+    to ``dtype`` (default float32) one at a time; integer tensors must be integers. Module entries in ``skip``
+    (buffers recreated afterwards) are not expected in ``state``. ``names`` maps our keys to the file's names
+    for error messages.
+    """
+    skip = set(skip)
+    expected = {k: v for k, v in module.state_dict(keep_vars=True).items() if k not in skip}
+    names = names or {}
+    missing = sorted(names.get(k, k) for k in set(expected) - set(state))
+    unexpected = sorted(names.get(k, k) for k in set(state) - set(expected))
     mismatched = []
     for key in sorted(set(expected) & set(state)):
         want, got = expected[key], state[key]
-        if tuple(want.shape) != tuple(got.shape):
-            mismatched.append(f"{key}: file {tuple(got.shape)} vs model {tuple(want.shape)}")
-        elif want.dtype.is_floating_point != got.dtype.is_floating_point:
-            mismatched.append(f"{key}: file dtype {got.dtype} vs model {want.dtype}")
-    _report(path, missing=missing, unexpected=unexpected, mismatched=mismatched, what=what)
-    cast = {k: (v.to(dtype or torch.float32) if v.is_floating_point() else v) for k, v in state.items()}
-    module.load_state_dict(cast, strict=True, assign=True)
+        label = names.get(key, key)
+        if not isinstance(got, torch.Tensor):
+            mismatched.append(f"{label}: file holds {type(got).__name__}, not a tensor")
+        elif tuple(want.shape) != tuple(got.shape):
+            mismatched.append(f"{label}: file {tuple(got.shape)} vs model {tuple(want.shape)}")
+        elif want.dtype.is_floating_point != got.dtype.is_floating_point or got.dtype.is_complex:
+            mismatched.append(f"{label}: file dtype {got.dtype} vs model {want.dtype}")
+    _report(path, missing=missing, unexpected=unexpected, mismatched=mismatched, what=what, hint=hint)
+    target = dtype or torch.float32
+    converted = {}
+    for key, value in state.items():
+        converted[key] = _take(value, target if value.is_floating_point() else expected[key].dtype, pages)
+    module.load_state_dict(converted, strict=False, assign=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # ODISE checkpoints
 # ----------------------------------------------------------------------------------------------------------
 def load_odise_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load an official-layout ODISE checkpoint into ``model`` (strict, via :data:`ODISE_KEY_MAP`)."""
+    """Load an official-layout ODISE checkpoint into ``model`` (strict, via :data:`ODISE_KEY_MAP`).
+
+    The file holds ``{"model": state_dict, ...}`` (other entries, e.g. trainer state, are ignored) or a bare
+    state dict. Every one of the official ``in_ckpt`` keys must be present with its shape and dtype float32
+    (the official code never saves other dtypes); no other key may be present.
+    """
     kind = model.config.classifier.kind
     raw = read_checkpoint_file(path)
-    state = raw.get("model", raw)
+    if "model" in raw:
+        state = raw["model"]
+    elif raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        state = raw
+    else:
+        raise CheckpointError(
+            f"{path}: not an ODISE checkpoint: no 'model' entry (top-level keys: {sorted(map(str, raw))[:10]})"
+        )
     if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path}: 'model' entry is not a state dict")
-    ours = {k: v for k, v in model.state_dict().items() if k.startswith(ODISE_CKPT_MODULES)}
+        raise CheckpointError(f"{path}: the 'model' entry is a {type(state).__name__}, not a state dict")
+    ours = {k: v for k, v in model.state_dict(keep_vars=True).items() if k.startswith(ODISE_CKPT_MODULES)}
     renamed, unexpected, mismatched = {}, [], []
     for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            unexpected.append(f"{key} (not a tensor)")
-            continue
-        our_key = from_official_key(key, kind)
+        our_key = from_official_key(key, kind) if isinstance(key, str) else None
         if our_key is None or our_key not in ours:
-            unexpected.append(key)
+            unexpected.append(str(key))
             continue
-        if tuple(value.shape) != tuple(ours[our_key].shape):
+        if not isinstance(value, torch.Tensor):
+            mismatched.append(f"{key}: file holds {type(value).__name__}, not a tensor")
+        elif tuple(value.shape) != tuple(ours[our_key].shape):
             mismatched.append(f"{key}: file {tuple(value.shape)} vs model {tuple(ours[our_key].shape)}")
         elif value.dtype != torch.float32:
             mismatched.append(f"{key}: file dtype {value.dtype}, expected torch.float32")
-        renamed[our_key] = value
-    missing = sorted(to_official_key(k, kind) for k in set(ours) - set(renamed))
-    _report(path, missing=missing, unexpected=sorted(unexpected), mismatched=mismatched, what=f"ODISE {kind} checkpoint")
+        else:
+            renamed[our_key] = value
+    seen = {from_official_key(k, kind) for k in state if isinstance(k, str)}
+    missing = sorted(to_official_key(k, kind) for k in set(ours) - seen)
+    _report(path, missing=missing, unexpected=sorted(unexpected), mismatched=mismatched,
+            what=f"ODISE {kind} checkpoint")
     with torch.no_grad():
         for key, value in renamed.items():
-            target = model.get_parameter(key) if key in dict(model.named_parameters()) else model.get_buffer(key)
-            target.copy_(value)
+            ours[key].copy_(value)
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, extra: Mapping[str, Any] | None = None,
@@ -598,8 +856,6 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, extra: Mapping
     The file loads in the official code (``ODISECheckpointer``) and in ours. ``extra`` may hold trainer
     state (optimizer, scheduler, step); loaders ignore it. Returns the sha256 of the written bytes.
     """
-    import io
-
     payload = {"model": official_state_dict(model)}
     if extra:
         payload.update(extra)
@@ -614,28 +870,30 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, extra: Mapping
         fs, fs_path = fsspec.core.url_to_fs(url, **(storage_options or {}))
         fs.pipe_file(fs_path, data)  # one PUT: object stores make it atomic
     else:
-        local = Path(url[len("file://") :] if url.startswith("file://") else url)
+        local = Path(url[len("file://") :] if url.startswith("file://") else url).expanduser()
         local.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=local.name + ".", suffix=".tmp", dir=local.parent)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, local)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, local)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return digest
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Stable Diffusion
 # ----------------------------------------------------------------------------------------------------------
-def _storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
-
-
 def convert_sd_single_file(state: Mapping[str, torch.Tensor], cfg: ODISEConfig, *, path) -> tuple[dict, dict, dict]:
     """Split and convert an original SD v1 single file into diffusers UNet, VAE and text-encoder state dicts.
 
     Uses diffusers' ``convert_ldm_unet_checkpoint`` / ``convert_ldm_vae_checkpoint`` /
-    ``convert_ldm_clip_checkpoint``. Every key of the file must be consumed by a conversion or be in the
-    documented ignore lists (:data:`SD_IGNORED_KEYS`, :data:`SD_IGNORED_PREFIXES`); otherwise an error lists them.
+    ``convert_ldm_clip_checkpoint`` (views of the file's tensors, nothing is copied). Every key of the file
+    must be consumed by a conversion or be in the documented ignore lists (:data:`SD_IGNORED_KEYS`,
+    :data:`SD_IGNORED_PREFIXES`); otherwise an error lists them. Consumption is tracked by tensor identity
+    (data pointer), since the conversions rename keys and reshape the VAE attention weights.
     """
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
@@ -643,29 +901,54 @@ def convert_sd_single_file(state: Mapping[str, torch.Tensor], cfg: ODISEConfig, 
         convert_ldm_vae_checkpoint,
     )
 
+    non_tensors = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    _report(path, mismatched=[f"{k}: not a tensor" for k in non_tensors], what="Stable Diffusion single file")
     sd_cfg = cfg.stable_diffusion
-    unet = convert_ldm_unet_checkpoint(state, dict(sd_cfg.unet))
-    vae = convert_ldm_vae_checkpoint(state, dict(sd_cfg.vae))
-    text = convert_ldm_clip_checkpoint(state)
-    used = {_storage_key(t) for d in (unet, vae, text) for t in d.values()}
+    try:
+        unet = convert_ldm_unet_checkpoint(state, dict(sd_cfg.unet))
+        vae = convert_ldm_vae_checkpoint(state, dict(sd_cfg.vae))
+        text = convert_ldm_clip_checkpoint(state)
+    except Exception as exc:  # diffusers indexes keys it expects; a foreign file fails somewhere inside
+        raise CheckpointError(
+            f"{path}: not a Stable Diffusion v1 single file: diffusers' conversion failed "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    for converted in (unet, vae, text):  # diffusers fills absent keys with None (checkpoint.get(key))
+        for key in [k for k, v in converted.items() if v is None]:
+            del converted[key]
+    used = {t.data_ptr() for d in (unet, vae, text) for t in d.values()}
     leftover = sorted(
         k
         for k, v in state.items()
-        if k not in SD_IGNORED_KEYS
-        and not k.startswith(SD_IGNORED_PREFIXES)
-        and not (isinstance(v, torch.Tensor) and _storage_key(v) in used)
+        if k not in SD_IGNORED_KEYS and not k.startswith(SD_IGNORED_PREFIXES) and v.data_ptr() not in used
     )
-    _report(path, unexpected=leftover, what="Stable Diffusion single file (keys not consumed by the conversion)")
+    _report(path, unexpected=leftover, what="Stable Diffusion single file (keys not consumed by the conversion)",
+            hint="expected an SD v1 file: model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.*")
     text.pop("text_model.embeddings.position_ids", None)
     return unet, vae, text
 
 
-def _read_diffusers_weights(folder: Path, sub: str) -> dict[str, torch.Tensor]:
-    base = folder / sub
-    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin"):
-        if (base / name).is_file():
-            return read_checkpoint_file(base / name)
-    raise CheckpointError(f"{folder}: no weights in {sub}/ (expected diffusion_pytorch_model.safetensors or .bin)")
+def _file_names(state: Mapping[str, torch.Tensor], *converted: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Converted (diffusers) key -> the file's own key, by tensor identity; for error messages."""
+    by_ptr = {v.data_ptr(): k for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return {k: f"{by_ptr[v.data_ptr()]} (-> {k})" for d in converted for k, v in d.items() if v.data_ptr() in by_ptr}
+
+
+_DIFFUSERS_WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
+    "diffusion_pytorch_model.fp16.bin", "pytorch_model.fp16.bin",
+)
+
+
+def _diffusers_weights_file(folder: Path, sub: str) -> Path:
+    for name in _DIFFUSERS_WEIGHT_NAMES:
+        if (folder / sub / name).is_file():
+            return folder / sub / name
+    raise CheckpointError(
+        f"{folder}: no weights in {sub}/ (expected one of {', '.join(_DIFFUSERS_WEIGHT_NAMES[:4])}; sharded "
+        "folders are not supported)"
+    )
 
 
 def _check_diffusers_config(folder: Path, sub: str, expected: Mapping[str, Any]) -> None:
@@ -679,89 +962,42 @@ def _check_diffusers_config(folder: Path, sub: str, expected: Mapping[str, Any])
         if k not in ("class_embed_type", "sample_size", "scaling_factor") and k in got and _norm(got[k]) != _norm(v)
     ]
     if diffs:
-        raise CheckpointError(f"{folder}/{sub}: architecture differs from SD v1:\n  " + "\n  ".join(diffs))
+        raise CheckpointError(f"{folder}/{sub}: architecture differs from the configured SD:\n  " + "\n  ".join(diffs))
 
 
 def _norm(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Putting it together
-# ----------------------------------------------------------------------------------------------------------
-def materialize(model: nn.Module, located: Located, *, dtype: torch.dtype | None) -> None:
-    """Fill SD / CLIP (built on the meta device) and the ODISE weights from the located files (strict), then
-    compute the buffers derived from weights (empty-prompt embedding, initial null embedding)."""
-    from .build import build_sd_text_encoder, empty_prompt_embedding
+def _match_text_prefix(state: dict[str, Any], module: nn.Module) -> dict[str, Any]:
+    """Add or strip ``text_model.`` so the file's keys follow the installed transformers' naming
+    (transformers >= 5 keeps the text transformer at the top of ``CLIPTextModel``)."""
+    module_has = any(k.startswith("text_model.") for k in module.state_dict())
+    file_has = any(k.startswith("text_model.") for k in state)
+    if module_has and not file_has:
+        return {f"text_model.{k}": v for k, v in state.items()}
+    if file_has and not module_has:
+        return {k.removeprefix("text_model."): v for k, v in state.items()}
+    return state
 
-    cfg: ODISEConfig = model.config
-    # 1. CLIP (one shared instance)
-    if located.clip is not None:
-        raw = read_checkpoint_file(located.clip.path)
-        raw = raw.get("state_dict", raw)
-        clip_state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in raw.items()}
-        clip_state = {k: v for k, v in clip_state.items() if k not in CLIP_IGNORED_KEYS}
-        _assign_strict(model.clip.model, clip_state, path=located.clip.path, what="CLIP (OpenAI layout)", dtype=dtype)
-        del raw, clip_state
-        model.clip.model.attn_mask = _causal_mask(cfg.clip.context_length)
-    # 2. Stable Diffusion (UNet + VAE into the model; text encoder only to embed "")
-    text_encoder = None
-    if located.sd is not None:
-        path = located.sd.path
-        if located.sd.is_diffusers_dir:
-            _check_diffusers_config(path, "unet", cfg.stable_diffusion.unet)
-            _check_diffusers_config(path, "vae", cfg.stable_diffusion.vae)
-            unet_sd = _read_diffusers_weights(path, "unet")
-            vae_sd = _read_diffusers_weights(path, "vae")
-            text_sd = _read_diffusers_weights(path, "text_encoder")
-        else:
-            raw = read_checkpoint_file(path, mmap=True)
-            state = raw.get("state_dict", raw)
-            unet_sd, vae_sd, text_sd = convert_sd_single_file(state, cfg, path=path)
-            del raw, state
-        _assign_strict(model.sd.unet, unet_sd, path=path, what="Stable Diffusion UNet", dtype=dtype)
-        _assign_strict(model.sd.vae, vae_sd, path=path, what="Stable Diffusion VAE", dtype=dtype)
-        del unet_sd, vae_sd
-        with torch.device("meta"):
-            text_encoder = build_sd_text_encoder(cfg)
-        text_sd = {k: v for k, v in text_sd.items() if not k.endswith("embeddings.position_ids")}
-        if not any(k.startswith("text_model.") for k in text_encoder.state_dict()):
-            # transformers >= 5 keeps the text transformer at the top of CLIPTextModel
-            text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()}
-        buffers = {k for k, _ in text_encoder.named_buffers()}
-        _assign_strict_partial(text_encoder, text_sd, path=path, skip=buffers)
-        del text_sd
-        _fix_text_encoder_buffers(text_encoder)
-    else:
+
+def _load_sd_text_encoder(cfg: ODISEConfig, text_sd: dict[str, Any], *, path, pages, file_prefix: str = ""):
+    """SD's CLIP text encoder built on meta and filled strictly (fp32) from ``text_sd``.
+
+    ``file_prefix``: prefix of these keys in the file (``cond_stage_model.transformer.``), for error messages.
+    """
+    from .build import build_sd_text_encoder
+
+    with torch.device("meta"):
         text_encoder = build_sd_text_encoder(cfg)
-    # 3. ODISE trainable weights
-    if located.checkpoint is not None:
-        load_odise_checkpoint(model, located.checkpoint.path)
-    # 4. buffers derived from loaded weights
-    model.captioner.set_uncond_context(empty_prompt_embedding(text_encoder.float()))
-    del text_encoder
-    if located.checkpoint is None and model.head.null_embed is not None:
-        with torch.no_grad():
-            model.head.null_embed.copy_(model.clip.encode_text([""]).to(model.head.null_embed))
-    if dtype is not None:
-        model.set_frozen_dtype(dtype)
-    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-    if on_meta:
-        raise AssertionError(f"tensors left on the meta device: {on_meta[:10]}")  # a loading bug
-
-
-def _assign_strict_partial(module: nn.Module, state: Mapping[str, torch.Tensor], *, path, skip: set[str]) -> None:
-    """Strict assign of parameters; buffers in ``skip`` are recreated afterwards."""
-    expected = {k: v for k, v in module.state_dict(keep_vars=True).items() if k not in skip}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(state))
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    _report(path, missing=missing, unexpected=unexpected, mismatched=mismatched, what="Stable Diffusion text encoder")
-    module.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
+    text_sd = _match_text_prefix({k: v for k, v in text_sd.items() if not k.endswith("embeddings.position_ids")},
+                                 text_encoder)
+    buffers = {k for k, _ in text_encoder.named_buffers()}
+    names = {k: f"{file_prefix}text_model.{k.removeprefix('text_model.')}" for k in text_encoder.state_dict()}
+    _assign_strict(text_encoder, text_sd, path=path, what="Stable Diffusion text encoder", pages=pages,
+                   skip=buffers, names=names if file_prefix else None)
+    _fix_text_encoder_buffers(text_encoder)
+    return text_encoder
 
 
 def _fix_text_encoder_buffers(text_encoder: nn.Module) -> None:
@@ -776,5 +1012,111 @@ def _fix_text_encoder_buffers(text_encoder: nn.Module) -> None:
             owner.register_buffer(attr, value, persistent=False)
 
 
+def _load_stable_diffusion(model: nn.Module, located: LocatedFile, *, dtype: torch.dtype | None) -> torch.Tensor:
+    """Fill ``model.sd`` (UNet + VAE) from an SD source; returns the empty-prompt embedding ``1x77xD``.
+
+    Order matters for memory: the text encoder is loaded, used once and freed before the UNet is read.
+    """
+    from .build import empty_prompt_embedding
+
+    cfg: ODISEConfig = model.config
+    path = located.path
+    if located.is_diffusers_dir:
+        _check_diffusers_config(path, "unet", cfg.stable_diffusion.unet)
+        _check_diffusers_config(path, "vae", cfg.stable_diffusion.vae)
+        sources = {}
+        for sub in ("text_encoder", "unet", "vae"):
+            file = _diffusers_weights_file(path, sub)
+            sources[sub] = (file, *_read_weights(file, mmap=file.suffix != ".safetensors"))
+        text_file, text_sd, text_pages = sources.pop("text_encoder")
+        text_encoder = _load_sd_text_encoder(cfg, text_sd, path=text_file, pages=text_pages)
+        del text_sd
+        uncond = empty_prompt_embedding(text_encoder)
+        del text_encoder
+        for sub, module in (("unet", model.sd.unet), ("vae", model.sd.vae)):
+            file, state, pages = sources.pop(sub)
+            if hasattr(module, "_fix_state_dict_keys_on_load"):  # diffusers' own rename of pre-0.14 attention keys
+                state = module._fix_state_dict_keys_on_load(dict(state))
+            _assign_strict(module, state, path=file, what=f"Stable Diffusion {sub} (diffusers folder)", dtype=dtype,
+                           pages=pages)
+            del state, pages
+        return uncond
+
+    raw, pages = _read_weights(path, mmap=True)
+    state = raw.get("state_dict", raw)
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: the 'state_dict' entry is a {type(state).__name__}, not a state dict")
+    unet_sd, vae_sd, text_sd = convert_sd_single_file(state, cfg, path=path)
+    names = _file_names(state, unet_sd, vae_sd)
+    del raw, state
+    hint = ("expected an SD v1 file: model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.*; "
+            "missing keys are given by their diffusers names")
+    text_encoder = _load_sd_text_encoder(cfg, text_sd, path=path, pages=pages,
+                                         file_prefix="cond_stage_model.transformer.")
+    del text_sd
+    uncond = empty_prompt_embedding(text_encoder)
+    del text_encoder
+    _assign_strict(model.sd.unet, unet_sd, path=path, what="Stable Diffusion UNet (model.diffusion_model.*)",
+                   dtype=dtype, pages=pages, names=names, hint=hint)
+    del unet_sd
+    _assign_strict(model.sd.vae, vae_sd, path=path, what="Stable Diffusion VAE (first_stage_model.*)",
+                   dtype=dtype, pages=pages, names=names, hint=hint)
+    return uncond
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLIP
+# ----------------------------------------------------------------------------------------------------------
+def _load_clip(model: nn.Module, located: LocatedFile, *, dtype: torch.dtype | None) -> None:
+    """Fill the shared CLIP (``model.clip.model``, OpenAI names) from an OpenAI-layout file."""
+    path = located.path
+    raw, pages = _read_weights(path, mmap=True)
+    state = raw.get("state_dict", raw)
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: the 'state_dict' entry is a {type(state).__name__}, not a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items() if k not in CLIP_IGNORED_KEYS}
+    del raw
+    clip_model = model.clip.model
+    _assign_strict(clip_model, state, path=path, what="CLIP (OpenAI layout)", dtype=dtype, pages=pages)
+    del state
+    if getattr(clip_model, "attn_mask", None) is not None and clip_model.attn_mask.device.type == "meta":
+        clip_model.attn_mask = _causal_mask(model.config.clip.context_length)
+
+
 def _causal_mask(n: int) -> torch.Tensor:
     return torch.empty(n, n).fill_(float("-inf")).triu_(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Putting it together
+# ----------------------------------------------------------------------------------------------------------
+def materialize(model: nn.Module, located: Located, *, dtype: torch.dtype | None) -> None:
+    """Fill SD / CLIP (built on the meta device) and the ODISE weights from the located files (strict), then
+    compute the buffers derived from weights (empty-prompt embedding, initial null embedding).
+
+    Steps, in the order that keeps host memory lowest: 1. CLIP; 2. SD text encoder (-> empty-prompt
+    embedding, then freed), UNet, VAE; 3. ODISE weights; 4. derived buffers and the frozen dtype.
+    """
+    from .build import build_sd_text_encoder, empty_prompt_embedding
+
+    # 1. CLIP (one shared instance)
+    if located.clip is not None:
+        _load_clip(model, located.clip, dtype=dtype)
+    # 2. Stable Diffusion (UNet + VAE into the model; text encoder only to embed "")
+    if located.sd is not None:
+        uncond = _load_stable_diffusion(model, located.sd, dtype=dtype)
+    else:
+        uncond = empty_prompt_embedding(build_sd_text_encoder(model.config))
+    model.captioner.set_uncond_context(uncond)
+    # 3. ODISE trainable weights
+    if located.checkpoint is not None:
+        load_odise_checkpoint(model, located.checkpoint.path)
+    # 4. buffers derived from loaded weights
+    if located.checkpoint is None and model.head.null_embed is not None:
+        with torch.no_grad():
+            model.head.null_embed.copy_(model.clip.encode_text([""]).to(model.head.null_embed))
+    if dtype is not None:
+        model.set_frozen_dtype(dtype)
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if on_meta:
+        raise AssertionError(f"tensors left on the meta device: {on_meta[:10]}")  # a loading bug

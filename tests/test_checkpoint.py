@@ -1,0 +1,697 @@
+"""Weights on the tiny model: official file layouts, every source a user can name, and every failure.
+
+Files are written in the three official layouts at tiny sizes:
+
+* ODISE: ``save_checkpoint`` -> ``{"model": {official keys}}``;
+* Stable Diffusion: an original single file (``{"state_dict": ...}`` with ldm names, the schedule buffers,
+  ``position_ids`` and PyTorch-Lightning callback metadata, as ``sd-v1-3.ckpt`` has) and a diffusers folder
+  written with ``save_pretrained``. The ldm names are not hand-written: they are the SD key names of the official
+  manifest, matched to our diffusers names by running diffusers' own ``convert_ldm_*`` on them (the tiny UNet /
+  VAE have SD v1's block structure, so the names are the same, only the sizes differ);
+* CLIP: OpenAI layout, as a ``torch.save``'d state dict and as a TorchScript archive (fp16 where OpenAI's file is).
+
+Servers are real: moto (S3) from conftest and ``http.server`` on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import http.server
+import json
+import os
+import pickle
+import sys
+import threading
+import types
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import odise_model
+from odise_model.build import build_sd_text_encoder, empty_prompt_embedding, sd_prompt_token_ids
+from odise_model.checkpoint import (
+    ODISE_CKPT_MODULES,
+    CheckpointError,
+    WeightsNotFoundError,
+    _Placeholder,
+    default_cache_dir,
+    from_official_key,
+    read_checkpoint_file,
+    to_official_key,
+)
+from odise_model.resources import config_file
+
+SD_PREFIX = "backbone.feature_extractor.ldm_extractor.ldm.ldm."
+VOCAB = ["person", "cat", "cup", "sky", "grass"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Never touch the user's cache or model zoo (sha256 memo included)."""
+    monkeypatch.setenv("ODISE_CACHE", str(tmp_path / "default-cache"))
+    monkeypatch.delenv("ODISE_MODEL_ZOO", raising=False)
+    monkeypatch.delenv("ODISE_OFFLINE", raising=False)
+
+
+# ------------------------------------------------------------------------------------------------------
+# helpers: official layouts at tiny sizes
+# ------------------------------------------------------------------------------------------------------
+def _manifest(name: str = "odise_label_coco_50e") -> list[dict[str, str]]:
+    with open(config_file("manifests", f"{name}.keys.tsv"), newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+def ldm_names_for(cfg) -> dict[str, str]:
+    """Our diffusers UNet / VAE key (``unet.*`` / ``vae.*``) -> original ldm key, derived, not hand-written.
+
+    Each SD v1 key of the official manifest gets a distinct dummy tensor of its rank; diffusers'
+    ``convert_ldm_unet_checkpoint`` / ``convert_ldm_vae_checkpoint`` rename them, and tensor identity says
+    which original key became which diffusers key.
+    """
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    probe = {}
+    for row in _manifest():
+        key = row["key"].removeprefix(SD_PREFIX)
+        if row["key"].startswith(SD_PREFIX) and key.startswith(("model.diffusion_model.", "first_stage_model.")):
+            probe[key] = torch.zeros([1] * len(json.loads(row["shape"])))
+    by_ptr = {t.data_ptr(): k for k, t in probe.items()}
+    out = {}
+    for part, converted in (("unet", convert_ldm_unet_checkpoint(probe, dict(cfg.stable_diffusion.unet))),
+                            ("vae", convert_ldm_vae_checkpoint(probe, dict(cfg.stable_diffusion.vae)))):
+        out.update({f"{part}.{k}": by_ptr[t.data_ptr()] for k, t in converted.items()})
+    return out
+
+
+def sd_single_file_state(model, text_encoder) -> dict[str, torch.Tensor]:
+    """The tiny model's SD (+ a text encoder) as an original single-file ``state_dict`` (ldm names)."""
+    names = ldm_names_for(model.config)
+    rank = {r["key"].removeprefix(SD_PREFIX): len(json.loads(r["shape"])) for r in _manifest()}
+    state = {}
+    for part, module in (("unet", model.sd.unet), ("vae", model.sd.vae)):
+        for key, value in module.state_dict().items():
+            ldm = names[f"{part}.{key}"]  # KeyError = the tiny model has a key SD v1 does not have
+            value = value.detach().clone()
+            while value.ndim < rank[ldm]:  # VAE attention: diffusers Linear [C, C] <- ldm 1x1 conv [C, C, 1, 1]
+                value = value[..., None]
+            state[ldm] = value
+    for key, value in text_encoder.state_dict().items():
+        state[f"cond_stage_model.transformer.text_model.{key.removeprefix('text_model.')}"] = value.detach().clone()
+    # what else the official file holds: the DDPM schedule buffers and position_ids (ignored when loading)
+    for row in _manifest():
+        key = row["key"].removeprefix(SD_PREFIX)
+        if row["key"].startswith(SD_PREFIX) and row["kind"] == "buffer" and "." not in key:
+            state[key] = torch.rand(json.loads(row["shape"]))
+    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    return state
+
+
+@contextlib.contextmanager
+def fake_lightning():
+    """A stand-in ``pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint`` so a pickle can name it,
+    as SD v1 ``.ckpt`` files do (the loader must read such files without importing anything)."""
+    names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
+    saved = {n: sys.modules.get(n) for n in names}
+    mods = {n: types.ModuleType(n) for n in names}
+    cls = type("ModelCheckpoint", (), {"__module__": names[-1]})
+    mods[names[-1]].ModelCheckpoint = cls
+    mods[names[0]].callbacks = mods[names[1]]
+    mods[names[1]].model_checkpoint = mods[names[2]]
+    sys.modules.update(mods)
+    try:
+        yield cls
+    finally:
+        for n in names:
+            if saved[n] is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = saved[n]
+
+
+def write_sd_ckpt(path, state: dict[str, torch.Tensor]) -> None:
+    """``torch.save`` in the PyTorch-Lightning layout of ``sd-v1-3.ckpt`` (with callback metadata)."""
+    with fake_lightning() as model_checkpoint:
+        callback = model_checkpoint()
+        callback.best_model_path = "logs/last.ckpt"
+        callback.best_model_score = np.float64(0.25)
+        torch.save({"epoch": 6, "global_step": 470000, "pytorch-lightning_version": "1.4.2",
+                    "callbacks": {model_checkpoint: {"best_model_score": np.float64(0.25)}, "instance": callback},
+                    "state_dict": state}, path)
+
+
+OPENAI_FP16_SUFFIXES = ("attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
+                        "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+
+
+def openai_clip_state(model, *, fp16: bool) -> dict[str, torch.Tensor]:
+    """CLIP in the OpenAI file layout: our names + the metadata entries; with ``fp16`` the tensors OpenAI's
+    ``convert_weights`` halves (Linear / Conv / attention weights, projections) are fp16, the rest fp32."""
+    state = {}
+    for key, value in model.clip.model.state_dict().items():
+        value = value.detach().clone()
+        if fp16 and (key.endswith(OPENAI_FP16_SUFFIXES) or key in ("visual.conv1.weight", "visual.proj",
+                                                                    "text_projection")):
+            value = value.half()
+        state[key] = value
+    state.update(input_resolution=torch.tensor(model.config.clip.image_size), context_length=torch.tensor(77),
+                 vocab_size=torch.tensor(49408))
+    return state
+
+
+class _Holder(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def write_torchscript(path, state: dict[str, torch.Tensor]) -> None:
+    """A TorchScript archive whose ``state_dict()`` has exactly ``state``'s names (like OpenAI's ``.pt``)."""
+    root = _Holder()
+    for key, value in state.items():
+        *parents, leaf = key.split(".")
+        module = root
+        for name in parents:
+            if getattr(module, name, None) is None:
+                module.add_module(name, _Holder())
+            module = getattr(module, name)
+        if value.is_floating_point():
+            module.register_parameter(leaf, nn.Parameter(value, requires_grad=False))
+        else:
+            module.register_buffer(leaf, value)
+    torch.jit.script(root).save(str(path))
+
+
+def small_photos() -> list[np.ndarray]:
+    import skimage.data
+
+    return [skimage.data.astronaut()[100:196, 150:278], skimage.data.coffee()[:112, :80]]
+
+
+def predictions(model) -> list:
+    return odise_model.Predictor(model, VOCAB, batch_size=2).predict(small_photos())
+
+
+def assert_same_predictions(a, b) -> None:
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        np.testing.assert_array_equal(ra.panoptic_seg, rb.panoptic_seg)
+        np.testing.assert_array_equal(ra.semantic_seg, rb.semantic_seg)
+        assert ra.segments == rb.segments
+        assert [(i.category_id, i.score) for i in ra.instances] == [(i.category_id, i.score) for i in rb.instances]
+
+
+def assert_same_tensors(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    different = [k for k in sa if sa[k].dtype != sb[k].dtype or not torch.equal(sa[k], sb[k])]
+    assert not different, different[:10]
+    if hasattr(a, "captioner"):
+        assert torch.equal(a.captioner.uncond_context, b.captioner.uncond_context)
+
+
+# ------------------------------------------------------------------------------------------------------
+# fixtures
+# ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference():
+    """The tiny model whose weights every file below holds, and its SD text encoder."""
+    model = odise_model.build_odise("tiny", seed=3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        text_encoder = build_sd_text_encoder(model.config)
+    model.captioner.set_uncond_context(empty_prompt_embedding(text_encoder))
+    return model, text_encoder
+
+
+@pytest.fixture(scope="module")
+def files(reference, tmp_path_factory):
+    model, text_encoder = reference
+    root = tmp_path_factory.mktemp("weights")
+    out = {"root": root, "odise": root / "odise_tiny.pth", "sd_ckpt": root / "sd-tiny.ckpt",
+           "sd_dir": root / "sd-tiny-diffusers", "clip": root / "clip-tiny.pt", "clip_ts": root / "clip-tiny-ts.pt",
+           "clip_fp16": root / "clip-tiny-fp16.pt"}
+    odise_model.save_checkpoint(model, out["odise"])
+    write_sd_ckpt(out["sd_ckpt"], sd_single_file_state(model, text_encoder))
+    model.sd.unet.save_pretrained(out["sd_dir"] / "unet")
+    model.sd.vae.save_pretrained(out["sd_dir"] / "vae")
+    text_encoder.save_pretrained(out["sd_dir"] / "text_encoder")
+    torch.save(openai_clip_state(model, fp16=False), out["clip"])
+    write_torchscript(out["clip_ts"], openai_clip_state(model, fp16=False))
+    torch.save(openai_clip_state(model, fp16=True), out["clip_fp16"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_predictions(reference):
+    return predictions(reference[0])
+
+
+# ------------------------------------------------------------------------------------------------------
+# key map, tokens, file layout
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("manifest, kind", [("odise_label_coco_50e", "label"), ("odise_caption_coco_50e", "caption")])
+def test_key_map_is_one_table_used_both_ways(manifest, kind):
+    in_ckpt = [r["key"] for r in _manifest(manifest) if r["in_ckpt"] == "yes"]
+    assert len(in_ckpt) == {"label": 399, "caption": 400}[kind]
+    for key in in_ckpt:
+        ours = from_official_key(key, kind)
+        assert ours is not None and ours.startswith(ODISE_CKPT_MODULES), key
+        assert to_official_key(ours, kind) == key
+    frozen = [r["key"] for r in _manifest(manifest) if r["in_ckpt"] == "no"]
+    assert all(from_official_key(k, kind) is None for k in frozen if ".clip." in k or "ldm_extractor" in k)
+
+
+def test_empty_prompt_tokens_match_the_sd_tokenizer():
+    assert sd_prompt_token_ids("").tolist() == [[49406] + [49407] * 76]
+    ids = sd_prompt_token_ids("a photo of a cat").tolist()[0]
+    assert len(ids) == 77 and ids[0] == 49406 and ids[6:] == [49407] * 71 and 49407 not in ids[1:6]
+
+
+def test_saved_file_has_the_official_layout(reference, files):
+    model, _ = reference
+    raw = torch.load(files["odise"], map_location="cpu", weights_only=True)
+    assert list(raw) == ["model"]
+    official = {r["key"] for r in _manifest() if r["in_ckpt"] == "yes"}
+    # the tiny model has fewer layers: its keys are official names that exist at tiny depth
+    expected = {to_official_key(k, "label") for k in model.state_dict() if k.startswith(ODISE_CKPT_MODULES)}
+    assert set(raw["model"]) == expected
+    assert {k for k in raw["model"] if not k.startswith(("sem_seg_head.", "backbone.feature_projections."))} <= official
+    assert all(v.dtype == torch.float32 for v in raw["model"].values())
+    assert torch.equal(raw["model"]["category_head.text_proj.weight"], model.head.text_proj.weight)
+    assert torch.equal(raw["model"]["criterion.empty_weight"], model.head.empty_weight)
+
+
+def test_saving_with_trainer_state_and_to_s3(reference, tmp_path, s3_bucket, s3_storage_options):
+    model, _ = reference
+    path = tmp_path / "with-trainer.pth"
+    odise_model.save_checkpoint(model, path, extra={"iteration": 5, "trainer": {"lr": torch.tensor(0.1)}})
+    assert set(torch.load(path, weights_only=True)) == {"model", "iteration", "trainer"}
+    loaded = odise_model.build_odise("tiny", checkpoint=str(path), seed=3)  # trainer state ignored
+    assert torch.equal(loaded.head.text_proj.weight, model.head.text_proj.weight)
+    url = f"s3://{s3_bucket}/ckpt/odise.pth"
+    digest = odise_model.save_checkpoint(model, url, storage_options=s3_storage_options)
+    import fsspec
+
+    with fsspec.open(url, "rb", **s3_storage_options) as fh:
+        import hashlib
+
+        assert hashlib.sha256(fh.read()).hexdigest() == digest
+
+
+# ------------------------------------------------------------------------------------------------------
+# round trips
+# ------------------------------------------------------------------------------------------------------
+def test_round_trip_all_official_layouts_identical_tensors_and_predictions(reference, files, reference_predictions):
+    model, _ = reference
+    loaded = odise_model.build_odise(
+        "tiny", checkpoint=files["odise"], sd_weights=files["sd_ckpt"], clip_weights=files["clip"], seed=99
+    )
+    assert_same_tensors(model, loaded)
+    assert_same_predictions(reference_predictions, predictions(loaded))
+    prov = loaded.weight_provenance
+    assert prov["checkpoint"]["path"] == str(files["odise"]) and len(prov["sd"]["sha256"]) == 64
+
+
+def test_round_trip_checkpoint_only(reference, files):
+    model, _ = reference
+    loaded = odise_model.build_odise("tiny", checkpoint=str(files["odise"]), seed=3)
+    trained = {k: v for k, v in model.state_dict().items() if k.startswith(ODISE_CKPT_MODULES)}
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in trained.items())
+
+
+def test_sd_diffusers_folder_gives_the_same_features(reference, files):
+    model, _ = reference
+    loaded = odise_model.build_odise(
+        "tiny", checkpoint=files["odise"], sd_weights=files["sd_dir"], clip_weights=files["clip"], seed=99
+    )
+    assert_same_tensors(model, loaded)
+    image = torch.rand(3, 64, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model.backbone_features([image]), loaded.backbone_features([image])
+    assert ours[0].keys() == theirs[0].keys()
+    assert all(torch.equal(ours[0][k], theirs[0][k]) for k in ours[0])
+
+
+def test_sd_single_file_reads_lightning_metadata_without_importing_it(files):
+    imported = "pytorch_lightning" in sys.modules
+    raw = read_checkpoint_file(files["sd_ckpt"])
+    assert ("pytorch_lightning" in sys.modules) == imported  # nothing was imported to read it
+    assert raw["global_step"] == 470000
+    assert "model.diffusion_model.input_blocks.0.0.weight" in raw["state_dict"]
+    assert all(k is _Placeholder or isinstance(k, str) for k in raw["callbacks"])
+    assert isinstance(raw["callbacks"]["instance"], _Placeholder)
+
+
+def test_clip_torchscript_archive(reference, files):
+    model, _ = reference
+    loaded = odise_model.build_odise("tiny", clip_weights=files["clip_ts"], seed=3)
+    assert_same_tensors(model.clip, loaded.clip)
+
+
+def test_clip_fp16_openai_file_is_cast_to_fp32(reference, files):
+    model, _ = reference
+    loaded = odise_model.build_odise("tiny", clip_weights=files["clip_fp16"], seed=3)
+    fp16 = torch.load(files["clip_fp16"], weights_only=True)
+    state = loaded.clip.model.state_dict()
+    assert all(v.dtype == torch.float32 for v in state.values())
+    assert torch.equal(state["visual.conv1.weight"], fp16["visual.conv1.weight"].float())
+    assert torch.equal(state["token_embedding.weight"], model.clip.model.token_embedding.weight)
+
+
+def test_bf16_load_keeps_trainable_parts_fp32(reference, files, reference_predictions):
+    model, _ = reference
+    loaded = odise_model.build_odise("tiny", checkpoint=files["odise"], sd_weights=files["sd_ckpt"],
+                                     clip_weights=files["clip_fp16"], dtype="bf16")
+    assert {p.dtype for m in loaded.frozen_modules() for p in m.parameters()} == {torch.bfloat16}
+    assert {p.dtype for _, p in loaded.trainable_parameters()} == {torch.float32}
+    assert loaded.captioner.uncond_context.dtype == torch.float32
+    assert torch.equal(loaded.captioner.uncond_context, model.captioner.uncond_context)  # computed in fp32
+    assert torch.equal(loaded.sd.unet.conv_in.weight, model.sd.unet.conv_in.weight.bfloat16())
+    results = predictions(loaded)
+    assert [r.panoptic_seg.shape for r in results] == [r.panoptic_seg.shape for r in reference_predictions]
+
+
+# ------------------------------------------------------------------------------------------------------
+# sources
+# ------------------------------------------------------------------------------------------------------
+def test_file_url_and_zoo_lookup_by_file_name(reference, files, tmp_path, monkeypatch):
+    model, _ = reference
+    loaded = odise_model.build_odise("tiny", checkpoint=f"file://{files['odise']}", seed=3)
+    assert torch.equal(loaded.head.text_proj.weight, model.head.text_proj.weight)
+
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    os.link(files["sd_ckpt"], zoo / "sd-v1-3.ckpt")  # the official file name of the "sd-v1-3" release
+    os.link(files["odise"], zoo / "odise_tiny.pth")
+    monkeypatch.setenv("ODISE_MODEL_ZOO", str(zoo))
+    loaded = odise_model.build_odise(
+        "tiny", sd_weights="sd-v1-3", checkpoint="https://example.invalid/releases/odise_tiny.pth",
+        clip_weights=files["clip"], offline=True, cache_dir=tmp_path / "cache", seed=99,
+    )
+    assert_same_tensors(model, loaded)
+    assert loaded.weight_provenance["sd"]["path"] == str(zoo / "sd-v1-3.ckpt")
+    assert "CreativeML" in loaded.weight_provenance["sd"]["license"]
+    # a plain file name that is not in the working directory is found in the zoo too
+    loaded = odise_model.build_odise("tiny", checkpoint="odise_tiny.pth", offline=True, seed=3)
+    assert torch.equal(loaded.head.text_proj.weight, model.head.text_proj.weight)
+
+
+def test_s3_url_downloads_into_the_cache(reference, files, tmp_path, s3_bucket, s3_storage_options):
+    import s3fs
+
+    model, _ = reference
+    fs = s3fs.S3FileSystem(**s3_storage_options)
+    fs.put(str(files["odise"]), f"{s3_bucket}/models/odise_tiny.pth")
+    fs.put(str(files["sd_ckpt"]), f"{s3_bucket}/models/sd-tiny.ckpt")
+    fs.put(str(files["clip_ts"]), f"{s3_bucket}/models/clip-tiny-ts.pt")
+    cache = tmp_path / "cache"
+    kwargs = dict(checkpoint=f"s3://{s3_bucket}/models/odise_tiny.pth", sd_weights=f"s3://{s3_bucket}/models/sd-tiny.ckpt",
+                  clip_weights=f"s3://{s3_bucket}/models/clip-tiny-ts.pt", cache_dir=cache, seed=99)
+    loaded = odise_model.build_odise("tiny", offline=False, storage_options=s3_storage_options, **kwargs)
+    assert_same_tensors(model, loaded)
+    assert sorted(p.name.split("-", 1)[1] for p in cache.rglob("*") if p.is_file()) == [
+        "clip-tiny-ts.pt", "odise_tiny.pth", "sd-tiny.ckpt"]
+    fs.rm(f"{s3_bucket}/models", recursive=True)
+    again = odise_model.build_odise("tiny", offline=True, **kwargs)  # from the cache, bucket emptied
+    assert_same_tensors(model, again)
+
+
+class _CountingHandler(http.server.SimpleHTTPRequestHandler):
+    requests: list[str] = []
+
+    def do_GET(self):  # noqa: N802 (http.server naming)
+        type(self).requests.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def http_server(directory):
+    handler = type("Handler", (_CountingHandler,), {"requests": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler.requests
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_http_url_downloads_once_then_uses_the_cache(reference, files, tmp_path):
+    model, _ = reference
+    cache = tmp_path / "cache"
+    with http_server(files["root"]) as (base, requests):
+        url = f"{base}/odise_tiny.pth"
+        first = odise_model.build_odise("tiny", checkpoint=url, offline=False, cache_dir=cache, seed=3)
+        assert requests == ["/odise_tiny.pth"]
+    cached = list((cache / "checkpoint").glob("*-odise_tiny.pth"))
+    assert len(cached) == 1 and cached[0].read_bytes() == files["odise"].read_bytes()
+    assert not list(cache.rglob("*.part"))
+    # the server is gone: a second load must not need it
+    second = odise_model.build_odise("tiny", checkpoint=url, offline=False, cache_dir=cache, seed=3)
+    assert torch.equal(first.head.text_proj.weight, model.head.text_proj.weight)
+    assert torch.equal(second.head.text_proj.weight, model.head.text_proj.weight)
+    assert second.weight_provenance["checkpoint"]["path"] == str(cached[0])
+
+
+def test_default_cache_dir_and_its_override(monkeypatch, tmp_path):
+    monkeypatch.setenv("ODISE_CACHE", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("ODISE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "odise_annotate"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == __import__("pathlib").Path.home() / ".cache" / "odise_annotate"
+
+
+# ------------------------------------------------------------------------------------------------------
+# offline and unreachable
+# ------------------------------------------------------------------------------------------------------
+def test_offline_missing_local_file(tmp_path):
+    missing = tmp_path / "nowhere" / "odise_tiny.pth"
+    with pytest.raises(WeightsNotFoundError) as err:
+        odise_model.build_odise("tiny", checkpoint=missing, offline=True)
+    msg = str(err.value)
+    assert "'odise_tiny.pth'" in msg and str(missing) in msg and "how to provide" in msg
+    assert "checkpoint=" in msg and "ODISE_MODEL_ZOO" in msg
+
+
+def test_offline_url_is_never_fetched(tmp_path):
+    with http_server(tmp_path) as (base, requests):
+        with pytest.raises(WeightsNotFoundError) as err:
+            odise_model.build_odise("tiny", clip_weights=f"{base}/ViT-tiny.pt", offline=True, cache_dir=tmp_path / "c")
+        assert requests == []
+    msg = str(err.value)
+    assert "'ViT-tiny.pt'" in msg and "offline" in msg and str(tmp_path / "c" / "clip") in msg
+    assert "clip_weights=" in msg
+
+
+def test_offline_release_name_says_where_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("ODISE_MODEL_ZOO", str(tmp_path / "zoo"))
+    with pytest.raises(WeightsNotFoundError) as err:
+        odise_model.build_odise("odise_label_coco", pretrained=True, offline=True, cache_dir=tmp_path / "c")
+    msg = str(err.value)
+    assert "odise_label_coco_50e-b67d2efc.pth" in msg
+    assert str(tmp_path / "zoo" / "odise_label_coco_50e-b67d2efc.pth") in msg
+    assert str(tmp_path / "c" / "checkpoint" / "odise_label_coco_50e-b67d2efc.pth") in msg
+    assert "https://github.com/NVlabs/ODISE/releases/download/v1.0.0/odise_label_coco_50e-b67d2efc.pth" in msg
+
+
+def test_offline_env_var(tmp_path, monkeypatch):
+    monkeypatch.setenv("ODISE_OFFLINE", "1")
+    with pytest.raises(WeightsNotFoundError, match="offline"):
+        odise_model.build_odise("tiny", checkpoint="https://example.invalid/x/odise_tiny.pth", cache_dir=tmp_path)
+
+
+def test_unreachable_url_online(tmp_path):
+    with http_server(tmp_path) as (base, _):
+        pass  # the port is closed now
+    with pytest.raises(WeightsNotFoundError) as err:
+        odise_model.build_odise("tiny", checkpoint=f"{base}/odise_tiny.pth", offline=False, cache_dir=tmp_path / "c")
+    assert "download failed" in str(err.value) and "odise_tiny.pth" in str(err.value)
+    assert not list((tmp_path / "c").rglob("*.part"))
+
+
+def test_http_404(tmp_path):
+    with http_server(tmp_path) as (base, _):
+        with pytest.raises(WeightsNotFoundError, match="absent.pth"):
+            odise_model.build_odise("tiny", checkpoint=f"{base}/absent.pth", offline=False, cache_dir=tmp_path / "c")
+
+
+# ------------------------------------------------------------------------------------------------------
+# failures: each names the file and the keys
+# ------------------------------------------------------------------------------------------------------
+def _odise_state(files) -> dict[str, torch.Tensor]:
+    return dict(torch.load(files["odise"], weights_only=True)["model"])
+
+
+def _load_odise(path):
+    return odise_model.build_odise("tiny", checkpoint=path)
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda s: s.pop("sem_seg_head.predictor.query_feat.weight"), ["missing keys", "query_feat.weight"]),
+        (lambda s: s.__setitem__("sem_seg_head.predictor.extra.weight", torch.zeros(2)),
+         ["unexpected keys", "sem_seg_head.predictor.extra.weight"]),
+        (lambda s: s.__setitem__("category_head.text_proj.weight", torch.zeros(5, 7)),
+         ["mismatched keys", "category_head.text_proj.weight", "(5, 7)"]),
+        (lambda s: s.__setitem__("criterion.empty_weight", s["criterion.empty_weight"].half()),
+         ["mismatched keys", "criterion.empty_weight", "torch.float16"]),
+        (lambda s: s.__setitem__("category_head.null_embed", "not a tensor"),
+         ["mismatched keys", "category_head.null_embed", "not a tensor"]),
+    ],
+    ids=["missing", "extra", "shape", "dtype", "not-a-tensor"],
+)
+def test_odise_checkpoint_mismatches(files, tmp_path, edit, words):
+    state = _odise_state(files)
+    edit(state)
+    path = tmp_path / "bad.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(CheckpointError) as err:
+        _load_odise(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    for word in words:
+        assert word in msg
+
+
+def test_sd_single_file_mismatches(reference, files, tmp_path):
+    model, text_encoder = reference
+    base = sd_single_file_state(model, text_encoder)
+    cases = {
+        "extra": (lambda s: s.__setitem__("model.diffusion_model.extra_block.weight", torch.zeros(3)),
+                  ["model.diffusion_model.extra_block.weight", "not consumed"]),
+        "missing": (lambda s: s.pop("model.diffusion_model.input_blocks.1.0.in_layers.2.weight"),
+                    ["missing keys", "down_blocks.0.resnets.0.conv1.weight"]),
+        "shape": (lambda s: s.__setitem__("first_stage_model.encoder.conv_in.weight", torch.zeros(1, 3, 3, 3)),
+                  ["first_stage_model.encoder.conv_in.weight", "(1, 3, 3, 3)"]),
+        "dtype": (lambda s: s.__setitem__("model.diffusion_model.out.2.bias", torch.zeros(4, dtype=torch.int64)),
+                  ["model.diffusion_model.out.2.bias", "torch.int64"]),
+        "text": (lambda s: s.pop("cond_stage_model.transformer.text_model.final_layer_norm.weight"),
+                 ["cond_stage_model.transformer.text_model.final_layer_norm.weight", "missing keys"]),
+    }
+    for name, (edit, words) in cases.items():
+        state = dict(base)
+        edit(state)
+        path = tmp_path / f"sd-{name}.ckpt"
+        torch.save({"state_dict": state}, path)
+        with pytest.raises(CheckpointError) as err:
+            odise_model.build_odise("tiny", sd_weights=path)
+        msg = str(err.value)
+        assert str(path) in msg, name
+        for word in words:
+            assert word in msg, (name, word, msg)
+
+
+def test_clip_mismatches(reference, tmp_path):
+    model, _ = reference
+    state = openai_clip_state(model, fp16=True)
+    state["visual.proj"] = torch.zeros(3, 3, dtype=torch.float16)
+    state.pop("ln_final.bias")
+    path = tmp_path / "clip-bad.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as err:
+        odise_model.build_odise("tiny", clip_weights=path)
+    msg = str(err.value)
+    assert str(path) in msg and "visual.proj" in msg and "(3, 3)" in msg and "ln_final.bias" in msg
+
+
+def test_sha256_in_file_name_is_checked(files, tmp_path):
+    import hashlib
+
+    digest = hashlib.sha256(files["odise"].read_bytes()).hexdigest()
+    good = tmp_path / f"odise_tiny-{digest[:8]}.pth"
+    good.write_bytes(files["odise"].read_bytes())
+    _load_odise(good)
+    bad = tmp_path / "odise_tiny-0123abcd.pth"
+    bad.write_bytes(files["odise"].read_bytes())
+    with pytest.raises(CheckpointError) as err:
+        _load_odise(bad)
+    msg = str(err.value)
+    assert str(bad) in msg and "sha256 mismatch" in msg and "0123abcd" in msg and digest[:8] in msg
+
+
+def test_release_file_with_wrong_content_is_rejected(files, tmp_path, monkeypatch):
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    (zoo / "odise_label_coco_50e-b67d2efc.pth").write_bytes(files["odise"].read_bytes())
+    monkeypatch.setenv("ODISE_MODEL_ZOO", str(zoo))
+    with pytest.raises(CheckpointError, match="sha256 mismatch.*b67d2efc"):
+        odise_model.build_odise("tiny", checkpoint="odise_label_coco_50e", offline=True)
+
+
+def test_truncated_files(files, tmp_path):
+    for key in ("odise", "sd_ckpt", "clip_ts"):
+        data = files[key].read_bytes()
+        path = tmp_path / f"truncated-{files[key].name}"
+        path.write_bytes(data[: len(data) // 2])
+        with pytest.raises(CheckpointError) as err:
+            read_checkpoint_file(path)
+        assert str(path) in str(err.value) and "truncated or corrupt" in str(err.value)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        odise_model.build_odise("tiny", checkpoint=tmp_path / f"truncated-{files['odise'].name}")
+
+
+class _Exploit:
+    """Unpickling this would run ``touch <marker>``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _EvalExploit(_Exploit):
+    def __reduce__(self):
+        return (eval, (f"__import__('pathlib').Path({self.marker!r}).touch()",))
+
+
+@pytest.mark.parametrize("exploit", [_Exploit, _EvalExploit])
+@pytest.mark.parametrize("container", ["torch.save", "pickle-protocol-2", "pickle-protocol-4"])
+def test_code_running_pickle_is_refused_and_never_runs(tmp_path, exploit, container):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    payload = {"model": {"sem_seg_head.predictor.query_feat.weight": exploit(marker)}}
+    if container == "torch.save":
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as fh:
+            pickle.dump(payload, fh, protocol=int(container[-1]))
+    with pytest.raises(CheckpointError) as err:
+        _load_odise(path)
+    msg = str(err.value)
+    assert str(path) in msg and "refusing" in msg
+    if container != "pickle-protocol-4":  # protocol 4 is refused at its first FRAME opcode, before the global
+        assert "system" in msg or "eval" in msg
+    assert not marker.exists()
+
+
+def test_non_dict_files(tmp_path):
+    cases = {"list.pth": [torch.zeros(2)], "tensor.pth": torch.zeros(2)}
+    for name, obj in cases.items():
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(CheckpointError, match=f"{tmp_path / name}.*expected a dict"):
+            _load_odise(tmp_path / name)
+    torch.save({"model": [1, 2]}, tmp_path / "model-list.pth")
+    with pytest.raises(CheckpointError, match="'model' entry is a list"):
+        _load_odise(tmp_path / "model-list.pth")
+    torch.save({"state_dict": {}, "epoch": 1}, tmp_path / "not-odise.pth")
+    with pytest.raises(CheckpointError, match="no 'model' entry"):
+        _load_odise(tmp_path / "not-odise.pth")
+
+
+def test_wrong_kind_of_source(files):
+    with pytest.raises(ValueError, match="not a clip release"):
+        odise_model.build_odise("tiny", clip_weights="sd-v1-3", offline=True)
+    with pytest.raises(CheckpointError, match="is a directory"):
+        odise_model.build_odise("tiny", checkpoint=files["root"])
