@@ -29,7 +29,7 @@ PLUMBING_BANNER = """\
  PLUMBING CHECK: --model {model} builds the model with RANDOM weights (no checkpoint).
  Every label it writes is meaningless; this run only checks that the whole path works
  (read, Ray, model, encode, write). For real labels use the default model
- (odise_label_coco) with the official weights (see docs/usage.md).
+ (odise_label_coco) with the official weights (see README.md).
 ============================================================================================"""
 
 
@@ -279,7 +279,7 @@ def build_annotate_parser() -> argparse.ArgumentParser:
         epilog="Example (plumbing check on the shipped sample photos, ~1 min on a laptop CPU):\n"
         "  odise-annotate --input examples/images --vocab-file examples/classes.txt --output out/ --model tiny\n"
         "Real labels: drop --model tiny (official weights are downloaded into the cache, or pass --checkpoint / "
-        "--sd-weights / --clip-weights; see docs/usage.md).\n"
+        "--sd-weights / --clip-weights; see README.md).\n"
         "Exit codes: 0 ok, 1 run failed, 2 bad options or inputs (e.g. missing weights), 130 interrupted.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,4 +1,4 @@
-"""The deployment commands of docs/usage.md, run exactly as written, against a real ``prefect server``.
+"""The deployment commands of README.md, run exactly as written, against a real ``prefect server``.
 
 A fixture starts ``prefect server start --host 127.0.0.1 --port <free port>`` (SQLite in a temporary
 PREFECT_HOME). The test then runs, from the repository root: ``prefect work-pool create``, ``prefect
@@ -97,7 +97,7 @@ def test_readme_commands_label_the_examples_through_a_worker(prefect_server, tmp
 
     env, api = prefect_server, prefect_server["PREFECT_API_URL"]
     out = tmp_path / "nightly"
-    # the commands of docs/usage.md, from the repository root
+    # the commands of README.md, from the repository root
     _cli(["work-pool", "create", POOL, "--type", "process"], env)
     deployed = _cli(["--no-prompt", "deploy", "--all"], env, timeout=300)
     for name in ("annotate/nightly", "annotate/adhoc", "train/finetune", "evaluate/score"):
