@@ -469,6 +469,16 @@ class SemanticEvaluator:
         self.class_names = {int(k): str(v) for k, v in (class_names or {}).items()}
         k = ids.size
         self.confusion_matrix = np.zeros((k + 1, k + 1), dtype=np.int64)
+        # Lookup table value -> index (K for ignore_value, -1 for anything else) when all ids are small
+        # non-negative ints: an O(1) gather per pixel instead of a binary search.
+        self._lut: np.ndarray | None = None
+        top = max(int(ids.max()), self.ignore_value)
+        if int(ids.min()) >= 0 and top < 1 << 20:
+            lut = np.full(top + 1, -1, dtype=np.int64)
+            lut[ids] = np.arange(k)
+            if self.ignore_value >= 0:
+                lut[self.ignore_value] = k
+            self._lut = lut
 
     @property
     def num_classes(self) -> int:
@@ -476,7 +486,13 @@ class SemanticEvaluator:
 
     def _to_index(self, values: np.ndarray, name: str) -> np.ndarray:
         """Map category ids to 0..K-1 and ``ignore_value`` to K; raise on anything else."""
-        values = np.asarray(values).astype(np.int64, copy=False).ravel()
+        values = np.asarray(values).ravel()
+        if self._lut is not None and values.size and np.issubdtype(values.dtype, np.integer):
+            if int(values.min()) >= 0 and int(values.max()) < self._lut.size:
+                idx = self._lut[values]
+                if not (idx < 0).any():
+                    return idx
+        values = values.astype(np.int64, copy=False)
         idx = np.searchsorted(self.class_ids, values)
         idx_clipped = np.minimum(idx, self.num_classes - 1)
         known = self.class_ids[idx_clipped] == values
@@ -780,6 +796,9 @@ class EvaluationResult:
         per_class: ``{category_id: ClassPQ}`` for every category.
         semantic: semantic metrics, or None when not computed.
         instance: mask AP metrics, or None when not computed.
+        details: JSON-compatible facts about how the numbers were obtained (sources, pairing of
+            ground truth and predictions, images without a prediction, warnings); filled by
+            :func:`pipeline.scoring.run_evaluation`, empty when the evaluator is used directly.
     """
 
     num_images: int
@@ -789,6 +808,7 @@ class EvaluationResult:
     per_class: dict[int, ClassPQ]
     semantic: SemanticMetrics | None = None
     instance: InstanceMetrics | None = None
+    details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible dict; NaN becomes None, category ids become string keys.
@@ -799,7 +819,8 @@ class EvaluationResult:
              "panoptic": {"All"|"Things"|"Stuff": {"pq", "sq", "rq", "n"},
                           "per_class": {"<id>": {"name", "isthing", "pq", "sq", "rq", "tp", "fp", "fn"}}},
              "semantic": {"mIoU", "fwIoU", "pACC", "mACC", "per_class": {"<id>": {"name", "iou", "acc"}}} | None,
-             "instance": {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_class": {"<id>": {"name", "AP"}}} | None}
+             "instance": {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_class": {"<id>": {"name", "AP"}}} | None,
+             "details": {...}}   only when ``details`` is not empty
         """
 
         def pqm(m: PQMetrics) -> dict[str, Any]:
@@ -858,6 +879,8 @@ class EvaluationResult:
                     for c, v in a.per_class_ap.items()
                 },
             }
+        if self.details:
+            out["details"] = self.details
         return out
 
     def to_json(self, indent: int | None = 2) -> str:

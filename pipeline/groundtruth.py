@@ -44,6 +44,7 @@ names are relative; readers skip members whose names are absolute or contain ``.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -60,6 +61,7 @@ __all__ = [
     "CATEGORIES_FILE",
     "SegmentInfo",
     "PanopticRecord",
+    "EncodedPanopticRecord",
     "ConversionSummary",
     "rgb2id",
     "id2rgb",
@@ -71,6 +73,7 @@ __all__ = [
     "write_categories",
     "list_shards",
     "iter_labeled_shards",
+    "iter_labeled_shards_encoded",
     "convert_coco_panoptic_to_shards",
 ]
 
@@ -185,6 +188,70 @@ class PanopticRecord:
 
 
 @dataclass(frozen=True)
+class EncodedPanopticRecord:
+    """One ground-truth image whose panoptic PNG is not decoded yet (small: a dataset's worth fits in memory).
+
+    Used to index a whole ground truth before pairing it with predictions in any order
+    (:mod:`pipeline.scoring`); :meth:`decode` gives the full :class:`PanopticRecord` when needed.
+
+    Attributes:
+        image_id, file_name, segments, caption, key: as in :class:`PanopticRecord`.
+        where: human-readable location for error messages (file and annotation / shard and sample).
+        png_bytes: the panoptic PNG bytes (labeled shards), or None when it is read from ``png_url``.
+        png_url: URL of the panoptic PNG (COCO folder), or None when ``png_bytes`` is given.
+        height, width: the size the ``images`` entry declares (COCO), or None when unknown (shards).
+        panoptic_file_name: the PNG's file name in a COCO folder (None from shards).
+        storage_options: fsspec options used to read ``png_url``.
+    """
+
+    image_id: int | str
+    file_name: str
+    segments: list[SegmentInfo]
+    where: str
+    png_bytes: bytes | None = None
+    png_url: str | None = None
+    height: int | None = None
+    width: int | None = None
+    caption: str | None = None
+    key: str | None = None
+    panoptic_file_name: str | None = None
+    storage_options: Mapping[str, Any] | None = None
+
+    def read_png(self) -> bytes:
+        """The panoptic PNG bytes (read from ``png_url`` if not held)."""
+        if self.png_bytes is not None:
+            return self.png_bytes
+        if self.png_url is None:
+            raise ValueError(f"{self.where}: no panoptic PNG bytes and no PNG URL")
+        try:
+            return _read_bytes(self.png_url, self.storage_options)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{self.where}: panoptic PNG {self.png_url} not found") from e
+
+    def decode(self, image_bytes: bytes | None = None) -> PanopticRecord:
+        """Read (if needed) and decode the PNG; check its size against ``height`` / ``width`` when known."""
+        where = f"{self.where}: {self.png_url or 'panoptic.png'}"
+        id_map = decode_panoptic_png(self.read_png(), where=where)
+        height, width = id_map.shape
+        if (self.height or height, self.width or width) != (height, width):
+            raise ValueError(
+                f"{self.where}: panoptic PNG is {height}x{width} but 'images' says {self.height}x{self.width}"
+            )
+        return PanopticRecord(
+            image_id=self.image_id,
+            file_name=self.file_name,
+            height=int(height),
+            width=int(width),
+            id_map=id_map,
+            segments=list(self.segments),
+            image_bytes=image_bytes,
+            caption=self.caption,
+            panoptic_file_name=self.panoptic_file_name,
+            key=self.key,
+        )
+
+
+@dataclass(frozen=True)
 class ConversionSummary:
     """What :func:`convert_coco_panoptic_to_shards` wrote.
 
@@ -225,12 +292,15 @@ def id2rgb(id_map: np.ndarray) -> np.ndarray:
 
 def decode_panoptic_png(data: bytes, *, where: str = "panoptic PNG") -> np.ndarray:
     """Decode panoptic PNG bytes to an ``HxW`` int32 id map (the PNG must be 8-bit RGB)."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(io.BytesIO(data)) as im:
-        if im.mode != "RGB":
-            raise ValueError(f"{where}: panoptic PNG must be RGB, got mode {im.mode!r}")
-        return rgb2id(np.asarray(im))
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode != "RGB":
+                raise ValueError(f"{where}: panoptic PNG must be RGB, got mode {im.mode!r}")
+            return rgb2id(np.asarray(im))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # truncated / not a PNG
+        raise ValueError(f"{where}: unreadable panoptic PNG ({type(e).__name__}: {e})") from e
 
 
 def encode_panoptic_png(id_map: np.ndarray) -> bytes:
@@ -361,41 +431,40 @@ class CocoPanopticReader:
     def __len__(self) -> int:
         return len(self._annotations)
 
-    def _iter_raw(self, read_images: bool) -> Iterator[tuple[PanopticRecord, bytes]]:
-        """Records plus the panoptic PNG bytes as stored."""
+    def iter_encoded(self) -> Iterator[EncodedPanopticRecord]:
+        """Every annotation as an :class:`EncodedPanopticRecord` (JSON only: no PNG is read here)."""
         for k, ann in enumerate(self._annotations):
             image_id = ann["image_id"]
             info = self._images[image_id]
             where = f"{self.json_url}: annotations[{k}] (image_id {image_id!r})"
             segments = _parse_segments(ann["segments_info"], self.categories, where)
             png_name = _safe_relative(str(ann["file_name"]), where)
-            png_bytes = _read_bytes(_join(self.png_dir, png_name), self.storage_options)
-            id_map = decode_panoptic_png(png_bytes, where=f"{where}: {png_name}")
-            height, width = id_map.shape
-            if (info.get("height", height), info.get("width", width)) != (height, width):
-                raise ValueError(
-                    f"{where}: panoptic PNG is {height}x{width} but 'images' says "
-                    f"{info.get('height')}x{info.get('width')}"
-                )
-            file_name = str(info.get("file_name", ""))
-            image_bytes = None
-            if read_images:
-                if not file_name:
-                    raise ValueError(f"{where}: 'images' entry has no file_name")
-                image_url = _join(str(self.image_dir), _safe_relative(file_name, where))
-                image_bytes = _read_bytes(image_url, self.storage_options)
-            record = PanopticRecord(
+            height, width = info.get("height"), info.get("width")
+            yield EncodedPanopticRecord(
                 image_id=image_id,
-                file_name=file_name,
-                height=int(height),
-                width=int(width),
-                id_map=id_map,
+                file_name=str(info.get("file_name", "")),
                 segments=segments,
-                image_bytes=image_bytes,
+                where=where,
+                png_url=_join(self.png_dir, png_name),
+                height=None if height is None else int(height),
+                width=None if width is None else int(width),
                 caption=ann.get("caption", info.get("caption")),
                 panoptic_file_name=png_name,
+                storage_options=self.storage_options,
             )
-            yield record, png_bytes
+
+    def _iter_raw(self, read_images: bool) -> Iterator[tuple[PanopticRecord, bytes]]:
+        """Records plus the panoptic PNG bytes as stored."""
+        for encoded in self.iter_encoded():
+            png_bytes = encoded.read_png()
+            encoded = dataclasses.replace(encoded, png_bytes=png_bytes)
+            image_bytes = None
+            if read_images:
+                if not encoded.file_name:
+                    raise ValueError(f"{encoded.where}: 'images' entry has no file_name")
+                image_url = _join(str(self.image_dir), _safe_relative(encoded.file_name, encoded.where))
+                image_bytes = _read_bytes(image_url, self.storage_options)
+            yield encoded.decode(image_bytes), png_bytes
 
     def __iter__(self) -> Iterator[PanopticRecord]:
         for record, _ in self._iter_raw(read_images=self.image_dir is not None):
@@ -477,14 +546,13 @@ def _iter_tar_samples(fileobj: Any, shard: str) -> Iterator[tuple[str, dict[str,
         yield key, files
 
 
-def _record_from_sample(
+def _encoded_from_sample(
     key: str, files: Mapping[str, bytes], shard: str, categories: Mapping[int, Any] | None
-) -> PanopticRecord:
+) -> EncodedPanopticRecord:
     where = f"{shard}: sample {key!r}"
     for needed in ("segments.json", "panoptic.png"):
         if needed not in files:
             raise ValueError(f"{where} has no {needed} member (has {sorted(files)})")
-    image_ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
     try:
         meta = json.loads(files["segments.json"].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -492,18 +560,45 @@ def _record_from_sample(
     if not isinstance(meta, Mapping) or "segments_info" not in meta:
         raise ValueError(f"{where}: segments.json must be an object with 'segments_info'")
     segments = _parse_segments(meta["segments_info"], categories, where)
-    id_map = decode_panoptic_png(files["panoptic.png"], where=where)
-    return PanopticRecord(
+    return EncodedPanopticRecord(
         image_id=meta.get("image_id", key),
         file_name=str(meta.get("file_name", "")),
-        height=int(id_map.shape[0]),
-        width=int(id_map.shape[1]),
-        id_map=id_map,
         segments=segments,
-        image_bytes=files[image_ext] if image_ext else None,
+        where=where,
+        png_bytes=files["panoptic.png"],
         caption=meta.get("caption"),
         key=key,
     )
+
+
+def _record_from_sample(
+    key: str, files: Mapping[str, bytes], shard: str, categories: Mapping[int, Any] | None
+) -> PanopticRecord:
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
+    encoded = _encoded_from_sample(key, files, shard, categories)
+    return encoded.decode(files[image_ext] if image_ext else None)
+
+
+def _shard_urls(urls: str | Sequence[str], storage_options: Mapping[str, Any] | None) -> list[str]:
+    return list_shards(urls, storage_options=storage_options) if isinstance(urls, str) else list(urls)
+
+
+def iter_labeled_shards_encoded(
+    urls: str | Sequence[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    categories: Mapping[int, Any] | None = None,
+) -> Iterator[EncodedPanopticRecord]:
+    """Like :func:`iter_labeled_shards`, but PNGs stay encoded and image bytes are dropped.
+
+    For indexing a whole labeled dataset in memory (e.g. to pair it with predictions in any order).
+    """
+    import fsspec
+
+    for shard in _shard_urls(urls, storage_options):
+        with fsspec.open(shard, "rb", **dict(storage_options or {})) as f:
+            for key, files in _iter_tar_samples(f, shard):
+                yield _encoded_from_sample(key, files, shard, categories)
 
 
 def iter_labeled_shards(
@@ -525,8 +620,7 @@ def iter_labeled_shards(
     """
     import fsspec
 
-    shards = list_shards(urls, storage_options=storage_options) if isinstance(urls, str) else list(urls)
-    for shard in shards:
+    for shard in _shard_urls(urls, storage_options):
         with fsspec.open(shard, "rb", **dict(storage_options or {})) as f:
             for key, files in _iter_tar_samples(f, shard):
                 yield _record_from_sample(key, files, shard, categories)
