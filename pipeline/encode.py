@@ -47,8 +47,28 @@ _MAX_SEGMENT_ID = 256**3 - 1
 # --------------------------------------------------------------------------------------------------
 
 
+def rgb2id(rgb: np.ndarray) -> np.ndarray:
+    """``HxWx3`` uint8 RGB -> ``HxW`` int32 ids ``R + 256*G + 256**2*B`` (panopticapi's ``rgb2id``)."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"rgb2id expects an HxWx3 array, got shape {rgb.shape}")
+    rgb = rgb.astype(np.int32)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+
+
+def id2rgb(id_map: np.ndarray) -> np.ndarray:
+    """``HxW`` integer ids in ``[0, 256**3)`` -> ``HxWx3`` uint8 RGB (inverse of :func:`rgb2id`)."""
+    ids = np.asarray(id_map)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"panoptic ids must be an HxW integer array, got {ids.dtype} {ids.shape}")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) > _MAX_SEGMENT_ID):
+        raise ValueError(f"segment ids must be in [0, {_MAX_SEGMENT_ID}], got [{ids.min()}, {ids.max()}]")
+    ids = ids.astype(np.uint32)
+    return np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
+
+
 def panoptic_to_png(panoptic_seg: np.ndarray) -> bytes:
-    """Encode segment ids as a COCO panoptic PNG.
+    """Encode segment ids as a COCO panoptic PNG (lossless).
 
     Args:
         panoptic_seg: ``HxW`` integer array of segment ids in [0, 256**3 - 1]; 0 = unlabeled.
@@ -56,23 +76,22 @@ def panoptic_to_png(panoptic_seg: np.ndarray) -> bytes:
     Returns:
         PNG bytes of an ``HxWx3`` RGB image with ``id = R + 256 * G + 256**2 * B``.
     """
-    seg = np.asarray(panoptic_seg)
-    if seg.ndim != 2 or not np.issubdtype(seg.dtype, np.integer):
-        raise ValueError(f"panoptic_seg must be an HxW integer array, got {seg.dtype} {seg.shape}")
-    if seg.size and (int(seg.min()) < 0 or int(seg.max()) > _MAX_SEGMENT_ID):
-        raise ValueError(f"segment ids must be in [0, {_MAX_SEGMENT_ID}], got [{seg.min()}, {seg.max()}]")
-    ids = seg.astype(np.uint32)
-    rgb = np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(rgb, "RGB").save(buf, format="PNG", compress_level=6)
+    Image.fromarray(id2rgb(panoptic_seg), "RGB").save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
 
 
-def png_to_panoptic(data: bytes) -> np.ndarray:
-    """Decode a COCO panoptic PNG back to an ``HxW`` int32 array of segment ids."""
-    with Image.open(io.BytesIO(data)) as im:
-        rgb = np.asarray(im.convert("RGB"), dtype=np.uint32)
-    return (rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]).astype(np.int32)
+def png_to_panoptic(data: bytes, *, where: str = "panoptic PNG") -> np.ndarray:
+    """Decode a COCO panoptic PNG (8-bit RGB) to an ``HxW`` int32 id map; errors name ``where``."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode != "RGB":
+                raise ValueError(f"{where}: panoptic PNG must be RGB, got mode {im.mode!r}")
+            return rgb2id(np.asarray(im))
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:  # truncated / not a PNG
+        raise ValueError(f"{where}: unreadable panoptic PNG ({type(exc).__name__}: {exc})") from exc
 
 
 # --------------------------------------------------------------------------------------------------

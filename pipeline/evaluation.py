@@ -76,6 +76,8 @@ from typing import Any
 
 import numpy as np
 
+from .encode import mask_to_rle
+
 __all__ = [
     "OFFSET",
     "VOID",
@@ -564,14 +566,6 @@ class SemanticEvaluator:
 # --------------------------------------------------------------------------------------------------
 # Instance mask AP (pycocotools)
 # --------------------------------------------------------------------------------------------------
-
-
-def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
-    """COCO compressed RLE ``{"size": [H, W], "counts": str}`` of an ``HxW`` boolean mask."""
-    from pycocotools import mask as mask_util
-
-    rle = mask_util.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
 def instances_from_panoptic(

@@ -57,6 +57,8 @@ from typing import Any
 
 import numpy as np
 
+from .encode import id2rgb, panoptic_to_png, png_to_panoptic, rgb2id
+
 __all__ = [
     "CATEGORIES_FILE",
     "SegmentInfo",
@@ -273,43 +275,9 @@ class ConversionSummary:
 # --------------------------------------------------------------------------------------------------
 
 
-def rgb2id(rgb: np.ndarray) -> np.ndarray:
-    """``HxWx3`` uint8 RGB -> ``HxW`` int32 ids ``R + 256*G + 256**2*B``."""
-    rgb = np.asarray(rgb)
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"rgb2id expects an HxWx3 array, got shape {rgb.shape}")
-    rgb = rgb.astype(np.int32)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-
-
-def id2rgb(id_map: np.ndarray) -> np.ndarray:
-    """``HxW`` int ids in ``[0, 256**3)`` -> ``HxWx3`` uint8 RGB (inverse of :func:`rgb2id`)."""
-    ids = np.asarray(id_map).astype(np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= 256**3):
-        raise ValueError(f"ids must be in [0, {256**3}), got range [{ids.min()}, {ids.max()}]")
-    return np.stack([ids % 256, (ids // 256) % 256, ids // 65536], axis=-1).astype(np.uint8)
-
-
-def decode_panoptic_png(data: bytes, *, where: str = "panoptic PNG") -> np.ndarray:
-    """Decode panoptic PNG bytes to an ``HxW`` int32 id map (the PNG must be 8-bit RGB)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.mode != "RGB":
-                raise ValueError(f"{where}: panoptic PNG must be RGB, got mode {im.mode!r}")
-            return rgb2id(np.asarray(im))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # truncated / not a PNG
-        raise ValueError(f"{where}: unreadable panoptic PNG ({type(e).__name__}: {e})") from e
-
-
-def encode_panoptic_png(id_map: np.ndarray) -> bytes:
-    """Encode an ``HxW`` id map as panoptic PNG bytes (lossless)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(id2rgb(id_map), mode="RGB").save(buf, format="PNG")
-    return buf.getvalue()
+# One codec for the whole package (pipeline.encode); the names below are kept for this module's users.
+encode_panoptic_png = panoptic_to_png
+decode_panoptic_png = png_to_panoptic
 
 
 def sample_key(image_id: int | str) -> str:
