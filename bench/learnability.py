@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--colour-coded", action="store_true", help="each shape category has its own hue (classes learnable from colour too)"
+    )
+    parser.add_argument(
         "--work-dir", default=None, help="where data and checkpoints go (default: a temp folder)"
     )
     parser.add_argument("--name", default="learnability", help="result file bench/results/<name>.json")
@@ -98,12 +101,19 @@ def main(argv: list[str] | None = None) -> dict:
     # 1. data and vocabulary
     train, val = str(work / "train"), str(work / "val")
     write_synthetic_shapes_dataset(
-        train, num_images=args.train_images, size=128, seed=1000 + args.seed, samples_per_shard=250
+        train,
+        num_images=args.train_images,
+        size=128,
+        seed=1000 + args.seed,
+        samples_per_shard=250,
+        colour_coded=args.colour_coded,
     )
     if args.val_same:
         val = train
     else:
-        write_synthetic_shapes_dataset(val, num_images=args.val_images, size=128, seed=2000 + args.seed)
+        write_synthetic_shapes_dataset(
+            val, num_images=args.val_images, size=128, seed=2000 + args.seed, colour_coded=args.colour_coded
+        )
     classes = work / "classes.txt"
     classes.write_text(CLASSES_TXT)
     vocab = odise_model.load_vocabulary(str(classes))

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .classifier import OpenVocabHead, VocabularyEmbedding, ensemble_max, fuse_probabilities
@@ -65,6 +66,7 @@ class ODISE(nn.Module):
         self.decoder = decoder
         self.head = head
         self._seen_synonyms: frozenset[str] | None = None
+        self.gradient_checkpointing = "none"
 
     # --- bookkeeping ---------------------------------------------------------------------------------
     @property
@@ -85,6 +87,19 @@ class ODISE(nn.Module):
         """The official trainable set (28,067,009 parameters for the label variant)."""
         frozen = {id(p) for m in self.frozen_modules() for p in m.parameters()}
         return [(n, p) for n, p in self.named_parameters() if id(p) not in frozen]
+
+    def set_gradient_checkpointing(self, mode: str = "projections") -> ODISE:
+        """Trade compute for memory in training: ``"none"``, ``"projections"`` (the official
+        ``use_checkpoint=True``: the per-tap projections are recomputed in backward) or ``"all"`` (also the
+        UNet blocks, whose activations the backward pass to the captioner would otherwise keep)."""
+        if mode not in ("none", "projections", "all"):
+            raise ValueError(f"gradient checkpointing must be 'none', 'projections' or 'all', got {mode!r}")
+        self.gradient_checkpointing = mode
+        if mode == "all":
+            self.sd.unet.enable_gradient_checkpointing()
+        elif self.sd.unet.is_gradient_checkpointing:
+            self.sd.unet.disable_gradient_checkpointing()
+        return self
 
     def set_frozen_dtype(self, dtype: torch.dtype) -> ODISE:
         """Cast Stable Diffusion and CLIP (the frozen 98% of the weights) to ``dtype`` for inference."""
@@ -154,7 +169,11 @@ class ODISE(nn.Module):
                 # 1b. Stable Diffusion taps
                 taps = self.sd(tiles, context.to(sd_dtype), time_cond.to(sd_dtype), full_decode=full_decode)
                 # 1c. projections at the window's resolution
-                feats = self.projections([t.to(proj_dtype) for t in taps], window)
+                taps = [t.to(proj_dtype) for t in taps]
+                if self.gradient_checkpointing != "none" and torch.is_grad_enabled():
+                    feats = torch.utils.checkpoint.checkpoint(self.projections, taps, window, use_reentrant=False)
+                else:
+                    feats = self.projections(taps, window)
                 for k, (i, j) in enumerate(chunk):
                     for name, value in feats.items():
                         results[i][name][j] = value[k : k + 1]

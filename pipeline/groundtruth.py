@@ -34,7 +34,9 @@ Each shard is an uncompressed POSIX tar; each sample is three consecutive member
         {"image_id": int | str,      the COCO image id
          "file_name": str,           the COCO image file name (e.g. "000000000139.jpg")
          "segments_info": [{"id", "category_id", "area", "bbox", "iscrowd"}, ...],   as in COCO
-         "caption": str}             optional, only present when a caption is known
+         "caption": str,             optional, only present when a caption is known
+         "nouns": [str, ...]}        optional: the caption's nouns, extracted offline (training uses them
+                                     instead of its lexicon-based extractor; see pipeline.train_data)
 
 ``<key>`` is the image id as a string with every character outside ``[A-Za-z0-9_-]`` replaced by
 ``_`` (no dots, so the WebDataset key split is unambiguous); keys are unique within a dataset. Member
@@ -76,6 +78,8 @@ __all__ = [
     "list_shards",
     "iter_labeled_shards",
     "iter_labeled_shards_encoded",
+    "iter_tar_samples",
+    "record_from_sample",
     "convert_coco_panoptic_to_shards",
 ]
 
@@ -484,7 +488,7 @@ def list_shards(url: str, *, storage_options: Mapping[str, Any] | None = None) -
     return [fs.unstrip_protocol(p) if "://" in url else p for p in shards]
 
 
-def _iter_tar_samples(fileobj: Any, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar_samples(fileobj: Any, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream a tar (never extracted) and group consecutive members by WebDataset key."""
     key: str | None = None
     files: dict[str, bytes] = {}
@@ -539,7 +543,7 @@ def _encoded_from_sample(
     )
 
 
-def _record_from_sample(
+def record_from_sample(
     key: str, files: Mapping[str, bytes], shard: str, categories: Mapping[int, Any] | None
 ) -> PanopticRecord:
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
@@ -565,7 +569,7 @@ def iter_labeled_shards_encoded(
 
     for shard in _shard_urls(urls, storage_options):
         with fsspec.open(shard, "rb", **dict(storage_options or {})) as f:
-            for key, files in _iter_tar_samples(f, shard):
+            for key, files in iter_tar_samples(f, shard):
                 yield _encoded_from_sample(key, files, shard, categories)
 
 
@@ -590,8 +594,8 @@ def iter_labeled_shards(
 
     for shard in _shard_urls(urls, storage_options):
         with fsspec.open(shard, "rb", **dict(storage_options or {})) as f:
-            for key, files in _iter_tar_samples(f, shard):
-                yield _record_from_sample(key, files, shard, categories)
+            for key, files in iter_tar_samples(f, shard):
+                yield record_from_sample(key, files, shard, categories)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -123,6 +123,10 @@ class TrainConfig(BaseModel):
     num_points: int = Field(12544, ge=1, description="points of the matcher and the mask losses")
     num_words: int = Field(8, ge=1, description="caption words per image (caption variant)")
     tile_batch_size: int = Field(8, ge=1, description="SD tiles per forward pass")
+    gradient_checkpointing: Literal["none", "projections", "all"] = Field(
+        "projections",
+        description="recompute activations in backward: projections (official use_checkpoint=True) or all (+ UNet)",
+    )
     amp: bool | None = Field(None, description="bf16 autocast (default: on GPU)")
 
     eval_every: int = Field(4500, ge=0, description="evaluate every N steps (0: only at the end); needs val")
@@ -490,6 +494,7 @@ def _train_worker(
             seed=cfg.seed,
         )
     model.train()
+    model.set_gradient_checkpointing(cfg.gradient_checkpointing)
     kind = model.config.classifier.kind
     clip_loaded = bool((getattr(model, "weight_provenance", None) or {}).get("clip"))
     use_clip = cfg.eval_use_clip if cfg.eval_use_clip is not None else clip_loaded

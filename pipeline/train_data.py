@@ -355,14 +355,14 @@ class TrainDataStream:
         """The raw samples of one epoch in the global shuffled order (identical on every worker)."""
         import fsspec
 
-        from pipeline.groundtruth import _iter_tar_samples
+        from pipeline.groundtruth import iter_tar_samples
 
         rng = np.random.default_rng([self.seed, epoch, 0x5EED])
         buffer: list[_RawSample] = []
         for s in rng.permutation(len(self.shards)):
             shard = self.shards[int(s)]
             with fsspec.open(shard, "rb", **self.storage_options) as fh:
-                for key, files in _iter_tar_samples(fh, shard):
+                for key, files in iter_tar_samples(fh, shard):
                     buffer.append(_RawSample(shard, key, files))
                     if len(buffer) >= self.shuffle_buffer:
                         j = int(rng.integers(len(buffer)))
@@ -408,9 +408,9 @@ class TrainDataStream:
         """Decode, augment and build the targets of one sample (deterministic in ``(seed, epoch, index)``)."""
         import torch
 
-        from pipeline.groundtruth import _record_from_sample
+        from pipeline.groundtruth import record_from_sample
 
-        record = _record_from_sample(raw.key, raw.files, raw.shard, self.categories)
+        record = record_from_sample(raw.key, raw.files, raw.shard, self.categories)
         if record.image_bytes is None:
             raise ValueError(f"{raw.shard}: sample {raw.key!r} has no image")
         image = record.decode_image()
@@ -484,10 +484,19 @@ SYNTHETIC_CATEGORIES: list[dict[str, Any]] = [
 """Categories of :func:`write_synthetic_shapes_dataset`: three shapes (things), two textures (stuff)."""
 
 
+# with colour coding, each shape category has its own hue (brightness and saturation still vary)
+_SHAPE_HUES = {1: 0.0, 2: 1 / 3, 3: 2 / 3}
+
+
 def _synthetic_image(
-    rng: np.random.Generator, size: int, max_shapes: int
+    rng: np.random.Generator, size: int, max_shapes: int, colour_coded: bool = False
 ) -> tuple[np.ndarray, np.ndarray, list[dict], str]:
-    """One image: two stuff regions (stripes / noise) split by a random line, 1..max_shapes solid shapes."""
+    """One image: two stuff regions (stripes / noise) split by a random line, 1..max_shapes solid shapes.
+
+    Shapes have random colours, or with ``colour_coded`` a per-category hue (red circles, green squares,
+    blue triangles, with random brightness / saturation), which makes classes learnable from colour as well
+    as shape.
+    """
     height = width = size
     yy, xx = np.mgrid[0:height, 0:width]
     image = np.zeros((height, width, 3), dtype=np.uint8)
@@ -533,7 +542,13 @@ def _synthetic_image(
             top, bottom = cy - r, cy + r * 0.8
             half = (yy - top) / (bottom - top) * r
             mask = (yy >= top) & (yy <= bottom) & (np.abs(xx - cx) <= half)
-        colour = rng.integers(0, 256, size=3)
+        if colour_coded:
+            import colorsys
+
+            rgb = colorsys.hsv_to_rgb(_SHAPE_HUES[cat] + rng.uniform(-0.04, 0.04), rng.uniform(0.7, 1.0), rng.uniform(0.6, 1.0))
+            colour = (np.array(rgb) * 255).astype(np.int64) % 256
+        else:
+            colour = rng.integers(0, 256, size=3)
         image[mask] = colour
         seg_id = len(segments) + 1
         id_map[mask] = seg_id
@@ -572,6 +587,7 @@ def write_synthetic_shapes_dataset(
     max_shapes: int = 3,
     samples_per_shard: int = 64,
     store_nouns: bool = False,
+    colour_coded: bool = False,
     storage_options: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Write a synthetic panoptic dataset as labeled shards (format of :mod:`pipeline.groundtruth`).
@@ -580,7 +596,8 @@ def write_synthetic_shapes_dataset(
     ones occluding earlier ones); stuff: two background textures (``stripes``, ``noise``) split by a random
     line. Images are PNG (lossless), ``size x size``; each sample has a caption ("a circle and 2 squares on
     stripes and noise"); with ``store_nouns`` also a ``nouns`` list (the category names present, as an
-    offline noun extractor would store them). Categories: :data:`SYNTHETIC_CATEGORIES`. Deterministic in ``seed``.
+    offline noun extractor would store them); ``colour_coded`` gives each shape category its own hue.
+    Categories: :data:`SYNTHETIC_CATEGORIES`. Deterministic in ``seed``.
 
     Returns:
         the shard URLs.
@@ -606,7 +623,7 @@ def write_synthetic_shapes_dataset(
             handle = fs.open(path.rstrip("/") + "/" + name, "wb")
             writer = TarWriter(handle, encoder=False, mtime=0.0)
             shards.append(out_url.rstrip("/") + "/" + name)
-        image, id_map, segments, caption = _synthetic_image(rng, size, max_shapes)
+        image, id_map, segments, caption = _synthetic_image(rng, size, max_shapes, colour_coded)
         buf = io.BytesIO()
         Image.fromarray(image).save(buf, format="PNG")
         key = f"{seed:04d}_{i:06d}"

@@ -149,6 +149,28 @@ def test_gradients_reach_the_captioner_through_the_unet_and_never_frozen_weights
         model.zero_grad(set_to_none=True)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(data):
+    model = odise_model.build_odise("tiny", seed=5).train()
+    with torch.no_grad():
+        model.captioner.alpha_cond.fill_(0.5)
+        model.captioner.alpha_cond_time_embed.fill_(0.5)
+    module = TrainingModule(model, _vocab(data), losses=LossConfig(num_points=256))
+    samples = _batch(data)
+    grads = {}
+    for mode in ("none", "projections", "all"):
+        model.set_gradient_checkpointing(mode)
+        model.zero_grad(set_to_none=True)
+        total, _ = _loss(module, samples)
+        total.backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.trainable_parameters()}
+    assert model.sd.unet.is_gradient_checkpointing  # "all" reaches the UNet blocks
+    for mode in ("projections", "all"):
+        for name, grad in grads["none"].items():
+            assert torch.allclose(grads[mode][name], grad, rtol=1e-4, atol=1e-6), (mode, name)
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model.set_gradient_checkpointing("some")
+
+
 def test_one_step_changes_only_trainable_weights(data):
     model = odise_model.build_odise("tiny", seed=3).train()
     module = TrainingModule(model, _vocab(data), losses=LossConfig(num_points=256))
