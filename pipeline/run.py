@@ -395,7 +395,8 @@ def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, A
             by_id = {s.shard_id: s for s in todo}
             keys: dict[str, set[str]] = {s.shard_id: set() for s in todo}
             totals: dict[str, int] = {}
-            committing: dict[str, Future] = {}
+            committing: dict[str, Future] = {}  # submitted commits
+            harvested: set[str] = set()  # commits whose result is counted
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="commit") as pool:
 
                 def commit(sid: str):
@@ -415,11 +416,11 @@ def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, A
                         committing[sid] = pool.submit(commit, sid)
 
                 def harvest(block: bool) -> None:
-                    for sid, fut in list(committing.items()):
-                        if fut is None or not (block or fut.done()):
+                    for sid, fut in committing.items():
+                        if sid in harvested or not (block or fut.done()):
                             continue
                         info, cats = fut.result()
-                        committing[sid] = None  # type: ignore[assignment]
+                        harvested.add(sid)
                         summary.shards_committed += 1
                         summary.images += info.n_images
                         summary.labelled += info.n_labelled
