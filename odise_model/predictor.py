@@ -25,7 +25,7 @@ from .postprocess import (
     pack_masks,
     panoptic_inference,
     resize_mask_logits,
-    semantic_inference,
+    semantic_argmax,
 )
 from .types import Instance, PanopticResult, Segment
 from .vocabulary import Vocabulary, load_vocabulary
@@ -219,16 +219,18 @@ class Predictor:
             panoptic = pan.cpu().numpy().astype(np.int32)
         semantic = None
         if cfg.semantic_on:
-            semantic = cat_ids[semantic_inference(mask_cls, masks).argmax(0)].cpu().numpy()
+            semantic = cat_ids[semantic_argmax(mask_cls, masks)].cpu().numpy()
         raw = RawPrediction(panoptic=panoptic, segments=segments, semantic=semantic, vocabulary=self.vocabulary)
         if cfg.instance_on:
-            classes, scores, inst_masks = instance_inference(
+            classes, scores, queries = instance_inference(
                 mask_cls, masks, isthing, topk=cfg.topk_per_image, things_only=cfg.panoptic_on
             )
+            unique, inverse = torch.unique(queries, return_inverse=True)
+            binary = masks[unique] > 0  # one binary mask per distinct query, shared by its instances
             raw.instance_category_ids = cat_ids[classes].cpu().numpy().astype(np.int64)
             raw.instance_scores = scores.cpu().numpy().astype(np.float32)
-            raw.instance_boxes = mask_boxes(inst_masks).cpu().numpy().astype(np.int64)
-            raw.instance_masks_packed = pack_masks(inst_masks).cpu().numpy()
+            raw.instance_boxes = mask_boxes(binary)[inverse].cpu().numpy().astype(np.int64)
+            raw.instance_masks_packed = pack_masks(binary)[inverse].cpu().numpy()
         return raw
 
     @torch.no_grad()

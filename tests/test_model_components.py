@@ -253,10 +253,14 @@ def test_semantic_and_instance_inference():
     sem = semantic_inference(cls, mask_pred)
     assert sem.shape == (2, h, w)
     assert sem.argmax(0).tolist() == [[0, 1], [1, 1]]
-    classes, scores, masks = instance_inference(cls, mask_pred, torch.tensor([True, False]), topk=10, things_only=True)
+    from odise_model.postprocess import semantic_argmax
+
+    assert semantic_argmax(cls, mask_pred).tolist() == [[0, 1], [1, 1]]
+    classes, scores, queries = instance_inference(cls, mask_pred, torch.tensor([True, False]), topk=10, things_only=True)
     assert classes.tolist() == [0, 0]  # only the thing class survives, from both queries
-    assert scores[0] > scores[1]
-    assert masks[0].tolist() == m.tolist()
+    assert queries.tolist() == [0, 1]
+    # score = class probability x mean mask probability inside the mask (sigmoid(20) ~ 1)
+    assert scores.tolist() == pytest.approx([0.7, 0.1], rel=1e-6)
 
 
 def test_mask_boxes_and_packing_match_numpy():
