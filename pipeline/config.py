@@ -11,7 +11,26 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["AnnotateConfig", "RunSummary"]
+__all__ = ["AnnotateConfig", "RunSummary", "uses_pretrained", "check_sources", "clean_output"]
+
+
+def uses_pretrained(model: str, pretrained: bool | None) -> bool:
+    """Whether weight sources left unset get the official files: yes by default, except for ``tiny``."""
+    return pretrained if pretrained is not None else model != "tiny"
+
+
+def check_sources(value: str | list[str], what: str) -> str | list[str]:
+    """Validator body: an input spec (or list of them) must not be empty."""
+    if isinstance(value, list) and not value or isinstance(value, str) and not value.strip():
+        raise ValueError(f"{what} must name at least one shard, pattern, manifest or folder")
+    return value
+
+
+def clean_output(value: str) -> str:
+    """Validator body: a non-empty output URL without a trailing slash."""
+    if not value.strip():
+        raise ValueError("output must be a path or URL")
+    return value.rstrip("/") if value != "/" else value
 
 
 class AnnotateConfig(BaseModel):
@@ -68,16 +87,12 @@ class AnnotateConfig(BaseModel):
     @field_validator("input")
     @classmethod
     def _input_not_empty(cls, value):
-        if isinstance(value, list) and not value or isinstance(value, str) and not value.strip():
-            raise ValueError("input must name at least one shard, pattern, manifest or folder")
-        return value
+        return check_sources(value, "input")
 
     @field_validator("output")
     @classmethod
     def _output_not_empty(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("output must be a path or URL")
-        return value.rstrip("/") if value not in ("/",) else value
+        return clean_output(value)
 
     @field_validator("ray_address")
     @classmethod
@@ -97,9 +112,7 @@ class AnnotateConfig(BaseModel):
 
     @property
     def use_pretrained(self) -> bool:
-        if self.pretrained is not None:
-            return self.pretrained
-        return self.model != "tiny"
+        return uses_pretrained(self.model, self.pretrained)
 
     @property
     def out_storage_options(self) -> dict[str, Any]:

@@ -46,6 +46,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .config import check_sources, clean_output, uses_pretrained
+
 __all__ = [
     "TrainConfig",
     "TrainSummary",
@@ -160,16 +162,12 @@ class TrainConfig(BaseModel):
     @field_validator("train")
     @classmethod
     def _train_not_empty(cls, value):
-        if isinstance(value, list) and not value or isinstance(value, str) and not value.strip():
-            raise ValueError("train must name a dataset folder or shards")
-        return value
+        return check_sources(value, "train")
 
     @field_validator("output")
     @classmethod
     def _output_not_empty(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("output must be a path or URL")
-        return value.rstrip("/") if value != "/" else value
+        return clean_output(value)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -480,7 +478,7 @@ def _train_worker(
             initial = local
             if rank == 0:
                 logger.info("resuming from %s (step %d)", resume_url, trainer_state["step"])
-        pretrained = cfg.pretrained if cfg.pretrained is not None else cfg.model != "tiny"
+        pretrained = uses_pretrained(cfg.model, cfg.pretrained)
         model = odise_model.build_odise(
             cfg.model,
             checkpoint=initial,
