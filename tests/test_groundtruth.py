@@ -333,3 +333,60 @@ def test_converter_rejects_colliding_keys(tmp_path):
     with pytest.raises(ValueError, match="sample key 'city_0001' already used"):
         convert_coco_panoptic_to_shards(str(json_path), str(png_dir), str(image_dir), str(out))
     assert not list(out.glob("*.tmp"))  # the unfinished shard was removed
+
+
+def _console_script(name):
+    import sys
+    from pathlib import Path
+
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        pytest.skip(f"console script {name} is not installed (pip install -e .)")
+    return str(path)
+
+
+def test_convert_console_script(tmp_path):
+    """``odise-convert`` writes the same shards as the Python API, with captions from a COCO captions file."""
+    import subprocess
+
+    json_path, png_dir, image_dir, expected = make_coco_panoptic(tmp_path / "coco")
+    captions = tmp_path / "captions.json"
+    captions.write_text(
+        json.dumps(
+            {
+                "annotations": [
+                    {"image_id": 285, "id": 1, "caption": " a car under the sky "},
+                    {"image_id": 285, "id": 2, "caption": "second caption, not kept"},
+                    {"image_id": "city.0001", "id": 3, "caption": "a person in a city"},
+                ]
+            }
+        )
+    )
+    script = _console_script("odise-convert")
+    args = [script, "--ground-truth", str(json_path), "--images", str(image_dir), "--output", str(tmp_path / "shards")]
+    proc = subprocess.run(
+        [*args, "--samples-per-shard", "2", "--captions", str(captions)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 3 sample(s) in 2 shard(s)" in proc.stdout
+    records = list(iter_labeled_shards(str(tmp_path / "shards")))
+    assert [r.caption for r in records] == [None, "a car under the sky", "a person in a city"]
+    for r in records:
+        assert_record_matches(r, expected)  # the PNG folder defaulted to the JSON path without .json
+
+    # A malformed dataset is a one-line error naming the file (exit 2), not a traceback.
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    proc = subprocess.run(
+        [script, "--ground-truth", str(bad), "--ground-truth-png", str(png_dir), "--images", str(image_dir),
+         "--output", str(tmp_path / "out2")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "bad.json" in proc.stderr and "invalid JSON" in proc.stderr and "Traceback" not in proc.stderr
