@@ -474,11 +474,15 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 
         params = _options_from(ns, EvaluateConfig)
         evaluate_config(params)  # validate before Prefect starts
-        from .evaluate import evaluate, headline_rows
+        from .evaluate import evaluate, headline_rows, per_class_lines
 
         metrics = evaluate(**params, storage_block=ns.storage_block)
         for row in headline_rows(metrics):
             print(f"{row['metric']:>16s}  {row['value']}")
+        table = per_class_lines(metrics)
+        if table:
+            print()
+            print("\n".join(table))
         if ns.json_output:
             print(f"metrics written to {ns.json_output}")
         return 0

@@ -81,6 +81,35 @@ def headline_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def per_class_lines(metrics: dict[str, Any]) -> list[str]:
+    """A per-class PQ / SQ / RQ (and IoU) table of an ``EvaluationResult.to_dict()`` layout, in percent."""
+
+    def pct(v: Any) -> str:
+        return "    -" if v is None else f"{100.0 * float(v):5.1f}"
+
+    per_class = (metrics.get("panoptic") or {}).get("per_class") or {}
+    iou = ((metrics.get("semantic") or {}).get("per_class")) or {}
+    if not per_class:
+        return []
+    lines = [
+        f"{'id':>5s} {'category':24s} {'kind':5s}  {'PQ':>5s}  {'SQ':>5s}  {'RQ':>5s} {'TP':>5s} {'FP':>5s} {'FN':>5s}"
+        + ("    IoU" if iou else ""),
+        "-" * (74 + (7 if iou else 0)),
+    ]
+    for cid, r in per_class.items():
+        kind = "thing" if r.get("isthing") else "stuff"
+        line = (
+            f"{cid:>5s} {str(r.get('name'))[:24]:24s} {kind:5s}  {pct(r.get('pq'))}  {pct(r.get('sq'))}  "
+            f"{pct(r.get('rq'))} {r.get('tp', 0):5d} {r.get('fp', 0):5d} {r.get('fn', 0):5d}"
+        )
+        if iou:
+            line += f"  {pct((iou.get(cid) or {}).get('iou'))}"
+        if r.get("counted") is False:
+            line += "  (absent)"
+        lines.append(line)
+    return lines
+
+
 @task(name="score", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_on_io_error)
 def score(config: Any, storage_block: str | None = None) -> dict[str, Any]:
     """Call ``pipeline.scoring.run_evaluation``; returns ``EvaluationResult.to_dict()`` (also written to ``json_output``)."""
@@ -137,7 +166,7 @@ def evaluate(
     if per_class:
         create_table_artifact(
             table=[
-                {k: r.get(k) for k in ("name", "isthing", "pq", "sq", "rq", "tp", "fp", "fn")}
+                {k: r.get(k) for k in ("name", "isthing", "pq", "sq", "rq", "tp", "fp", "fn", "counted")}
                 for r in per_class
             ],
             key="evaluate-per-class",

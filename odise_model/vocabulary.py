@@ -51,7 +51,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ __all__ = [
     "VocabularyError",
     "coco_seen_synonyms",
     "load_vocabulary",
+    "matching_builtin_vocabulary",
     "parse_vocabulary",
 ]
 
@@ -547,3 +548,42 @@ def coco_seen_synonyms() -> frozenset[str]:
     (the classifier then fuses with the "seen" weight alpha, otherwise with beta).
     """
     return frozenset(s for c in _builtin("coco_panoptic") for s in c.synonyms)
+
+
+_NAME_NOISE = frozenset({"merged", "other", "stuff", "things", "thing"})
+
+
+def _name_words(text: str) -> set[str]:
+    return {w for w in re.split(r"[^a-z0-9]+", text.lower()) if w and w not in _NAME_NOISE}
+
+
+def matching_builtin_vocabulary(categories: Any, *, min_name_agreement: float = 0.8) -> str | None:
+    """The built-in vocabulary a dataset's categories are, or ``None``.
+
+    ``categories`` is COCO-style: ``{id: {"name", "isthing"}}`` or a list of ``{"id", "name", "isthing"}``.
+    A built-in matches when it has exactly the same category ids with the same thing / stuff flags,
+    and for at least ``min_name_agreement`` of the categories the dataset name shares a word with one
+    of the built-in synonyms (COCO's ``wall-other-merged`` agrees with ``wall``; suffixes such as
+    ``-merged`` / ``-other`` / ``-stuff`` are ignored). Used to train and score with the built-in's
+    prompt-engineered synonyms, as the official model does, when a dataset's ``categories.json``
+    carries names only.
+    """
+    if isinstance(categories, Mapping):
+        items = {int(k): v for k, v in categories.items()}
+    else:
+        items = {int(c["id"]): c for c in categories}
+    if not items:
+        return None
+    for name in BUILTIN_VOCABULARIES:
+        builtin = {c.id: c for c in _builtin(name)}
+        if set(builtin) != set(items):
+            continue
+        if any(bool(items[i].get("isthing", 1)) != builtin[i].isthing for i in items):
+            continue
+        agree = 0
+        for i, info in items.items():
+            words = set().union(*(_name_words(s) for s in builtin[i].synonyms))
+            agree += bool(_name_words(str(info.get("name", ""))) & words)
+        if agree >= min_name_agreement * len(items):
+            return name
+    return None

@@ -836,6 +836,9 @@ class EvaluationResult:
                         "tp": r.tp,
                         "fp": r.fp,
                         "fn": r.fn,
+                        # False: no TP, FP or FN (absent on both sides); pq = 0 as panopticapi
+                        # reports it, but not in the averages
+                        "counted": r.counted,
                     }
                     for c, r in self.per_class.items()
                 },

@@ -99,7 +99,8 @@ class TrainConfig(BaseModel):
     cache_dir: str | None = Field(None, description="weights cache")
     vocab: str | None = Field(
         None,
-        description="training vocabulary (classes.txt / built-in name; default: the train categories.json)",
+        description="training vocabulary (classes.txt / built-in name; default: the train categories.json, "
+        "or the built-in vocabulary with the same ids, e.g. coco_panoptic)",
     )
 
     max_steps: int = Field(OFFICIAL_MAX_STEPS, ge=1, description="optimizer steps")
@@ -447,14 +448,13 @@ def _train_worker(
     import odise_model
     from odise_model.checkpoint import save_checkpoint
     from odise_model.training import LossConfig, TrainingModule, optimizer_param_groups
-    from odise_model.vocabulary import load_vocabulary
     from pipeline.groundtruth import read_categories
     from pipeline.train_data import (
         DataPosition,
         TrainDataStream,
         class_index_map,
         noun_lexicon,
-        vocabulary_from_categories,
+        training_vocabulary,
     )
 
     t_start = time.time()
@@ -499,12 +499,9 @@ def _train_worker(
 
     # 2. vocabulary and data
     train_categories = read_categories(_dataset_folder(cfg.train), storage_options=options)
-    if cfg.vocab:
-        vocabulary = load_vocabulary(cfg.vocab, storage_options=options)
-    else:
-        vocabulary = vocabulary_from_categories(
-            train_categories, source=f"{_dataset_folder(cfg.train)}/categories.json"
-        )
+    vocabulary = training_vocabulary(
+        cfg.vocab, train_categories, source=f"{_dataset_folder(cfg.train)}/categories.json", storage_options=options
+    )
     class_index = class_index_map(vocabulary, train_categories, where=str(cfg.train))
     crop_size = cfg.crop_size or model.config.input.short_side
     stream = TrainDataStream(

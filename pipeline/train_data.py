@@ -57,6 +57,7 @@ __all__ = [
     "TrainDataStream",
     "lsj_augment",
     "vocabulary_from_categories",
+    "training_vocabulary",
     "class_index_map",
     "extract_nouns",
     "noun_lexicon",
@@ -117,6 +118,38 @@ class DataPosition:
 # --------------------------------------------------------------------------------------------------
 # Vocabulary helpers
 # --------------------------------------------------------------------------------------------------
+
+
+def training_vocabulary(
+    vocab: str | None,
+    categories: Mapping[int, Mapping[str, Any]],
+    *,
+    source: str = "<categories.json>",
+    storage_options: Mapping[str, Any] | None = None,
+):
+    """The vocabulary a training run uses.
+
+    1. ``vocab`` when given (a ``classes.txt`` path / URL or a built-in name);
+    2. else, when ``categories`` carry names only and are a built-in vocabulary (same ids and thing /
+       stuff flags, e.g. COCO panoptic converted with ``odise-convert``), that built-in, whose
+       prompt-engineered synonyms are what the official model is trained with;
+    3. else :func:`vocabulary_from_categories`.
+    """
+    from odise_model.vocabulary import load_vocabulary, matching_builtin_vocabulary
+
+    if vocab:
+        return load_vocabulary(vocab, storage_options=dict(storage_options or {}))
+    if not any(info.get("synonyms") for info in categories.values()):
+        builtin = matching_builtin_vocabulary(categories)
+        if builtin:
+            logger.info(
+                "%s: the categories are built-in vocabulary %r (same ids and thing/stuff flags); training "
+                "with its synonyms, as the official model (set vocab to override)",
+                source,
+                builtin,
+            )
+            return load_vocabulary(builtin)
+    return vocabulary_from_categories(categories, source=source)
 
 
 def vocabulary_from_categories(

@@ -140,6 +140,12 @@ def test_tiny_run_on_the_examples_via_the_console_script(tmp_path):
     assert re.search(r"PQ All\s+100\.0", proc.stdout), proc.stdout
     metrics = json.loads((tmp_path / "pq.json").read_text())
     assert metrics["num_images"] == 4 and metrics["instance"] is None
+    # ... and the per-class table: every vocabulary category, absent ones marked
+    metrics_rows = [line for line in proc.stdout.splitlines() if re.match(r"\s+\d+ \S", line)]
+    assert len(metrics_rows) == len(metrics["panoptic"]["per_class"]), proc.stdout
+    counted = [r for r in metrics["panoptic"]["per_class"].values() if r["counted"]]
+    assert counted and all(r["pq"] == 1.0 for r in counted)
+    assert sum("(absent)" in line for line in metrics_rows) == len(metrics_rows) - len(counted)
 
 
 def test_official_model_offline_without_weights_fails_fast(tmp_path):

@@ -541,7 +541,9 @@ def test_evaluator_all_metrics_json_and_table():
         "tp": 0,
         "fp": 0,
         "fn": 0,
+        "counted": False,
     }
+    assert d["panoptic"]["per_class"][str(PERSON)]["counted"] is True
     assert d["semantic"]["mIoU"] == 1.0 and d["semantic"]["per_class"][str(GRASS)]["iou"] is None
     assert d["instance"]["AP"] == pytest.approx(1.0) and d["instance"]["APm"] is None
     table = res.format_table()

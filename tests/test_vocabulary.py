@@ -360,3 +360,53 @@ def test_load_from_s3_with_storage_options(s3_bucket, s3_storage_options):
     assert vocab.names == ["cat", "grass"] and vocab.source == url
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         load_vocabulary(f"s3://{s3_bucket}/missing.txt", storage_options=s3_storage_options)
+
+
+# COCO's own panoptic category names where they differ from the built-in's first synonym
+# (panopticapi panoptic_coco_categories.json); the rest are equal.
+_COCO_NAMES = {
+    171: "wall-brick", 175: "wall-stone", 176: "wall-tile", 177: "wall-wood", 178: "water-other",
+    180: "window-blind", 181: "window-other", 184: "tree-merged", 185: "fence-merged", 186: "ceiling-merged",
+    187: "sky-other-merged", 188: "cabinet-merged", 189: "table-merged", 190: "floor-other-merged",
+    191: "pavement-merged", 192: "mountain-merged", 193: "grass-merged", 194: "dirt-merged",
+    195: "paper-merged", 196: "food-other-merged", 197: "building-other-merged", 198: "rock-merged",
+    199: "wall-other-merged", 200: "rug-merged",
+}  # fmt: skip
+
+
+def test_matching_builtin_vocabulary_recognises_coco_and_ade_categories():
+    from odise_model.vocabulary import matching_builtin_vocabulary
+
+    coco = load_vocabulary("coco_panoptic")
+    cats = {c.id: {"name": _COCO_NAMES.get(c.id, c.name), "isthing": int(c.isthing)} for c in coco}
+    assert matching_builtin_vocabulary(cats) == "coco_panoptic"
+    as_list = [{"id": i, **v} for i, v in cats.items()]
+    assert matching_builtin_vocabulary(as_list) == "coco_panoptic"
+    ade = load_vocabulary("ade20k_150")
+    assert matching_builtin_vocabulary({c.id: {"name": c.name, "isthing": c.isthing} for c in ade}) == "ade20k_150"
+    # One id more or less, a flipped thing/stuff flag, or unrelated names: not the built-in.
+    assert matching_builtin_vocabulary({i: v for i, v in cats.items() if i != 1}) is None
+    assert matching_builtin_vocabulary({**cats, 201: {"name": "extra", "isthing": 1}}) is None
+    assert matching_builtin_vocabulary({**cats, 1: {"name": "person", "isthing": 0}}) is None
+    assert matching_builtin_vocabulary({i: {"name": f"class {i}", "isthing": v["isthing"]} for i, v in cats.items()}) is None
+    assert matching_builtin_vocabulary({}) is None
+
+
+def test_training_vocabulary_prefers_given_then_builtin_then_categories(tmp_path):
+    from pipeline.train_data import training_vocabulary
+
+    coco = load_vocabulary("coco_panoptic")
+    cats = {c.id: {"name": _COCO_NAMES.get(c.id, c.name), "isthing": int(c.isthing)} for c in coco}
+    chosen = training_vocabulary(None, cats)
+    assert chosen.sha256 == coco.sha256  # the prompt-engineered synonyms, as the official model trains
+    assert len(chosen[0].synonyms) > 1
+    # categories with their own synonyms are used as they are
+    own = {i: {**v, "synonyms": [v["name"]]} for i, v in cats.items()}
+    assert training_vocabulary(None, own)[-1].synonyms == ("rug-merged",)
+    # an explicit vocabulary wins
+    path = tmp_path / "classes.txt"
+    path.write_text("1: person\n2: bicycle\n")
+    assert [c.name for c in training_vocabulary(str(path), cats)] == ["person", "bicycle"]
+    # unknown categories: names only
+    small = {1: {"name": "square", "isthing": 1}, 2: {"name": "grass texture", "isthing": 0}}
+    assert [c.synonyms for c in training_vocabulary(None, small)] == [("square",), ("grass texture",)]
