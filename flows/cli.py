@@ -607,8 +607,9 @@ def build_convert_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--captions",
         metavar="JSON",
-        help="optional captions: a JSON file (path or URL) mapping image id to caption, or a COCO captions file "
-        "(annotations[].image_id / caption; the first caption of each image is kept)",
+        help="optional captions: a JSON file (path or URL) mapping image id to a caption or a list of captions, "
+        "or a COCO captions file (annotations[].image_id / caption); all captions are kept and training draws "
+        "one per use",
     )
     group.add_argument(
         "--storage-options",
@@ -621,8 +622,8 @@ def build_convert_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_captions(url: str, options: dict[str, Any]) -> dict[Any, str]:
-    """``{image_id: caption}`` from a JSON mapping or a COCO captions file (first caption per image)."""
+def _read_captions(url: str, options: dict[str, Any]) -> dict[Any, Any]:
+    """``{image_id: caption or [captions]}`` from a JSON mapping or a COCO captions file (all captions)."""
     import fsspec
 
     try:
@@ -631,13 +632,15 @@ def _read_captions(url: str, options: dict[str, Any]) -> dict[Any, str]:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"captions file {url!r}: cannot read it as JSON ({type(exc).__name__}: {exc})") from None
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
-        captions: dict[Any, str] = {}
+        captions: dict[Any, list[str]] = {}
         for i, ann in enumerate(data["annotations"]):
             if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
                 raise ValueError(f"captions file {url!r}: annotations[{i}] needs image_id and a caption string")
-            captions.setdefault(ann["image_id"], ann["caption"].strip())
+            captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
         return captions
-    if isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
+    if isinstance(data, dict) and all(
+        isinstance(v, str) or (isinstance(v, list) and all(isinstance(c, str) for c in v)) for v in data.values()
+    ):
         # JSON object keys are strings; COCO image ids are usually ints.
         return {int(k) if k.isdigit() else k: v for k, v in data.items()}
     raise ValueError(

@@ -35,6 +35,8 @@ Each shard is an uncompressed POSIX tar; each sample is three consecutive member
          "file_name": str,           the COCO image file name (e.g. "000000000139.jpg")
          "segments_info": [{"id", "category_id", "area", "bbox", "iscrowd"}, ...],   as in COCO
          "caption": str,             optional, only present when a caption is known
+         "captions": [str, ...],     optional: all captions of the image when there are several (COCO
+                                     Captions has ~5); "caption" is then the first; training samples one
          "nouns": [str, ...]}        optional: the caption's nouns, extracted offline (training uses them
                                      instead of its lexicon-based extractor; see pipeline.train_data)
 
@@ -157,6 +159,7 @@ class PanopticRecord:
         segments: the segments of the image, in annotation order.
         image_bytes: the encoded image file, unchanged, or None when not read.
         caption: optional caption.
+        captions: optional list of all captions when there are several (``caption`` is the first).
         panoptic_file_name: the panoptic PNG's file name in a COCO folder (None from shards).
         key: the WebDataset sample key (None from a COCO folder).
     """
@@ -171,6 +174,7 @@ class PanopticRecord:
     caption: str | None = None
     panoptic_file_name: str | None = None
     key: str | None = None
+    captions: list[str] | None = None
 
     def decode_image(self) -> np.ndarray:
         """The image as ``HxWx3`` uint8 RGB (requires ``image_bytes``)."""
@@ -190,6 +194,8 @@ class PanopticRecord:
         }
         if self.caption is not None:
             out["caption"] = self.caption
+        if self.captions and len(self.captions) > 1:
+            out["captions"] = list(self.captions)
         return out
 
 
@@ -640,7 +646,7 @@ def convert_coco_panoptic_to_shards(
     *,
     samples_per_shard: int = 1000,
     storage_options: Mapping[str, Any] | None = None,
-    captions: Mapping[Any, str] | None = None,
+    captions: Mapping[Any, str | Sequence[str]] | None = None,
     shard_name: str = "shard-{index:06d}.tar",
 ) -> ConversionSummary:
     """Convert a COCO panoptic dataset to labeled WebDataset shards (format in the module doc).
@@ -655,7 +661,8 @@ def convert_coco_panoptic_to_shards(
             are overwritten.
         samples_per_shard: samples per shard (>= 1).
         storage_options: fsspec options for every URL.
-        captions: optional ``{image_id: caption}`` stored in ``segments.json``; a caption already
+        captions: optional ``{image_id: caption or [captions]}`` stored in ``segments.json`` (several
+            captions: ``caption`` is the first, ``captions`` all of them); a caption already
             in the COCO JSON (``annotations[].caption`` or ``images[].caption``) is used otherwise.
         shard_name: shard file name pattern with an ``{index}`` field.
 
@@ -692,7 +699,11 @@ def convert_coco_panoptic_to_shards(
                 raise ValueError(f"{where}: sample key {key!r} already used by image_id {keys[key]!r}")
             keys[key] = record.image_id
             if captions is not None and record.image_id in captions:
-                record.caption = str(captions[record.image_id])
+                given = captions[record.image_id]
+                texts = [given] if isinstance(given, str) else [str(c) for c in given]
+                texts = [t.strip() for t in texts if str(t).strip()]
+                if texts:
+                    record.caption, record.captions = texts[0], texts
             if writer is None:
                 name = shard_name.format(index=len(shards))
                 output = _ShardOutput(fs, _join(out_path, name))

@@ -27,14 +27,16 @@ The official code extracts noun phrases with NLTK's tagger, whose models must be
 (not allowed here). We use, in this order:
 
 * a ``nouns`` list stored in the sample's ``segments.json`` (extracted offline by whatever tool the
-  dataset owner likes, e.g. NLTK or spaCy), when present;
+  dataset owner likes, e.g. NLTK or spaCy), when present (with several ``captions``: a list of lists,
+  one per caption);
 * otherwise :func:`extract_nouns`: a pure-Python matcher of caption words against a lexicon (every
   synonym of the built-in vocabularies, COCO panoptic + ADE20K-150, plus the training vocabulary),
   longest phrase first (up to 4 words), with simple English plural handling
   (``-ies -> -y``, ``-es``, ``-s``). It finds the object and stuff names a caption mentions, which is what
   the grounding loss uses; it misses nouns outside the lexicon (documented deviation).
 
-``num_words`` (official 8) words are then sampled with replacement per image; an image without any noun
+With several ``captions`` (COCO Captions has ~5 per image), one is drawn at random each time the image
+is used, as the official caption mapper does. ``num_words`` (official 8) words are then sampled with replacement per image; an image without any noun
 gets no words (its grounding terms are masked out).
 """
 
@@ -495,6 +497,15 @@ class TrainDataStream:
             return []
         meta = json.loads(raw.files["segments.json"].decode("utf-8"))
         nouns = meta.get("nouns")
+        several = [str(c) for c in meta.get("captions") or [] if isinstance(c, str) and c.strip()]
+        if len(several) > 1:
+            # one caption drawn at random each time the image is used, as the official caption mapper
+            pick = int(rng.integers(len(several)))
+            caption = several[pick]
+            if isinstance(nouns, list) and len(nouns) == len(several) and all(isinstance(n, list) for n in nouns):
+                nouns = nouns[pick]  # stored per caption
+        if isinstance(nouns, list) and any(isinstance(n, list) for n in nouns):
+            nouns = [w for n in nouns for w in (n if isinstance(n, list) else [n])]
         if nouns is None and caption and self.lexicon is not None:
             nouns = extract_nouns(caption, self.lexicon)
         nouns = [str(n) for n in (nouns or []) if str(n).strip()]

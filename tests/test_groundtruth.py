@@ -356,7 +356,7 @@ def test_convert_console_script(tmp_path):
             {
                 "annotations": [
                     {"image_id": 285, "id": 1, "caption": " a car under the sky "},
-                    {"image_id": 285, "id": 2, "caption": "second caption, not kept"},
+                    {"image_id": 285, "id": 2, "caption": "a second caption"},
                     {"image_id": "city.0001", "id": 3, "caption": "a person in a city"},
                 ]
             }
@@ -375,6 +375,9 @@ def test_convert_console_script(tmp_path):
     assert "wrote 3 sample(s) in 2 shard(s)" in proc.stdout
     records = list(iter_labeled_shards(str(tmp_path / "shards")))
     assert [r.caption for r in records] == [None, "a car under the sky", "a person in a city"]
+    with tarfile.open(tmp_path / "shards" / "shard-000000.tar") as tar:
+        meta = json.loads(tar.extractfile("285.segments.json").read())
+    assert meta["captions"] == ["a car under the sky", "a second caption"]  # all kept; training draws one
     for r in records:
         assert_record_matches(r, expected)  # the PNG folder defaulted to the JSON path without .json
 

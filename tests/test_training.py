@@ -324,6 +324,45 @@ def test_caption_nouns_from_lexicon_and_stored_lists(tmp_path):
     assert record.caption
 
 
+def test_one_of_several_captions_is_drawn_each_time_an_image_is_used(tmp_path):
+    """COCO Captions has ~5 captions per image: the converter keeps them all, training draws one per use."""
+    from test_groundtruth import make_coco_panoptic
+
+    from pipeline.groundtruth import convert_coco_panoptic_to_shards
+
+    json_path, png_dir, image_dir, _ = make_coco_panoptic(tmp_path / "coco")
+    captions = {139: ["a person next to a car", "the sky", "a bicycle"], 285: "a car under the sky"}
+    convert_coco_panoptic_to_shards(str(json_path), str(png_dir), str(image_dir), str(tmp_path / "s"), captions=captions)
+    records = {r.image_id: r for r in iter_labeled_shards(str(tmp_path / "s"))}
+    assert records[139].caption == "a person next to a car" and records[285].caption == "a car under the sky"
+    meta = json.loads(next(iter(_members(tmp_path / "s", "139.segments.json"))))
+    assert meta["captions"] == captions[139] and "captions" not in json.loads(
+        next(iter(_members(tmp_path / "s", "285.segments.json")))
+    )
+    stream = TrainDataStream(
+        str(tmp_path / "s"), class_index={1: 0, 2: 1, 3: 2}, crop_size=16, num_words=4, lexicon=noun_lexicon(), seed=3
+    )
+    per_caption = [{"person", "car"}, {"sky"}, {"bicycle"}]
+    seen = set()
+    for sample in stream.next_batch(45):  # 15 epochs of 3 images
+        if sample.key == "139":
+            owner = [i for i, nouns in enumerate(per_caption) if set(sample.words) <= nouns]
+            assert len(sample.words) == 4 and len(owner) == 1, sample.words  # words of one caption only
+            seen.add(owner[0])
+        elif sample.key == "285":
+            assert set(sample.words) <= {"car", "sky"}
+    assert seen == {0, 1, 2}
+
+
+def _members(folder, name):
+    import tarfile
+
+    for shard in sorted(Path(folder).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            if name in tar.getnames():
+                yield tar.extractfile(name).read()
+
+
 # --------------------------------------------------------------------------------------------------------
 # The loop: checkpoints, metrics, resume, Ray
 # --------------------------------------------------------------------------------------------------------
