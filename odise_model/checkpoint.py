@@ -27,9 +27,11 @@ code. PyTorch-Lightning and detectron2 training files (the official SD ``.ckpt``
 training metadata (``pytorch_lightning...ModelCheckpoint`` callback state, numpy scalars, fvcore schedulers)
 that ``weights_only`` refuses; the globals listed in :data:`METADATA_GLOBAL_PREFIXES` are therefore bound to an
 inert placeholder class that stores nothing and runs nothing, and any other global is refused before
-unpickling, naming it. The OpenAI CLIP file is a TorchScript archive, read with ``torch.jit.load``: that
-deserialises TorchScript IR (no Python code from the file is executed), though a TorchScript ``__setstate__``
-in a hostile archive would be run by the TorchScript interpreter; convert untrusted CLIP files to safetensors.
+unpickling, naming it. The OpenAI CLIP file is a TorchScript archive; it is never given to ``torch.jit.load``
+(which would run the archive's TorchScript ``__setstate__`` methods): :mod:`odise_model.torchscript_weights`
+unpickles its module tree into inert records, rebuilds the tensors and keeps the declared parameters and
+buffers (the only exception: the official OpenAI file, recognised by its full sha256, if the safe reader
+ever met a construct it does not know).
 
 Memory: the frozen weights (SD, CLIP: 98% of the model) are built on the ``meta`` device and filled from
 memory-mapped files one tensor at a time: each tensor is copied (and cast: fp16 CLIP -> fp32, or fp32 -> bf16
@@ -344,6 +346,8 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 def _check_hash(path: Path, *, expected: str | None, source: str) -> None:
     """Verify a full sha256 (when known) or a torch.hub-style ``-<hex>.`` prefix in the file name."""
     match = _HASH_IN_NAME.search(path.name)
+    if match and match.group(1).isdigit():
+        match = None  # "-20240101.pth": a date or a step number, not a hash prefix (which has letters 99% of the time)
     want = expected or (match.group(1) if match else None)
     if not want:
         return
@@ -617,6 +621,32 @@ def _is_torchscript(path: Path) -> bool:
     return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
 
 
+OPENAI_CLIP_L14_336_SHA256 = "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02"
+
+
+def _read_torchscript(path: Path) -> dict[str, Any]:
+    """A TorchScript archive's parameters and buffers, read without running anything from it.
+
+    Only should the safe reader meet a construct it does not know AND the file be the official OpenAI
+    ``ViT-L-14-336px.pt`` (its full sha256, published in its URL), ``torch.jit.load`` is used instead.
+    """
+    from .torchscript_weights import TorchScriptReadError, read_torchscript_state_dict
+
+    try:
+        return read_torchscript_state_dict(str(path))
+    except TorchScriptReadError as exc:
+        if file_sha256(path) != OPENAI_CLIP_L14_336_SHA256:
+            raise CheckpointError(
+                f"{path}: cannot read weights: {exc}. TorchScript archives are read without torch.jit.load "
+                "(which could run code from the file); convert the file to safetensors or a plain state dict"
+            ) from None
+        logger.info("%s: the official OpenAI file (sha256 verified); reading it with torch.jit.load", path)
+        module = torch.jit.load(str(path), map_location="cpu")
+        state = dict(module.state_dict())
+        del module
+        return state
+
+
 _REFUSAL_MARKERS = ("Unsupported global", "Trying to call reduce", "Can only build", "Can only create new object",
                     "is blocked", "Unsupported operand", "Unsupported class")
 
@@ -688,10 +718,7 @@ def _read_weights(path: Path, *, mmap: bool = False) -> tuple[dict[str, Any], _F
 
             return dict(load_file(str(path))), None
         if _is_torchscript(path):
-            module = torch.jit.load(str(path), map_location="cpu")
-            state = dict(module.state_dict())
-            del module
-            return state, None
+            return _read_torchscript(path), None
         if zipfile.is_zipfile(path):
             # Refuse code-running pickles before unpickling anything, naming the globals; bind known
             # training-metadata globals to an inert placeholder.

@@ -618,6 +618,10 @@ def test_sha256_in_file_name_is_checked(files, tmp_path):
         _load_odise(bad)
     msg = str(err.value)
     assert str(bad) in msg and "sha256 mismatch" in msg and "0123abcd" in msg and digest[:8] in msg
+    # digits only: a date or a step, not a hash prefix
+    dated = tmp_path / "odise_tiny-20240101.pth"
+    dated.write_bytes(files["odise"].read_bytes())
+    _load_odise(dated)
 
 
 def test_release_file_with_wrong_content_is_rejected(files, tmp_path, monkeypatch):
@@ -673,6 +677,93 @@ def test_code_running_pickle_is_refused_and_never_runs(tmp_path, exploit, contai
     assert str(path) in msg and "refusing" in msg
     if container != "pickle-protocol-4":  # protocol 4 is refused at its first FRAME opcode, before the global
         assert "system" in msg or "eval" in msg
+    assert not marker.exists()
+
+
+class _ScriptBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 3)
+        self.attn_mask = torch.ones(2, 2)  # a plain tensor attribute: not a parameter / buffer, not in state_dict
+        self.register_buffer("scale", torch.arange(4).half())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) * self.attn_mask.sum()
+
+
+class _ScriptTree(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(_ScriptBlock(), _ScriptBlock())
+        self.mha = nn.MultiheadAttention(4, 2)
+        self.strided = nn.Parameter(torch.randn(4, 4)[:, 1:3])  # a view: offset and strides must survive
+        self.alias = self.blocks[0].proj  # the same module twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_archives_are_read_like_jit_load_without_it(tmp_path, how, monkeypatch):
+    from odise_model.torchscript_weights import read_torchscript_state_dict
+
+    module = _ScriptTree().eval()
+    scripted = torch.jit.script(module) if how == "script" else torch.jit.trace(module, torch.randn(2, 3))
+    path = tmp_path / f"{how}.pt"
+    scripted.save(str(path))
+    expected = torch.jit.load(str(path)).state_dict()  # our own file: trusted, only for the comparison
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load must not be called"))
+    got = read_checkpoint_file(path)
+    assert list(got) == list(expected) == list(read_torchscript_state_dict(str(path)))
+    assert not any("attn_mask" in k for k in got)
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype and got[key].stride() == value.stride(), key
+        assert torch.equal(got[key], value), key
+
+
+def test_hostile_torchscript_archive_never_runs_its_code(tmp_path, capfd):
+    from typing import Tuple  # noqa: UP035 - TorchScript needs typing.Tuple annotations
+
+    class Hostile(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("w", torch.zeros(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+        @torch.jit.export
+        def __getstate__(self) -> Tuple[torch.Tensor, bool]:  # noqa: UP006
+            return (self.w, self.training)
+
+        @torch.jit.export
+        def __setstate__(self, state: Tuple[torch.Tensor, bool]) -> None:  # noqa: UP006
+            print("CODE FROM THE FILE RAN")
+            self.w = state[0]
+            self.training = state[1]
+
+    path = tmp_path / "hostile.pt"
+    torch.jit.script(Hostile()).save(str(path))
+    capfd.readouterr()
+    with pytest.raises(CheckpointError) as err:
+        odise_model.build_odise("tiny", clip_weights=path)
+    assert str(path) in str(err.value) and "missing keys" in str(err.value)
+    assert "CODE FROM THE FILE RAN" not in capfd.readouterr().out
+
+    # An archive whose data.pkl names any other global is refused, naming it; nothing runs.
+    import zipfile
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(evil, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("/data.pkl"):
+                data = pickle.dumps(_Exploit(marker), protocol=2)
+            dst.writestr(item, data)
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint_file(evil)
+    assert str(evil) in str(err.value) and "system" in str(err.value) and "refusing" in str(err.value)
     assert not marker.exists()
 
 
