@@ -275,6 +275,23 @@ _RELEASE_KIND = {"odise_label_coco_50e": "checkpoint", "odise_caption_coco_50e":
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.[A-Za-z0-9]+$")
 
 
+def _hub_token(url: str) -> str | None:
+    """The Hugging Face token for a ``https://huggingface.co/...`` URL, if the user has one (never logged)."""
+    from urllib.parse import urlparse
+
+    host = (urlparse(url).hostname or "").lower()
+    if host != "huggingface.co" and not host.endswith(".huggingface.co"):
+        return None
+    if token := os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"):
+        return token
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except Exception:  # noqa: BLE001 - no token store: download anonymously
+        return None
+
+
 def default_cache_dir() -> Path:
     """``$ODISE_CACHE``, else ``$XDG_CACHE_HOME/odise_annotate``, else ``~/.cache/odise_annotate``."""
     if os.environ.get("ODISE_CACHE"):
@@ -490,6 +507,9 @@ class WeightLoader:
             protocol = url.split("://", 1)[0]
             if protocol in ("http", "https"):
                 options = {"block_size": 0}  # one streaming GET: no HEAD / range requests (plain servers)
+                if token := _hub_token(url):
+                    # gated Hugging Face repos (SD v1.3): the user's token ($HF_TOKEN or `hf auth login`)
+                    options["headers"] = {"Authorization": f"Bearer {token}"}
             else:
                 options = dict(self.storage_options)
             logger.info("downloading %s -> %s", url, dest)

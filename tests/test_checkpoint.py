@@ -461,6 +461,17 @@ def test_http_url_downloads_once_then_uses_the_cache(reference, files, tmp_path)
     assert second.weight_provenance["checkpoint"]["path"] == str(cached[0])
 
 
+def test_hugging_face_token_only_for_hugging_face_urls(monkeypatch):
+    """Gated repos (SD v1.3) need the user's token; it is sent to huggingface.co and nowhere else."""
+    from odise_model.checkpoint import _hub_token
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    assert _hub_token("https://huggingface.co/CompVis/stable-diffusion-v-1-3-original/resolve/main/sd-v1-3.ckpt")
+    assert _hub_token("https://cdn-lfs.huggingface.co/x") == "hf_secret"
+    for url in ("https://github.com/x", "https://huggingface.co.evil.example/x", "http://127.0.0.1:8000/huggingface.co"):
+        assert _hub_token(url) is None, url
+
+
 def test_default_cache_dir_and_its_override(monkeypatch, tmp_path):
     monkeypatch.setenv("ODISE_CACHE", str(tmp_path / "mine"))
     assert default_cache_dir() == tmp_path / "mine"
