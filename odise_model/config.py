@@ -272,10 +272,17 @@ def _build_section(cls: type, name: str, raw: Any, source: Path) -> Any:
 
 
 def _resolve(ref: str, base: Path) -> Path:
+    """``ref`` relative to the config's folder; if absent there, the shipped file of that name (so a copy of
+    a built-in config, e.g. to change the fusion weights, still finds ``sd_v1/unet.json``)."""
     path = Path(ref)
-    if not path.is_absolute():
-        path = base / path
-    return path
+    if path.is_absolute():
+        return path
+    local = base / path
+    if not local.exists():
+        shipped = Path(config_file("models", *path.parts))
+        if shipped.exists():
+            return shipped
+    return local
 
 
 def load_config(spec: str | os.PathLike | ODISEConfig) -> ODISEConfig:

@@ -301,3 +301,26 @@ def test_config_rejects_unknown_keys(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="unknown model"):
         load_config("no_such_variant")
+
+
+def test_a_copied_builtin_config_finds_the_shipped_sd_configs(tmp_path):
+    """Copying odise_label_coco.json elsewhere to change a setting must work: its sd_v1/*.json refs fall back
+    to the shipped files; a file next to the copy still wins."""
+    import json
+
+    from odise_model.resources import config_file
+
+    raw = json.loads(config_file("models", "odise_label_coco.json").read_text())
+    raw["classifier"]["alpha"] = 0.4
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(raw))
+    cfg = load_config(path)
+    official = load_config("odise_label_coco")
+    assert cfg.classifier.alpha == 0.4 and cfg.stable_diffusion == official.stable_diffusion
+    refs = [v for section in raw.values() if isinstance(section, dict) for v in section.values()]
+    unet_ref = next(v for v in refs if isinstance(v, str) and v.endswith("unet.json"))
+    local = tmp_path / unet_ref
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.write_text("[not json")
+    with pytest.raises(ConfigError):
+        load_config(path)
