@@ -92,7 +92,8 @@ def resized_size(height: int, width: int, short_side: int, max_size: int) -> tup
     if max(new_h, new_w) > max_size:
         scale = max_size * 1.0 / max(new_h, new_w)
         new_h, new_w = new_h * scale, new_w * scale
-    return int(new_h + 0.5), int(new_w + 0.5)
+    # at least 1 pixel: extreme aspect ratios (e.g. 3 x 5000) would otherwise round a side to 0
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
 
 
 class Predictor:

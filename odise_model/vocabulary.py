@@ -440,7 +440,8 @@ def parse_vocabulary(text: str | bytes, source: str = "<string>") -> Vocabulary:
 
 
 def _from_list(items: Sequence[str]) -> Vocabulary:
-    """One class per string, commas separate synonyms; all things, ids 1..n. No ids or markers."""
+    """One class per string as a ``classes.txt`` line without an id: commas separate synonyms, an optional
+    trailing ``[stuff]`` / ``[thing]`` marker (default thing); ids 1..n in list order."""
     source = "<list>"
     categories = []
     for number, item in enumerate(items, start=1):
@@ -448,15 +449,21 @@ def _from_list(items: Sequence[str]) -> Vocabulary:
             raise VocabularyError(f"expected a string, got {type(item).__name__}", source=source, line=number)
         if "\n" in item or "\r" in item:
             raise VocabularyError("a class name must not contain a line break", source=source, line=number)
-        if _TRAILING_TAG.search(item):
-            raise VocabularyError(
-                f"markers like [stuff] are not read from a list (all classes are things): {item!r}; "
-                "write a classes.txt file to mark stuff classes",
-                source=source,
-                line=number,
-            )
-        synonyms = _split_synonyms(item, source, number)
-        categories.append(Category(number, synonyms[0], synonyms, True))
+        text = item.strip()
+        isthing = True
+        tag = _TRAILING_TAG.search(text)
+        if tag:
+            marker = tag.group(1).strip().lower()
+            if marker not in _MARKERS:
+                raise VocabularyError(
+                    f"unknown tag [{tag.group(1)}]; only [thing] and [stuff] are allowed", source=source, line=number
+                )
+            isthing = _MARKERS[marker]
+            text = text[: tag.start()].strip()
+            if not text:
+                raise VocabularyError(f"a [{marker}] marker without a class name", source=source, line=number)
+        synonyms = _split_synonyms(text, source, number)
+        categories.append(Category(number, synonyms[0], synonyms, isthing))
     _check_categories(categories, source, list(range(1, len(categories) + 1)))
     return Vocabulary(tuple(categories), source=source)
 
@@ -494,8 +501,8 @@ def load_vocabulary(
               file must be given with a suffix or a directory, e.g. ``./coco_panoptic``);
             - a URL ``scheme://...`` read with fsspec (``s3://``, ``gs://``, ``https://``, ``file://``);
             - a local path to a ``classes.txt`` file;
-            - a list/tuple of strings: one class per string, commas separate synonyms, all things,
-              ids 1..n (no ids or markers).
+            - a list/tuple of strings: one class per string, commas separate synonyms, an optional
+              trailing ``[stuff]`` / ``[thing]`` marker (default thing), ids 1..n (no explicit ids).
         merge_with: built-in names (or paths/URLs) whose classes are merged after ``spec``'s with
             :meth:`Vocabulary.merge`, in the given order.
         storage_options: fsspec options for URLs (credentials, endpoint); ignored for local paths.

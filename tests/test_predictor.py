@@ -109,3 +109,16 @@ def test_resize_follows_detectron2_shortest_edge():
     assert resized_size(480, 640, 1024, 2560) == (1024, 1365)
     assert resized_size(640, 480, 1024, 2560) == (1365, 1024)
     assert resized_size(100, 4000, 1024, 2560) == (64, 2560)
+
+
+def test_extreme_aspect_ratios_and_single_pixel_images():
+    """Sizes that round a side to 0 under the shortest-edge resize still predict at the input's size."""
+    import numpy as np
+
+    import odise_model
+
+    predictor = odise_model.Predictor(odise_model.build_odise("tiny"), ["cat", "sky [stuff]"])
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in [(3, 2000, 3), (2000, 3, 3), (1, 1, 3)]]
+    for image, result in zip(images, predictor.predict(images), strict=True):
+        assert result.panoptic_seg.shape == image.shape[:2]

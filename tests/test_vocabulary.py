@@ -266,8 +266,13 @@ def test_list_of_strings():
         load_vocabulary(["cat", "dog,"])
     with pytest.raises(VocabularyError, match=r"^<list>:3: .*duplicate class"):
         load_vocabulary(["cat", "dog", "CAT"])
-    with pytest.raises(VocabularyError, match=r"^<list>:1: .*markers"):
-        load_vocabulary(["sky [stuff]"])
+    marked = load_vocabulary(["cat", "sky, clouds [stuff]", "grass [STUFF]", "tv [old] [thing]"])
+    assert [c.isthing for c in marked] == [True, False, False, True]
+    assert marked[1].synonyms == ("sky", "clouds") and marked[3].name == "tv [old]"
+    with pytest.raises(VocabularyError, match=r"^<list>:2: .*unknown tag \[other\]"):
+        load_vocabulary(["cat", "sky [other]"])
+    with pytest.raises(VocabularyError, match=r"^<list>:1: .*marker without a class name"):
+        load_vocabulary(["[stuff]"])
     with pytest.raises(VocabularyError, match="empty vocabulary"):
         load_vocabulary([])
 
