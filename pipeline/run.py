@@ -340,7 +340,7 @@ def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, A
     staged (``images_staged``, so progress moves within a large shard). The Prefect flow and the CLI turn it
     into a progress artifact / bar.
     """
-    from .sources import ShardRef
+    from .sources import ShardRef, exclude_labelled_images
     from .writers import (
         clean_uncommitted,
         commit_shard,
@@ -365,6 +365,15 @@ def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, A
     if cleaned:
         log.info("cleaned leftovers of %d interrupted shard(s): %s", len(cleaned), cleaned[:10])
     done = committed_shards(out, out_opts)
+    # an image folder that grew since a committed run: label only its new images (never one twice)
+    listed_members = {m for s in shards for m in s.members}
+    shards = exclude_labelled_images(shards, done, config.images_per_virtual_shard)
+    # committed shards that labelled images still listed count as listed (not stale) in the summary
+    covering = [
+        ShardRef(url=str(m.get("shard", "")), shard_id=sid, kind="images")
+        for sid, m in done.items()
+        if sid not in {s.shard_id for s in shards} and listed_members.intersection(m.get("members") or ())
+    ]
     todo = [s for s in shards if s.shard_id not in done]
     summary = RunSummary(
         run_id=run_id,
@@ -480,7 +489,7 @@ def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, A
         out,
         out_opts,
         provenance=None,
-        shards=shards,
+        shards=[*shards, *covering],
         extra={"last_run": summary.to_dict()},
     )
     summary.error_reasons = dict(totals_file.get("errors_by_reason", {}))

@@ -9,7 +9,7 @@ Columns (``SCHEMA_VERSION = 1``):
 
 ==============  ===================================================================================
 run_id          string, the run that produced the row
-shard           string, URL of the input shard (for virtual image shards: ``<folder>#images-<n>``)
+shard           string, URL of the input shard (for virtual image shards: ``<folder>#images-<n>`` / ``#rest-<n>``)
 shard_id        string, filesystem-safe unique shard name (output file names)
 key             string, sample key, unique within a shard (WebDataset key, or relative image path)
 image_id        int64, stable id = ``int(sha1(f"{shard_id}/{key}").hexdigest()[:15], 16)`` (< 2**60)

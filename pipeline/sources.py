@@ -64,7 +64,7 @@ import posixpath
 import re
 import tarfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -111,7 +111,8 @@ class ShardRef:
 
     Attributes:
         url: canonical URL (``file:///abs/x.tar``, ``s3://b/x.tar``); for virtual shards
-            ``<folder url>#images-<index:06d>`` (an identifier, not an object to open).
+            ``<folder url>#images-<index:06d>`` (``#rest-`` for the new images of a folder that grew since a
+            committed run); an identifier, not an object to open.
         shard_id: stable, unique, filesystem-safe name (``[A-Za-z0-9._-]``, starts alphanumeric).
         kind: ``"tar"`` or ``"images"``.
         members: for virtual shards, the image URLs in order; empty for tars.
@@ -434,7 +435,7 @@ def _resolve_one(
         )
 
 
-def _virtual_shards(images: dict[str, str], per_shard: int) -> list[ShardRef]:
+def _virtual_shards(images: dict[str, str], per_shard: int, label: str = "images") -> list[ShardRef]:
     groups: dict[str, list[str]] = {}
     for url, root in images.items():
         groups.setdefault(root, []).append(url)
@@ -444,11 +445,45 @@ def _virtual_shards(images: dict[str, str], per_shard: int) -> list[ShardRef]:
         folder = _safe_stem(posixpath.basename(root.split("://", 1)[-1].rstrip("/")), "images")
         for index, start in enumerate(range(0, len(urls), per_shard)):
             members = tuple(urls[start : start + per_shard])
-            url = f"{root}#images-{index:06d}"
+            url = f"{root}#{label}-{index:06d}"
             digest = _short_hash(url + "\n" + "\n".join(members))
-            shard_id = f"{folder}-images-{index:06d}-{digest}"
+            shard_id = f"{folder}-{label}-{index:06d}-{digest}"
             shards.append(ShardRef(url=url, shard_id=shard_id, kind="images", members=members, root=root))
     return shards
+
+
+def exclude_labelled_images(
+    shards: Sequence[ShardRef], committed: Mapping[str, Mapping[str, Any]], per_shard: int
+) -> list[ShardRef]:
+    """Keep a rerun over a grown (or regrouped) image folder from labelling any image twice.
+
+    Virtual shards are named after their member list, so adding one image to a folder renames the
+    group it falls in; without care, a rerun would label that group's old images again. ``committed``
+    is :func:`pipeline.writers.committed_shards` (markers of image shards list their ``members``). For
+    each folder whose pending shards hold images some committed shard already labelled, those images
+    are dropped and the rest regrouped into ``<folder>#rest-<index>`` shards (deterministic, so an
+    interrupted rerun resumes them). Tar shards, committed shards and untouched folders are unchanged.
+    """
+    covered = {m for marker in committed.values() for m in marker.get("members") or ()}
+    if not covered:
+        return list(shards)
+    out: list[ShardRef] = []
+    pending: dict[str, list[ShardRef]] = {}
+    for shard in shards:
+        if shard.kind == "images" and shard.shard_id not in committed:
+            pending.setdefault(shard.root, []).append(shard)
+        else:
+            out.append(shard)
+    for root, group in pending.items():
+        members = [m for shard in group for m in shard.members]
+        if not any(m in covered for m in members):
+            out.extend(group)
+            continue
+        rest = {m: root for m in members if m not in covered}
+        skipped = len(members) - len(rest)
+        log.info("%s: %d image(s) already labelled by committed shards; %d left to label", root, skipped, len(rest))
+        out.extend(_virtual_shards(rest, per_shard, label="rest"))
+    return sorted(out, key=lambda s: (s.url, s.shard_id))
 
 
 def list_shards(

@@ -130,6 +130,8 @@ class CommitInfo:
     n_staging_files: int
     n_duplicates_dropped: int
     committed_at: str
+    # image-folder shards only: the image URLs the shard labelled (a rerun over a grown folder skips them)
+    members: tuple[str, ...] = ()
 
     def to_marker(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,7 +139,9 @@ class CommitInfo:
     @classmethod
     def from_marker(cls, marker: dict[str, Any]) -> CommitInfo:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in marker.items() if k in names})
+        values = {k: v for k, v in marker.items() if k in names}
+        values["members"] = tuple(values.get("members") or ())
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,12 @@ def _shard_fields(shard: Any) -> tuple[str, str]:
     if isinstance(shard, dict):
         return str(shard["url"]), _check_shard_id(shard["shard_id"])
     return str(shard.url), _check_shard_id(shard.shard_id)
+
+
+def _shard_members(shard: Any) -> Sequence[str]:
+    if isinstance(shard, dict):
+        return shard.get("members") or ()
+    return getattr(shard, "members", ()) or ()
 
 
 def key_to_filename(key: str) -> str:
@@ -560,6 +570,7 @@ def write_shard_outputs(
         n_staging_files=len(staged),
         n_duplicates_dropped=n_dropped,
         committed_at=_utc_now(),
+        members=tuple(_shard_members(shard)),
     )
     return PreparedCommit(info=info, staging_files=tuple(staged))
 

@@ -227,17 +227,45 @@ def test_actor_killed_mid_run_loses_nothing(tmp_path, photos, ray_local):
     assert summary.errors == 0 and summary.images == 12
 
 
+def test_rerun_over_a_grown_image_folder_labels_only_the_new_images(tmp_path, photos, ray_local):
+    """Adding images to a folder (or changing the group size) renames its virtual shards; a rerun into the
+    same output must label the new images only: no image twice in Parquet or COCO."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    names = sorted(photos)
+    for i, name in enumerate(names[:3]):
+        (folder / f"b{i}.jpg").write_bytes(_jpeg(photos[name], (64, 48)))
+    out = tmp_path / "out"
+    first = pipeline.run_annotation(config(str(folder), str(out), overlays=0, images_per_virtual_shard=2))
+    assert first.images == 3
+    (folder / "a_new.jpg").write_bytes(_jpeg(photos[names[0]], (48, 64)))  # sorts first: shifts every group
+    (folder / "c_new.jpg").write_bytes(_jpeg(photos[names[1]], (48, 64)))
+    second = pipeline.run_annotation(config(str(folder), str(out), overlays=0, images_per_virtual_shard=2))
+    assert second.images == 2 and second.errors == 0
+    rows = read_rows(str(out))
+    assert sorted(r["key"] for r in rows) == ["a_new.jpg", "b0.jpg", "b1.jpg", "b2.jpg", "c_new.jpg"]
+    check_coco(out, rows)
+    # nothing new, or another group size: nothing is labelled again
+    for per_shard in (2, 3):
+        again = pipeline.run_annotation(config(str(folder), str(out), overlays=0, images_per_virtual_shard=per_shard))
+        assert again.images == 0
+    assert len(read_rows(str(out))) == 5
+    totals = json.loads((out / "summary.json").read_text())
+    assert totals["n_images"] == 5 and totals["stale_shards"] == [] and totals["pending_shards"] == []
+
+
 # --- checks before anything heavy ---------------------------------------------------------------------------
 def test_missing_shard_fails_before_any_model(tmp_path, photos):
     import ray
 
     write_shard(tmp_path / "shard-000000.tar", good_samples(photos, "x", 1))
+    ray_was_running = ray.is_initialized()
     started = time.time()
     with pytest.raises(FileNotFoundError, match="shard-000001.tar"):
         pipeline.run_annotation(config(str(tmp_path / "shard-{000000..000001}.tar"), str(tmp_path / "out")))
     assert time.time() - started < 15
-    assert not ray.is_initialized() or ray.is_initialized()  # no model was built either way: checks come first
-    assert not (tmp_path / "out" / "provenance.json").exists()
+    assert ray.is_initialized() == ray_was_running  # the run never got as far as Ray (where the model is built)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing written
 
 
 def test_unreachable_bucket_fails_fast(tmp_path):
