@@ -64,10 +64,47 @@ def _fail(prog: str, message: str, code: int) -> int:
     return code
 
 
+INTERRUPT_GRACE_S = 12.0
+"""After Ctrl-C, seconds the run gets to stop cleanly before the process exits anyway (code 130)."""
+
+
+def _install_interrupt_guard(prog: str, grace_s: float = INTERRUPT_GRACE_S) -> None:
+    """Make Ctrl-C always end the command with exit code 130.
+
+    A terminal's Ctrl-C reaches the whole process group, so the temporary Prefect server and the local Ray
+    processes stop at the same moment as this process; Prefect's client would then retry reporting the
+    crash to a server that is gone for minutes. The first SIGINT raises ``KeyboardInterrupt`` as usual and
+    starts a timer; if the process has not exited ``grace_s`` later (or on a second Ctrl-C) it exits at once.
+    That is safe: a shard is only committed by its marker, so a rerun redoes the unfinished ones.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    interrupts = []
+
+    def hard_exit() -> None:
+        print(f"{prog}: interrupted (committed shards are kept; rerun the same command to resume)", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(130)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        interrupts.append(signum)
+        if len(interrupts) > 1:
+            hard_exit()
+        timer = threading.Timer(grace_s, hard_exit)
+        timer.daemon = True
+        timer.start()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+
+
 def _run_guarded(prog: str, body: Callable[[], int]) -> int:
     """Run ``body``; known input errors -> one line + exit 2, other failures -> one line + exit 1."""
     from .params import EntryPointMissingError, user_errors
 
+    _install_interrupt_guard(prog)
     try:
         return body()
     except KeyboardInterrupt:

@@ -148,6 +148,41 @@ def test_tiny_run_on_the_examples_via_the_console_script(tmp_path):
     assert sum("(absent)" in line for line in metrics_rows) == len(metrics_rows) - len(counted)
 
 
+def test_ctrl_c_in_a_terminal_exits_130_and_a_rerun_completes(tmp_path):
+    """Ctrl-C reaches the whole process group (the temporary Prefect server and Ray too): the command must
+    still end promptly with exit code 130, and the same command afterwards labels every image exactly once."""
+    import signal
+
+    import pyarrow.dataset as pads
+
+    out = tmp_path / "out"
+    args = [_script("odise-annotate"), "--input", "examples/images", "--vocab-file", "examples/classes.txt",
+            "--output", str(out), "--model", "tiny", "--num-cpus", "2", "--images-per-virtual-shard", "1",
+            "--no-progress", "--overlays", "0"]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=REPO, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while not (out / "provenance.json").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(6)  # Ray is starting or labelling
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        started = time.time()
+        _, stderr = proc.communicate(timeout=90)
+        waited = time.time() - started
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted" in stderr and waited < 60
+    rerun = _run(args, tmp_path, timeout=540)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    keys = pads.dataset(str(out / "parquet"), format="parquet").to_table(columns=["key"]).column("key").to_pylist()
+    assert sorted(keys) == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"]
+
+
 def test_official_model_offline_without_weights_fails_fast(tmp_path):
     cache = tmp_path / "empty-cache"
     cache.mkdir()
