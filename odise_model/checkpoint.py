@@ -474,11 +474,25 @@ class WeightLoader:
         self.storage_options = storage_options or {}
 
     def locate_all(self, sources: WeightSources) -> Located:
-        return Located(
-            checkpoint=None if sources.checkpoint is None else self.locate(sources.checkpoint, "checkpoint"),
-            sd=None if sources.sd is None else self.locate(sources.sd, "sd"),
-            clip=None if sources.clip is None else self.locate(sources.clip, "clip"),
-        )
+        """Locate every named source; when files are missing, one error lists all of them (not just the first)."""
+        found: dict[str, Any] = {}
+        missing: list[WeightsNotFoundError] = []
+        for kind in ("checkpoint", "sd", "clip"):
+            spec = getattr(sources, kind)
+            if spec is None:
+                found[kind] = None
+                continue
+            try:
+                found[kind] = self.locate(spec, kind)
+            except WeightsNotFoundError as exc:
+                missing.append(exc)
+        if len(missing) == 1:
+            raise missing[0]
+        if missing:
+            raise WeightsNotFoundError(
+                f"{len(missing)} weights files are not available:\n\n" + "\n\n".join(str(e) for e in missing)
+            )
+        return Located(**found)
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _not_found(self, kind: str, spec: str, filename: str, searched: Iterable[str], reason: str):

@@ -55,6 +55,13 @@ def _empty_sample_row(shard: dict, key: str, *, error: str | None, ext: str | No
     }
 
 
+
+def _sample_location(shard: dict, key: str) -> str:
+    """Where a sample lives, for error messages: the image's own URL for image folders, ``<tar URL>:<key>``."""
+    if shard.get("kind") == "images" and shard.get("root"):
+        return f"{str(shard['root']).rstrip('/')}/{key}"
+    return f"{shard['url']}:{key}"
+
 class ReadShard:
     """CPU stage: stream one shard, decode and resize every image; a generator of row batches.
 
@@ -96,7 +103,7 @@ class ReadShard:
             row["error"] = "no image bytes"
             return row
         try:
-            rgb = decode_image(sample.image_bytes, max_pixels=self.max_pixels, source=f"{shard['url']}:{sample.key}")
+            rgb = decode_image(sample.image_bytes, max_pixels=self.max_pixels, source=_sample_location(shard, sample.key))
         except ImageDecodeError as exc:
             row["error"] = str(exc)
             return row

@@ -81,9 +81,13 @@ def check_output_writable(url: str, storage_options: dict) -> None:
         fs, root = url_to_fs(url, **storage_options)
         probe = posixpath.join(root.rstrip("/"), f".write-probe-{uuid.uuid4().hex}")
         if not ("://" in url and not url.startswith("file://")):
+            if os.path.exists(root) and not os.path.isdir(root):
+                raise OutputError(f"output {url} is a file, not a folder; give a folder (it is created if missing)")
             os.makedirs(root, exist_ok=True)
         fs.pipe_file(probe, b"ok")
         fs.rm_file(probe)
+    except OutputError:
+        raise
     except Exception as exc:
         raise OutputError(f"output {url} is not writable: {type(exc).__name__}: {exc}") from exc
 
@@ -130,8 +134,14 @@ def check_inputs(config: AnnotateConfig) -> dict[str, Any]:
     )
     loader = WeightLoader(offline=config.offline, cache_dir=config.cache_dir, storage_options=config.storage_options)
     located = loader.locate_all(sources)
-    check_output_writable(config.output, config.out_storage_options)  # last: it creates a local output folder
-    return {"vocabulary": vocabulary, "shards": shards, "model_config": model_cfg, "located": located, "sources": sources}
+    check_output_writable(config.output, config.out_storage_options)  # it creates a local output folder
+    checked = {"vocabulary": vocabulary, "shards": shards, "model_config": model_cfg, "located": located, "sources": sources}
+    if not config.allow_provenance_mismatch:
+        # an output labelled with another model / vocabulary / thresholds: refuse now, not after Ray started
+        from .writers import check_provenance
+
+        check_provenance(config.output, config.out_storage_options, _provenance(config, checked, "check"))
+    return checked
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -490,7 +500,8 @@ def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, A
         out_opts,
         provenance=None,
         shards=[*shards, *covering],
-        extra={"last_run": summary.to_dict()},
+        # (errors by reason are the file's top-level "errors_by_reason", over every committed shard)
+        extra={"last_run": {k: v for k, v in summary.to_dict().items() if k != "error_reasons"}},
     )
     summary.error_reasons = dict(totals_file.get("errors_by_reason", {}))
     return summary

@@ -885,18 +885,45 @@ def write_provenance(
     """
     fs, root = _fs(out_url, storage_options)
     path = posixpath.join(root, "provenance.json")
-    raw = _read_bytes(fs, path)
-    if raw is not None and not allow_mismatch:
-        existing = RunProvenance.from_json(raw)
-        old, new = existing.label_fingerprint(), provenance.label_fingerprint()
-        diff = sorted(k for k in old if old[k] != new[k])
-        if diff:
-            raise ProvenanceMismatchError(
-                f"{out_url} already holds labels made with different {diff}; use a new output folder"
-            )
-        return existing
+    if not allow_mismatch:
+        existing = check_provenance(out_url, storage_options, provenance)
+        if existing is not None:
+            return existing
     _write_bytes(fs, path, (provenance.to_json() + "\n").encode())
     return provenance
+
+
+def check_provenance(
+    out_url: str, storage_options: dict[str, Any] | None, provenance: RunProvenance
+) -> RunProvenance | None:
+    """The output's existing provenance if compatible with ``provenance`` (None when there is none yet).
+
+    Raises:
+        ProvenanceMismatchError: the output holds labels of another model / weights / vocabulary /
+            thresholds; the message lists what differs.
+    """
+    fs, root = _fs(out_url, storage_options)
+    raw = _read_bytes(fs, posixpath.join(root, "provenance.json"))
+    if raw is None:
+        return None
+    existing = RunProvenance.from_json(raw)
+    old, new = existing.label_fingerprint(), provenance.label_fingerprint()
+    diff = sorted(k for k in old if old[k] != new[k])
+    if diff:
+        raise ProvenanceMismatchError(
+            f"{out_url} already holds labels made with different {', '.join(diff)} (see its provenance.json); "
+            "use a new output folder, or allow_provenance_mismatch to relabel into it anyway"
+        )
+    return existing
+
+
+def error_reason(error: str) -> str:
+    """The kind of an error record: its text without the trailing ``[location]`` and the details after ``:``
+    (``"truncated image [file:///x/a.jpg]"`` -> ``"truncated image"``)."""
+    text = error.strip()
+    if text.endswith("]") and " [" in text:
+        text = text[: text.rindex(" [")]
+    return text.split(":", 1)[0].strip()[:120] or "error"
 
 
 def write_run_summary(
@@ -911,7 +938,7 @@ def write_run_summary(
 
     Keys: ``run_id``, ``schema_version``, ``written_at``, ``n_shards_committed``, ``n_images``,
     ``n_labelled``, ``n_errors``, ``n_segments``, ``n_instances``, ``n_duplicates_dropped``,
-    ``errors_by_reason`` (error text up to its first ``:`` -> count, 20 most common),
+    ``errors_by_reason`` (:func:`error_reason` -> count, 20 most common),
     and when ``shards`` (the run's input) is given ``pending_shards`` (listed, not committed) and
     ``stale_shards`` (committed, no longer listed); plus ``extra``.
     """
@@ -925,7 +952,7 @@ def write_run_summary(
         if m.get("n_errors"):
             with fs.open(posixpath.join(root, m["parquet"]), "rb") as f:
                 errors = pq.read_table(f, columns=["error"]).column("error").drop_null().to_pylist()
-            reasons.update(e.split(":", 1)[0].strip()[:120] for e in errors)
+            reasons.update(error_reason(e) for e in errors)
     summary: dict[str, Any] = {
         "run_id": provenance.run_id if provenance else None,
         "schema_version": SCHEMA_VERSION,

@@ -513,6 +513,8 @@ def test_offline_release_name_says_where_to_get_it(tmp_path, monkeypatch):
     assert str(tmp_path / "zoo" / "odise_label_coco_50e-b67d2efc.pth") in msg
     assert str(tmp_path / "c" / "checkpoint" / "odise_label_coco_50e-b67d2efc.pth") in msg
     assert "https://github.com/NVlabs/ODISE/releases/download/v1.0.0/odise_label_coco_50e-b67d2efc.pth" in msg
+    # every missing file is named at once, not only the first
+    assert msg.startswith("3 weights files are not available") and "sd-v1-3.ckpt" in msg and "ViT-L-14-336px.pt" in msg
 
 
 def test_offline_env_var(tmp_path, monkeypatch):

@@ -206,7 +206,10 @@ def test_official_model_offline_without_weights_fails_fast(tmp_path):
     elapsed = time.perf_counter() - started
     assert proc.returncode == 2, proc.stdout + proc.stderr
     err = proc.stderr
-    assert "odise-annotate: error: checkpoint weights file 'odise_label_coco_50e-b67d2efc.pth'" in err
+    assert "odise-annotate: error: 3 weights files are not available" in err
+    for line in ("checkpoint weights file 'odise_label_coco_50e-b67d2efc.pth'", "sd weights file 'sd-v1-3.ckpt'",
+                 "clip weights file 'ViT-L-14-336px.pt'"):  # fmt: skip
+        assert line in err, line
     assert str(cache) in err  # where it looked
     assert "how to provide" in err and "--checkpoint" in err
     assert "Traceback" not in err

@@ -292,6 +292,9 @@ def test_output_inside_input_is_refused(tmp_path, photos):
     (folder / "a.jpg").write_bytes(_jpeg(photos["coffee"], (64, 48)))
     with pytest.raises(OutputError, match="inside the input"):
         check_inputs(config(str(folder), str(folder / "labels")))
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(OutputError, match="a-file is a file, not a folder"):
+        check_inputs(config(str(folder), str(tmp_path / "a-file")))
 
 
 def test_missing_official_weights_offline_say_which_file(tmp_path, photos):
@@ -303,3 +306,18 @@ def test_missing_official_weights_offline_say_which_file(tmp_path, photos):
             config(str(tmp_path / "s.tar"), str(tmp_path / "out"), model="odise_label_coco", offline=True,
                    cache_dir=str(tmp_path / "cache"))
         )
+
+
+def test_output_of_another_vocabulary_is_refused_before_the_run(tmp_path, photos):
+    from pipeline.run import _provenance
+    from pipeline.writers import ProvenanceMismatchError, write_provenance
+
+    write_shard(tmp_path / "s.tar", good_samples(photos, "p", 1))
+    out = str(tmp_path / "out")
+    first = config(str(tmp_path / "s.tar"), out)
+    write_provenance(out, None, _provenance(first, check_inputs(first), "run-1"))
+    check_inputs(first)  # same settings: fine
+    other = config(str(tmp_path / "s.tar"), out, vocab_file="ade20k_150")
+    with pytest.raises(ProvenanceMismatchError, match=r"vocabulary_sha256.*provenance.json"):
+        check_inputs(other)
+    check_inputs(config(str(tmp_path / "s.tar"), out, vocab_file="ade20k_150", allow_provenance_mismatch=True))

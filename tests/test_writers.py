@@ -392,3 +392,13 @@ def test_s3_end_to_end(s3_bucket: str, s3_storage_options: dict, tmp_path: Path)
     write_staging(make_rows(shard(2), ["never"]), out, so, PROV)
     info = commit_shard(out, so, shard=shard(2), expected_keys=1, provenance=PROV)
     assert info.n_images == 1 and len(committed_shards(out, so)) == 3
+
+
+def test_error_reason_groups_errors_by_kind():
+    from pipeline.writers import error_reason
+
+    assert error_reason("truncated image [file:///data/imgs/a.jpg]") == "truncated image"
+    assert error_reason("empty (0 bytes) [file:///x/shard.tar:k1]") == "empty (0 bytes)"
+    assert error_reason("too large: 900000000 pixels > 178956970 [s3://b/s.tar:k]") == "too large"
+    assert error_reason("no image in the sample") == "no image in the sample"
+    assert error_reason("   ") == "error"
