@@ -186,8 +186,8 @@ _EXTRA_HELP = {
     "output": "output folder or URL (out/, s3://bucket/labels/run1); rerunning into it labels only what is missing",
     "vocab_file": "classes.txt path or URL (one class per line, comma-separated synonyms, [stuff] marker, # comments) "
     "or a built-in vocabulary: coco_panoptic, ade20k_150",
-    "model": "odise_label_coco (official, needs the weights), odise_caption_coco, or tiny: random weights, a "
-    "PLUMBING CHECK that runs offline in about a minute on a CPU; or a model JSON path",
+    "model": "odise_label_coco (official, needs the weights), odise_caption_coco, or tiny / tiny_caption: random "
+    "weights, a PLUMBING CHECK that runs offline in about a minute on a CPU; or a model JSON path",
     "storage_options": "fsspec options as JSON, WITHOUT credentials, e.g. "
     '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'',
     "output_storage_options": "fsspec options (JSON, no credentials) for the output when they differ from the input's",

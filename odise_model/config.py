@@ -32,7 +32,7 @@ __all__ = [
     "BUILTIN_VARIANTS",
 ]
 
-BUILTIN_VARIANTS = ("odise_label_coco", "odise_caption_coco", "tiny")
+BUILTIN_VARIANTS = ("odise_label_coco", "odise_caption_coco", "tiny", "tiny_caption")
 
 
 class ConfigError(ValueError):

@@ -14,9 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 __all__ = ["AnnotateConfig", "RunSummary", "uses_pretrained", "check_sources", "clean_output"]
 
 
+TINY_VARIANTS = ("tiny", "tiny_caption")
+"""CPU-sized variants with random weights by default (tests, plumbing checks)."""
+
+
 def uses_pretrained(model: str, pretrained: bool | None) -> bool:
-    """Whether weight sources left unset get the official files: yes by default, except for ``tiny``."""
-    return pretrained if pretrained is not None else model != "tiny"
+    """Whether weight sources left unset get the official files: yes by default, except for the tiny variants."""
+    return pretrained if pretrained is not None else model not in TINY_VARIANTS
 
 
 def check_sources(value: str | list[str], what: str) -> str | list[str]:
@@ -50,7 +54,7 @@ class AnnotateConfig(BaseModel):
     vocab_file: str | None = Field("coco_panoptic", description="classes.txt path or URL, or a built-in vocabulary name")
     merge_vocab: list[str] = Field(default_factory=list, description="built-in vocabularies merged after vocab_file")
 
-    model: str = Field("odise_label_coco", description="model variant (odise_label_coco, odise_caption_coco, tiny) or JSON path")
+    model: str = Field("odise_label_coco", description="model variant (odise_label_coco, odise_caption_coco, tiny, tiny_caption) or JSON path")
     checkpoint: str | None = Field(None, description="ODISE weights: release name, path or URL")
     sd_weights: str | None = Field(None, description="Stable Diffusion v1.3 weights: sd-v1-3, .ckpt path/URL, diffusers folder or hub id")
     clip_weights: str | None = Field(None, description="CLIP ViT-L/14-336 weights: openai or a file path/URL")

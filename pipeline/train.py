@@ -81,7 +81,7 @@ class TrainConfig(BaseModel):
     output: str = Field(..., description="output URL: checkpoints/, metrics.jsonl, train_summary.json")
     model: str = Field(
         "odise_label_coco",
-        description="model variant (odise_label_coco, odise_caption_coco, tiny) or JSON path",
+        description="model variant (odise_label_coco, odise_caption_coco, tiny, tiny_caption) or JSON path",
     )
     checkpoint: str | None = Field(
         None, description="initial ODISE weights (release name, path or URL); ignored when resuming"

@@ -122,3 +122,29 @@ def test_extreme_aspect_ratios_and_single_pixel_images():
     images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in [(3, 2000, 3), (2000, 3, 3), (1, 1, 3)]]
     for image, result in zip(images, predictor.predict(images), strict=True):
         assert result.panoptic_seg.shape == image.shape[:2]
+
+
+def test_caption_variant_predicts_and_round_trips(tmp_path, photos):
+    """The caption variant (binary foreground head, no null embedding) on the inference path; its checkpoint
+    round-trips, and a label checkpoint is refused by it with the keys that differ."""
+    from odise_model.checkpoint import CheckpointError
+
+    model = odise_model.build_odise("tiny_caption", seed=5)
+    assert model.config.classifier.kind == "caption"
+    images = photos[:2]
+    vocab = odise_model.load_vocabulary(["cat", "person", "sky [stuff]"])
+    predictor = odise_model.Predictor(model, vocab, batch_size=2)
+    results = predictor.predict(images)
+    for image, r in zip(images, results, strict=True):
+        _check_result(r, image.shape, vocab)
+    path = tmp_path / "caption.pth"
+    odise_model.save_checkpoint(model, path)
+    loaded = odise_model.build_odise("tiny_caption", checkpoint=path, seed=5)
+    again = odise_model.Predictor(loaded, vocab, batch_size=2).predict(images)
+    for a, b in zip(results, again, strict=True):
+        np.testing.assert_array_equal(a.panoptic_seg, b.panoptic_seg)
+        assert a.segments == b.segments
+    label = tmp_path / "label.pth"
+    odise_model.save_checkpoint(odise_model.build_odise("tiny"), label)
+    with pytest.raises(CheckpointError, match="category_head.null_embed|class_embed"):
+        odise_model.build_odise("tiny_caption", checkpoint=label)
