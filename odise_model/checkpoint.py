@@ -647,12 +647,9 @@ def _is_metadata_global(name: str) -> bool:
 
 
 def _is_torchscript(path: Path) -> bool:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
-    return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
+    from .torchscript_weights import is_torchscript_archive
+
+    return is_torchscript_archive(str(path))
 
 
 OPENAI_CLIP_L14_336_SHA256 = "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02"

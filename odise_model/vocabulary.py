@@ -364,6 +364,22 @@ def _split_synonyms(body: str, source: str, line: int) -> tuple[str, ...]:
     return synonyms
 
 
+def _split_marker(line: str, source: str, number: int) -> tuple[str, bool]:
+    """``(text without its trailing [thing] / [stuff] marker, isthing)``; default thing."""
+    tag = _TRAILING_TAG.search(line)
+    if not tag:
+        return line, True
+    marker = tag.group(1).strip().lower()
+    if marker not in _MARKERS:
+        raise VocabularyError(
+            f"unknown tag [{tag.group(1)}]; only [thing] and [stuff] are allowed", source=source, line=number
+        )
+    text = line[: tag.start()].strip()
+    if not text:
+        raise VocabularyError(f"a [{marker}] marker without a class name", source=source, line=number)
+    return text, _MARKERS[marker]
+
+
 def parse_vocabulary(text: str | bytes, source: str = "<string>") -> Vocabulary:
     """Parse ``classes.txt`` content (see the module docstring for the format).
 
@@ -409,20 +425,7 @@ def parse_vocabulary(text: str | bytes, source: str = "<string>") -> Vocabulary:
             )
 
         # 2. optional trailing marker
-        isthing = True
-        tag = _TRAILING_TAG.search(line)
-        if tag:
-            marker = tag.group(1).strip().lower()
-            if marker not in _MARKERS:
-                raise VocabularyError(
-                    f"unknown tag [{tag.group(1)}]; only [thing] and [stuff] are allowed",
-                    source=source,
-                    line=number,
-                )
-            isthing = _MARKERS[marker]
-            line = line[: tag.start()].strip()
-            if not line:
-                raise VocabularyError(f"a [{marker}] marker without a class name", source=source, line=number)
+        line, isthing = _split_marker(line, source, number)
         if not line:
             raise VocabularyError("an id without a class name", source=source, line=number)
 
@@ -449,19 +452,7 @@ def _from_list(items: Sequence[str]) -> Vocabulary:
             raise VocabularyError(f"expected a string, got {type(item).__name__}", source=source, line=number)
         if "\n" in item or "\r" in item:
             raise VocabularyError("a class name must not contain a line break", source=source, line=number)
-        text = item.strip()
-        isthing = True
-        tag = _TRAILING_TAG.search(text)
-        if tag:
-            marker = tag.group(1).strip().lower()
-            if marker not in _MARKERS:
-                raise VocabularyError(
-                    f"unknown tag [{tag.group(1)}]; only [thing] and [stuff] are allowed", source=source, line=number
-                )
-            isthing = _MARKERS[marker]
-            text = text[: tag.start()].strip()
-            if not text:
-                raise VocabularyError(f"a [{marker}] marker without a class name", source=source, line=number)
+        text, isthing = _split_marker(item.strip(), source, number)
         synonyms = _split_synonyms(text, source, number)
         categories.append(Category(number, synonyms[0], synonyms, isthing))
     _check_categories(categories, source, list(range(1, len(categories) + 1)))
