@@ -178,7 +178,8 @@ def test_end_to_end_on_s3(tmp_path, photos, ray_local, s3_bucket, s3_storage_opt
 def test_driver_interrupted_then_rerun_resumes(tmp_path, photos, ray_local):
     shards = tmp_path / "shards"
     shards.mkdir()
-    for i in range(3):
+    n = 5  # enough shards that some are still being labelled when the first commit is reported
+    for i in range(n):
         write_shard(shards / f"part-{i}.tar", good_samples(photos, f"p{i}", 2))
     out = tmp_path / "out"
 
@@ -189,12 +190,13 @@ def test_driver_interrupted_then_rerun_resumes(tmp_path, photos, ray_local):
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_annotation(config(str(shards), str(out), overlays=0), on_progress=interrupt)
     committed = len(list((out / "_commits").glob("*.json")))
-    assert 1 <= committed < 3
+    print(f"interrupted with {committed} of {n} shards committed")
+    assert 1 <= committed < n
     summary = pipeline.run_annotation(config(str(shards), str(out), overlays=0))
-    assert summary.shards_skipped == committed and summary.shards_committed == 3 - committed
+    assert summary.shards_skipped == committed and summary.shards_committed == n - committed
     rows = read_rows(str(out))
     keys = sorted(r["key"] for r in rows)
-    assert keys == sorted(f"p{i}-{j:04d}" for i in range(3) for j in range(2))
+    assert keys == sorted(f"p{i}-{j:04d}" for i in range(n) for j in range(2))
     assert not list((out / "_staging").glob("*/*.parquet")) if (out / "_staging").exists() else True
 
 
