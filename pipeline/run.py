@@ -379,10 +379,11 @@ def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, A
     listed_members = {m for s in shards for m in s.members}
     shards = exclude_labelled_images(shards, done, config.images_per_virtual_shard)
     # committed shards that labelled images still listed count as listed (not stale) in the summary
+    listed_ids = {s.shard_id for s in shards}
     covering = [
         ShardRef(url=str(m.get("shard", "")), shard_id=sid, kind="images")
         for sid, m in done.items()
-        if sid not in {s.shard_id for s in shards} and listed_members.intersection(m.get("members") or ())
+        if sid not in listed_ids and listed_members.intersection(m.get("members") or ())
     ]
     todo = [s for s in shards if s.shard_id not in done]
     summary = RunSummary(
