@@ -78,21 +78,27 @@ def load_storage_credentials(storage_block: str | None) -> dict[str, Any]:
     return dict(value)
 
 
+def split_credentials(creds: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``(input options, output options or None)`` of a block's value (see :func:`load_storage_credentials`)."""
+    if creds and set(creds) <= {"storage_options", "output_storage_options"}:
+        out = creds.get("output_storage_options")
+        return dict(creds.get("storage_options") or {}), None if out is None else dict(out)
+    return dict(creds), dict(creds)
+
+
 def with_credentials(config: Any, storage_block: str | None) -> Any:
-    """``config`` (an ``AnnotateConfig``-like pydantic model) with the block's credentials merged in.
+    """``config`` (a pydantic config with ``storage_options``, and maybe ``output_storage_options``) with the
+    block's credentials merged in.
 
     The returned copy lives only inside a task; it is never returned, logged or written.
     """
     creds = load_storage_credentials(storage_block)
     if not creds:
         return config
-    if set(creds) <= {"storage_options", "output_storage_options"}:
-        inp = dict(creds.get("storage_options") or {})
-        out = creds.get("output_storage_options")
-    else:
-        inp, out = creds, creds
+    inp, out = split_credentials(creds)
     update: dict[str, Any] = {"storage_options": {**config.storage_options, **inp}}
-    if out is not None or getattr(config, "output_storage_options", None) is not None:
+    has_output_options = "output_storage_options" in type(config).model_fields
+    if has_output_options and (out is not None or config.output_storage_options is not None):
         base_out = (
             config.output_storage_options
             if config.output_storage_options is not None

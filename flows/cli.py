@@ -699,10 +699,9 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
         check_no_credentials("storage_options", ns.storage_options)
         options = dict(ns.storage_options)
         if ns.storage_block:
-            from ._prefect import load_storage_credentials
+            from ._prefect import load_storage_credentials, split_credentials
 
-            creds = load_storage_credentials(ns.storage_block)
-            options.update(creds.get("storage_options", creds))
+            options.update(split_credentials(load_storage_credentials(ns.storage_block))[0])
 
         def where(value: str) -> str:
             return value if is_url(value) else resolve_path(value)

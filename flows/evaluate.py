@@ -17,12 +17,11 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from ._prefect import load_storage_credentials, retry_on_io_error
+from ._prefect import retry_on_io_error, with_credentials
 from .params import (
     build_model,
     check_no_credentials,
     load_entry_point,
-    replace_fields,
     resolve_path,
     result_dict,
 )
@@ -114,10 +113,7 @@ def per_class_lines(metrics: dict[str, Any]) -> list[str]:
 def score(config: Any, storage_block: str | None = None) -> dict[str, Any]:
     """Call ``pipeline.scoring.run_evaluation``; returns ``EvaluationResult.to_dict()`` (also written to ``json_output``)."""
     run_evaluation = load_entry_point(*EVALUATE_ENTRY_POINT[:2], "evaluation")
-    creds = load_storage_credentials(storage_block)
-    if creds:
-        config = replace_fields(config, storage_options={**config.storage_options, **creds})
-    return result_dict(run_evaluation(config))
+    return result_dict(run_evaluation(with_credentials(config, storage_block)))
 
 
 @flow(name="evaluate", description="Score annotations (PQ, mIoU, mask AP) against panoptic ground truth.")

@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import task_run
 
-from ._prefect import load_storage_credentials, retry_on_io_error
+from ._prefect import retry_on_io_error, with_credentials
 from .params import (
     ParameterError,
     build_model,
@@ -72,9 +72,7 @@ def train_config(params: dict[str, Any], cwd: str | os.PathLike | None = None) -
 def run_train(config: Any, storage_block: str | None = None) -> dict[str, Any]:
     """Call ``pipeline.train.run_training`` (resuming on a retry); returns the ``TrainSummary`` as a dict."""
     run_training = load_entry_point(*TRAIN_ENTRY_POINT[:2], "training")
-    creds = load_storage_credentials(storage_block)
-    if creds:
-        config = replace_fields(config, storage_options={**config.storage_options, **creds})
+    config = with_credentials(config, storage_block)
     if task_run.run_count > 1 and not config.resume:
         config = replace_fields(config, resume=True)
     return result_dict(run_training(config))

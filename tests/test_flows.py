@@ -371,6 +371,35 @@ def test_credentials_in_storage_options_are_refused_without_echoing_them(prefect
     assert all(secret not in line for line in _logs(state.state_details.flow_run_id))
 
 
+def test_block_credentials_merge_the_same_way_into_every_flow_config(prefect_api):
+    """One merge for annotate, evaluate and train configs, in both block layouts (flat, or split into
+    input / output options); configs with a single ``storage_options`` get the input part."""
+    from prefect.blocks.system import Secret
+
+    from flows._prefect import with_credentials
+    from pipeline.config import AnnotateConfig
+    from pipeline.scoring import EvaluateConfig
+    from pipeline.train import TrainConfig
+
+    endpoint = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
+    flat, split = (f"odise-merge-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    Secret(value={"key": "k", "secret": "s"}).save(flat)
+    Secret(value={"storage_options": {"key": "in"}, "output_storage_options": {"key": "out"}}).save(split)
+    configs = [
+        EvaluateConfig(ground_truth="gt.json", predictions="s3://b/out", storage_options=endpoint),
+        TrainConfig(train="s3://b/train", output="s3://b/run", model="tiny", storage_options=endpoint),
+    ]
+    for config in configs:
+        assert with_credentials(config, flat).storage_options == {**endpoint, "key": "k", "secret": "s"}
+        assert with_credentials(config, split).storage_options == {**endpoint, "key": "in"}
+        assert with_credentials(config, None) is config
+        assert config.storage_options == endpoint  # the original is untouched
+    annotate_config = AnnotateConfig(input="s3://b/in", output="s3://b/out", storage_options=endpoint)
+    merged = with_credentials(annotate_config, split)
+    assert merged.storage_options == {**endpoint, "key": "in"}
+    assert merged.output_storage_options == {**endpoint, "key": "out"}
+
+
 def test_unknown_storage_block_is_a_clear_parameter_error(prefect_api, tmp_path):
     from flows.annotate import annotate
 
