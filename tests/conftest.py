@@ -83,3 +83,15 @@ def photos():
         "chelsea": data.chelsea(),
         "rocket": data.rocket(),
     }
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on 1 thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    deterministic, and much faster than 2 contended threads on small shared machines."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,13 +17,7 @@ from odise_model.matcher import (
     random_points,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_point_sample_is_bilinear_at_normalised_coordinates():

@@ -32,14 +32,7 @@ from pipeline.train_data import (
     write_synthetic_shapes_dataset,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 1 thread: deterministic and much faster than 2 contended threads on small shared machines
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
