@@ -55,18 +55,19 @@ _LAZY = {
     "load_config": ("config", "load_config"),
     "ODISEConfig": ("config", "ODISEConfig"),
     "save_checkpoint": ("checkpoint", "save_checkpoint"),
-    "CheckpointError": ("checkpoint", "CheckpointError"),
-    "WeightsNotFoundError": ("checkpoint", "WeightsNotFoundError"),
+    "CheckpointError": ("weights_errors", "CheckpointError"),
+    "WeightsNotFoundError": ("weights_errors", "WeightsNotFoundError"),
     "Predictor": ("predictor", "Predictor"),
     "ODISE": ("model", "ODISE"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .build import build_odise
-    from .checkpoint import CheckpointError, WeightsNotFoundError, save_checkpoint
+    from .checkpoint import save_checkpoint
     from .config import ODISEConfig, load_config
     from .model import ODISE
     from .predictor import Predictor
+    from .weights_errors import CheckpointError, WeightsNotFoundError
 
 
 def __getattr__(name: str) -> Any:

@@ -2,7 +2,10 @@
 
 ``build_odise("tiny")`` gives a seeded random model (tests, plumbing checks);
 ``build_odise("odise_label_coco", pretrained=True)`` or with explicit ``checkpoint=`` / ``sd_weights=`` /
-``clip_weights=`` sources gives the official weights (see :mod:`odise_model.checkpoint`). With weights, Stable
+``clip_weights=`` sources gives the official weights. :func:`materialize` attaches them, using the loader
+modules, none of which imports this one: :mod:`~odise_model.weights_sources` (where files come from),
+:mod:`~odise_model.safe_load` (reading without running code), :mod:`~odise_model.sd_convert` (SD's key map)
+and :mod:`~odise_model.checkpoint` (ODISE's key map, strict loading, saving). With weights, Stable
 Diffusion and CLIP are first built on the ``meta`` device (no memory) and their tensors are then assigned from
 memory-mapped files one at a time (cast to ``dtype`` on the way, file pages released after each copy), so
 building the official-size model peaks near the size of the model itself in host memory, never model + files
@@ -16,6 +19,7 @@ from contextlib import nullcontext
 
 import torch
 
+from .checkpoint import load_clip_weights, load_odise_checkpoint
 from .classifier import OpenVocabHead
 from .clip import SharedCLIP
 from .config import ODISEConfig, load_config
@@ -23,28 +27,29 @@ from .feature_extractor import FeatureProjections, StableDiffusionTaps
 from .implicit_captioner import ImplicitCaptioner
 from .model import ODISE
 from .pixel_decoder import PixelDecoder
+from .sd_convert import empty_prompt_embedding, load_sd_part, load_sd_text_encoder, read_stable_diffusion
 from .transformer_decoder import TransformerDecoder
 from .vocabulary import load_vocabulary
+from .weights_sources import Located, WeightLoader, WeightSources
 
-__all__ = ["build_odise", "build_components", "build_sd_text_encoder", "sd_prompt_token_ids", "empty_prompt_embedding"]
-
-SOT_TOKEN = 49406
-EOT_TOKEN = 49407
+__all__ = ["build_odise", "build_components", "build_sd_text_encoder", "materialize", "parse_dtype"]
 
 
-def sd_prompt_token_ids(text: str, context_length: int = 77) -> torch.Tensor:
-    """Token ids of ``text`` as SD v1's tokenizer (``openai/clip-vit-large-patch14``) produces them.
-
-    BOS, the CLIP BPE tokens, EOS, then EOS as padding up to ``context_length`` (that tokenizer pads with
-    ``<|endoftext|>``, not 0). Uses open_clip's bundled BPE vocabulary: nothing is downloaded.
-    ``""`` -> ``[49406, 49407 x 76]``.
-    """
-    from open_clip.tokenizer import SimpleTokenizer
-
-    tokens = SimpleTokenizer().encode(text)[: context_length - 2]
-    ids = [SOT_TOKEN, *tokens, EOT_TOKEN]
-    ids += [EOT_TOKEN] * (context_length - len(ids))
-    return torch.tensor([ids], dtype=torch.long)
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``None``, a torch dtype, or one of ``fp32 / float32 / bf16 / bfloat16 / fp16 / float16`` (float32 -> None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return None if dtype in (None, torch.float32) else dtype
+    names = {
+        "fp32": None,
+        "float32": None,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
 
 
 def build_sd_text_encoder(cfg: ODISEConfig):
@@ -52,13 +57,6 @@ def build_sd_text_encoder(cfg: ODISEConfig):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     return CLIPTextModel(CLIPTextConfig(**cfg.stable_diffusion.text_encoder)).eval()
-
-
-@torch.no_grad()
-def empty_prompt_embedding(text_encoder, context_length: int = 77) -> torch.Tensor:
-    """``1 x 77 x D`` last hidden state of SD's text encoder for the empty prompt (official ``uncond_inputs``)."""
-    ids = sd_prompt_token_ids("", context_length).to(text_encoder.device)
-    return text_encoder(input_ids=ids).last_hidden_state.float()
 
 
 def build_components(cfg: ODISEConfig, *, meta_sd: bool = False, meta_clip: bool = False) -> ODISE:
@@ -71,7 +69,9 @@ def build_components(cfg: ODISEConfig, *, meta_sd: bool = False, meta_clip: bool
 
     sd_cfg = cfg.stable_diffusion
     if sd_cfg.unet.get("class_embed_type") != "identity":
-        raise ValueError("stable_diffusion.unet.class_embed_type must be 'identity' (carries the captioner's time conditioning)")
+        raise ValueError(
+            "stable_diffusion.unet.class_embed_type must be 'identity' (carries the captioner's time conditioning)"
+        )
     with torch.device("meta") if meta_clip else nullcontext():
         clip = SharedCLIP(cfg.clip)
     with torch.device("meta") if meta_sd else nullcontext():
@@ -86,9 +86,13 @@ def build_components(cfg: ODISEConfig, *, meta_sd: bool = False, meta_clip: bool
         context_dim=int(unet.config.cross_attention_dim),
         time_embed_dim=int(unet.time_embedding.linear_2.out_features),
     )
-    projections = FeatureProjections(in_channels=sd.feature_channels, strides=sd.feature_strides, cfg=cfg.projection)
+    projections = FeatureProjections(
+        in_channels=sd.feature_channels, strides=sd.feature_strides, cfg=cfg.projection
+    )
     in_channels = {name: cfg.projection.dim for name in projections.strides}
-    pixel_decoder = PixelDecoder(in_channels=in_channels, in_strides=projections.strides, cfg=cfg.pixel_decoder)
+    pixel_decoder = PixelDecoder(
+        in_channels=in_channels, in_strides=projections.strides, cfg=cfg.pixel_decoder
+    )
     decoder = TransformerDecoder(
         in_channels=cfg.pixel_decoder.conv_dim,
         cfg=cfg.transformer_decoder,
@@ -140,7 +144,7 @@ def build_odise(
         clip_weights: CLIP ViT-L/14-336: ``"openai"`` (open_clip's tag) or a file in the OpenAI layout.
         pretrained: fill every source left as None with the official one for this variant.
         offline: never touch the network (default: ``$ODISE_OFFLINE`` / ``$HF_HUB_OFFLINE``); a missing
-            file raises :class:`odise_model.checkpoint.WeightsNotFoundError` saying where it was looked for.
+            file raises :class:`odise_model.WeightsNotFoundError` saying where it was looked for.
         cache_dir: download cache (default ``$ODISE_CACHE`` or ``~/.cache/odise_annotate``).
         storage_options: fsspec options for remote sources (e.g. an S3 endpoint).
         dtype: cast the frozen SD and CLIP weights to this dtype (``torch.bfloat16`` / ``"bf16"``) while they
@@ -152,20 +156,59 @@ def build_odise(
         the model in eval mode. With no weight arguments (and ``pretrained=False``) all weights are random
         (seeded); a model with random weights only produces plumbing-check output.
     """
-    from . import checkpoint as ckpt
-
     cfg = load_config(config)
-    dtype = ckpt.parse_dtype(dtype)
-    sources = ckpt.WeightSources.resolve(
+    dtype = parse_dtype(dtype)
+    sources = WeightSources.resolve(
         cfg, checkpoint=checkpoint, sd_weights=sd_weights, clip_weights=clip_weights, pretrained=pretrained
     )
-    loader = ckpt.WeightLoader(offline=offline, cache_dir=cache_dir, storage_options=storage_options)
+    loader = WeightLoader(offline=offline, cache_dir=cache_dir, storage_options=storage_options)
     # Fail fast: find every file (downloading if allowed) before building anything big.
     located = loader.locate_all(sources)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_components(cfg, meta_sd=located.sd is not None, meta_clip=located.clip is not None)
-        ckpt.materialize(model, located, dtype=dtype)
+        materialize(model, located, dtype=dtype)
     model.weight_provenance = located.provenance()
     return model.to(device).eval()
+
+
+def materialize(model: ODISE, located: Located, *, dtype: torch.dtype | None) -> None:
+    """Fill SD / CLIP (built on the meta device) and the ODISE weights from the located files (strict), then
+    compute the buffers derived from weights (empty-prompt embedding, initial null embedding).
+
+    The steps are in the order that keeps host memory lowest: each tensor is copied out of its memory-mapped
+    file and the file's pages are released at once; SD's text encoder is loaded, used once and freed before
+    the UNet is read.
+    """
+    cfg = model.config
+    # 1. CLIP (one shared instance)
+    if located.clip is not None:
+        load_clip_weights(
+            model.clip.model, located.clip.path, dtype=dtype, context_length=cfg.clip.context_length
+        )
+    # 2. Stable Diffusion: text encoder -> empty-prompt embedding (then freed); UNet and VAE into the model
+    if located.sd is not None:
+        parts = read_stable_diffusion(located.sd.path, cfg)
+        with torch.device("meta"):
+            text_encoder = build_sd_text_encoder(cfg)
+        load_sd_text_encoder(text_encoder, parts.pop("text_encoder"))
+        uncond = empty_prompt_embedding(text_encoder)
+        del text_encoder
+        load_sd_part(model.sd.unet, parts.pop("unet"), dtype=dtype)
+        load_sd_part(model.sd.vae, parts.pop("vae"), dtype=dtype)
+    else:
+        uncond = empty_prompt_embedding(build_sd_text_encoder(cfg))
+    model.captioner.set_uncond_context(uncond)
+    # 3. ODISE trainable weights
+    if located.checkpoint is not None:
+        load_odise_checkpoint(model, located.checkpoint.path)
+    # 4. buffers derived from loaded weights, and the frozen dtype
+    if located.checkpoint is None and model.head.null_embed is not None:
+        with torch.no_grad():
+            model.head.null_embed.copy_(model.clip.encode_text([""]).to(model.head.null_embed))
+    if dtype is not None:
+        model.set_frozen_dtype(dtype)
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if on_meta:
+        raise AssertionError(f"tensors left on the meta device: {on_meta[:10]}")  # a loading bug

@@ -25,6 +25,7 @@ import pickle
 import sys
 import threading
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,18 +33,13 @@ import torch
 from torch import nn
 
 import odise_model
-from odise_model.build import build_sd_text_encoder, empty_prompt_embedding, sd_prompt_token_ids
-from odise_model.checkpoint import (
-    ODISE_CKPT_MODULES,
-    CheckpointError,
-    WeightsNotFoundError,
-    _Placeholder,
-    default_cache_dir,
-    from_official_key,
-    read_checkpoint_file,
-    to_official_key,
-)
+from odise_model.build import build_sd_text_encoder
+from odise_model.checkpoint import ODISE_CKPT_MODULES, from_official_key, to_official_key
 from odise_model.resources import config_file
+from odise_model.safe_load import MetadataPlaceholder, read_checkpoint_file
+from odise_model.sd_convert import empty_prompt_embedding, sd_prompt_token_ids
+from odise_model.weights_errors import CheckpointError, WeightsNotFoundError
+from odise_model.weights_sources import default_cache_dir
 
 SD_PREFIX = "backbone.feature_extractor.ldm_extractor.ldm.ldm."
 VOCAB = ["person", "cat", "cup", "sky", "grass"]
@@ -51,8 +47,9 @@ VOCAB = ["person", "cat", "cup", "sky", "grass"]
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
-    """Never touch the user's cache or model zoo (sha256 memo included)."""
+    """Never touch the user's caches (ours, with its sha256 memo, and Hugging Face's) or model zoo."""
     monkeypatch.setenv("ODISE_CACHE", str(tmp_path / "default-cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "default-hf-cache"))
     monkeypatch.delenv("ODISE_MODEL_ZOO", raising=False)
     monkeypatch.delenv("ODISE_OFFLINE", raising=False)
 
@@ -77,12 +74,16 @@ def ldm_names_for(cfg) -> dict[str, str]:
     probe = {}
     for row in _manifest():
         key = row["key"].removeprefix(SD_PREFIX)
-        if row["key"].startswith(SD_PREFIX) and key.startswith(("model.diffusion_model.", "first_stage_model.")):
+        if row["key"].startswith(SD_PREFIX) and key.startswith(
+            ("model.diffusion_model.", "first_stage_model.")
+        ):
             probe[key] = torch.zeros([1] * len(json.loads(row["shape"])))
     by_ptr = {t.data_ptr(): k for k, t in probe.items()}
     out = {}
-    for part, converted in (("unet", convert_ldm_unet_checkpoint(probe, dict(cfg.stable_diffusion.unet))),
-                            ("vae", convert_ldm_vae_checkpoint(probe, dict(cfg.stable_diffusion.vae)))):
+    for part, converted in (
+        ("unet", convert_ldm_unet_checkpoint(probe, dict(cfg.stable_diffusion.unet))),
+        ("vae", convert_ldm_vae_checkpoint(probe, dict(cfg.stable_diffusion.vae))),
+    ):
         out.update({f"{part}.{k}": by_ptr[t.data_ptr()] for k, t in converted.items()})
     return out
 
@@ -96,11 +97,15 @@ def sd_single_file_state(model, text_encoder) -> dict[str, torch.Tensor]:
         for key, value in module.state_dict().items():
             ldm = names[f"{part}.{key}"]  # KeyError = the tiny model has a key SD v1 does not have
             value = value.detach().clone()
-            while value.ndim < rank[ldm]:  # VAE attention: diffusers Linear [C, C] <- ldm 1x1 conv [C, C, 1, 1]
+            while (
+                value.ndim < rank[ldm]
+            ):  # VAE attention: diffusers Linear [C, C] <- ldm 1x1 conv [C, C, 1, 1]
                 value = value[..., None]
             state[ldm] = value
     for key, value in text_encoder.state_dict().items():
-        state[f"cond_stage_model.transformer.text_model.{key.removeprefix('text_model.')}"] = value.detach().clone()
+        state[f"cond_stage_model.transformer.text_model.{key.removeprefix('text_model.')}"] = (
+            value.detach().clone()
+        )
     # what else the official file holds: the DDPM schedule buffers and position_ids (ignored when loading)
     for row in _manifest():
         key = row["key"].removeprefix(SD_PREFIX)
@@ -114,7 +119,11 @@ def sd_single_file_state(model, text_encoder) -> dict[str, torch.Tensor]:
 def fake_lightning():
     """A stand-in ``pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint`` so a pickle can name it,
     as SD v1 ``.ckpt`` files do (the loader must read such files without importing anything)."""
-    names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
+    names = [
+        "pytorch_lightning",
+        "pytorch_lightning.callbacks",
+        "pytorch_lightning.callbacks.model_checkpoint",
+    ]
     saved = {n: sys.modules.get(n) for n in names}
     mods = {n: types.ModuleType(n) for n in names}
     cls = type("ModelCheckpoint", (), {"__module__": names[-1]})
@@ -138,13 +147,28 @@ def write_sd_ckpt(path, state: dict[str, torch.Tensor]) -> None:
         callback = model_checkpoint()
         callback.best_model_path = "logs/last.ckpt"
         callback.best_model_score = np.float64(0.25)
-        torch.save({"epoch": 6, "global_step": 470000, "pytorch-lightning_version": "1.4.2",
-                    "callbacks": {model_checkpoint: {"best_model_score": np.float64(0.25)}, "instance": callback},
-                    "state_dict": state}, path)
+        torch.save(
+            {
+                "epoch": 6,
+                "global_step": 470000,
+                "pytorch-lightning_version": "1.4.2",
+                "callbacks": {model_checkpoint: {"best_model_score": np.float64(0.25)}, "instance": callback},
+                "state_dict": state,
+            },
+            path,
+        )
 
 
-OPENAI_FP16_SUFFIXES = ("attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
-                        "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+OPENAI_FP16_SUFFIXES = (
+    "attn.in_proj_weight",
+    "attn.in_proj_bias",
+    "attn.out_proj.weight",
+    "attn.out_proj.bias",
+    "mlp.c_fc.weight",
+    "mlp.c_fc.bias",
+    "mlp.c_proj.weight",
+    "mlp.c_proj.bias",
+)
 
 
 def openai_clip_state(model, *, fp16: bool) -> dict[str, torch.Tensor]:
@@ -153,12 +177,17 @@ def openai_clip_state(model, *, fp16: bool) -> dict[str, torch.Tensor]:
     state = {}
     for key, value in model.clip.model.state_dict().items():
         value = value.detach().clone()
-        if fp16 and (key.endswith(OPENAI_FP16_SUFFIXES) or key in ("visual.conv1.weight", "visual.proj",
-                                                                    "text_projection")):
+        if fp16 and (
+            key.endswith(OPENAI_FP16_SUFFIXES)
+            or key in ("visual.conv1.weight", "visual.proj", "text_projection")
+        ):
             value = value.half()
         state[key] = value
-    state.update(input_resolution=torch.tensor(model.config.clip.image_size), context_length=torch.tensor(77),
-                 vocab_size=torch.tensor(49408))
+    state.update(
+        input_resolution=torch.tensor(model.config.clip.image_size),
+        context_length=torch.tensor(77),
+        vocab_size=torch.tensor(49408),
+    )
     return state
 
 
@@ -200,7 +229,9 @@ def assert_same_predictions(a, b) -> None:
         np.testing.assert_array_equal(ra.panoptic_seg, rb.panoptic_seg)
         np.testing.assert_array_equal(ra.semantic_seg, rb.semantic_seg)
         assert ra.segments == rb.segments
-        assert [(i.category_id, i.score) for i in ra.instances] == [(i.category_id, i.score) for i in rb.instances]
+        assert [(i.category_id, i.score) for i in ra.instances] == [
+            (i.category_id, i.score) for i in rb.instances
+        ]
 
 
 def assert_same_tensors(a: nn.Module, b: nn.Module) -> None:
@@ -230,9 +261,15 @@ def reference():
 def files(reference, tmp_path_factory):
     model, text_encoder = reference
     root = tmp_path_factory.mktemp("weights")
-    out = {"root": root, "odise": root / "odise_tiny.pth", "sd_ckpt": root / "sd-tiny.ckpt",
-           "sd_dir": root / "sd-tiny-diffusers", "clip": root / "clip-tiny.pt", "clip_ts": root / "clip-tiny-ts.pt",
-           "clip_fp16": root / "clip-tiny-fp16.pt"}
+    out = {
+        "root": root,
+        "odise": root / "odise_tiny.pth",
+        "sd_ckpt": root / "sd-tiny.ckpt",
+        "sd_dir": root / "sd-tiny-diffusers",
+        "clip": root / "clip-tiny.pt",
+        "clip_ts": root / "clip-tiny-ts.pt",
+        "clip_fp16": root / "clip-tiny-fp16.pt",
+    }
     odise_model.save_checkpoint(model, out["odise"])
     write_sd_ckpt(out["sd_ckpt"], sd_single_file_state(model, text_encoder))
     model.sd.unet.save_pretrained(out["sd_dir"] / "unet")
@@ -252,7 +289,9 @@ def reference_predictions(reference):
 # ------------------------------------------------------------------------------------------------------
 # key map, tokens, file layout
 # ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("manifest, kind", [("odise_label_coco_50e", "label"), ("odise_caption_coco_50e", "caption")])
+@pytest.mark.parametrize(
+    "manifest, kind", [("odise_label_coco_50e", "label"), ("odise_caption_coco_50e", "caption")]
+)
 def test_key_map_is_one_table_used_both_ways(manifest, kind):
     in_ckpt = [r["key"] for r in _manifest(manifest) if r["in_ckpt"] == "yes"]
     assert len(in_ckpt) == {"label": 399, "caption": 400}[kind]
@@ -278,7 +317,9 @@ def test_saved_file_has_the_official_layout(reference, files):
     # the tiny model has fewer layers: its keys are official names that exist at tiny depth
     expected = {to_official_key(k, "label") for k in model.state_dict() if k.startswith(ODISE_CKPT_MODULES)}
     assert set(raw["model"]) == expected
-    assert {k for k in raw["model"] if not k.startswith(("sem_seg_head.", "backbone.feature_projections."))} <= official
+    assert {
+        k for k in raw["model"] if not k.startswith(("sem_seg_head.", "backbone.feature_projections."))
+    } <= official
     assert all(v.dtype == torch.float32 for v in raw["model"].values())
     assert torch.equal(raw["model"]["category_head.text_proj.weight"], model.head.text_proj.weight)
     assert torch.equal(raw["model"]["criterion.empty_weight"], model.head.empty_weight)
@@ -304,7 +345,9 @@ def test_saving_with_trainer_state_and_to_s3(reference, tmp_path, s3_bucket, s3_
 # ------------------------------------------------------------------------------------------------------
 # round trips
 # ------------------------------------------------------------------------------------------------------
-def test_round_trip_all_official_layouts_identical_tensors_and_predictions(reference, files, reference_predictions):
+def test_round_trip_all_official_layouts_identical_tensors_and_predictions(
+    reference, files, reference_predictions
+):
     model, _ = reference
     loaded = odise_model.build_odise(
         "tiny", checkpoint=files["odise"], sd_weights=files["sd_ckpt"], clip_weights=files["clip"], seed=99
@@ -341,8 +384,8 @@ def test_sd_single_file_reads_lightning_metadata_without_importing_it(files):
     assert ("pytorch_lightning" in sys.modules) == imported  # nothing was imported to read it
     assert raw["global_step"] == 470000
     assert "model.diffusion_model.input_blocks.0.0.weight" in raw["state_dict"]
-    assert all(k is _Placeholder or isinstance(k, str) for k in raw["callbacks"])
-    assert isinstance(raw["callbacks"]["instance"], _Placeholder)
+    assert all(k is MetadataPlaceholder or isinstance(k, str) for k in raw["callbacks"])
+    assert isinstance(raw["callbacks"]["instance"], MetadataPlaceholder)
 
 
 def test_clip_torchscript_archive(reference, files):
@@ -363,8 +406,13 @@ def test_clip_fp16_openai_file_is_cast_to_fp32(reference, files):
 
 def test_bf16_load_keeps_trainable_parts_fp32(reference, files, reference_predictions):
     model, _ = reference
-    loaded = odise_model.build_odise("tiny", checkpoint=files["odise"], sd_weights=files["sd_ckpt"],
-                                     clip_weights=files["clip_fp16"], dtype="bf16")
+    loaded = odise_model.build_odise(
+        "tiny",
+        checkpoint=files["odise"],
+        sd_weights=files["sd_ckpt"],
+        clip_weights=files["clip_fp16"],
+        dtype="bf16",
+    )
     assert {p.dtype for m in loaded.frozen_modules() for p in m.parameters()} == {torch.bfloat16}
     assert {p.dtype for _, p in loaded.trainable_parameters()} == {torch.float32}
     assert loaded.captioner.uncond_context.dtype == torch.float32
@@ -388,8 +436,13 @@ def test_file_url_and_zoo_lookup_by_file_name(reference, files, tmp_path, monkey
     os.link(files["odise"], zoo / "odise_tiny.pth")
     monkeypatch.setenv("ODISE_MODEL_ZOO", str(zoo))
     loaded = odise_model.build_odise(
-        "tiny", sd_weights="sd-v1-3", checkpoint="https://example.invalid/releases/odise_tiny.pth",
-        clip_weights=files["clip"], offline=True, cache_dir=tmp_path / "cache", seed=99,
+        "tiny",
+        sd_weights="sd-v1-3",
+        checkpoint="https://example.invalid/releases/odise_tiny.pth",
+        clip_weights=files["clip"],
+        offline=True,
+        cache_dir=tmp_path / "cache",
+        seed=99,
     )
     assert_same_tensors(model, loaded)
     assert loaded.weight_provenance["sd"]["path"] == str(zoo / "sd-v1-3.ckpt")
@@ -408,12 +461,20 @@ def test_s3_url_downloads_into_the_cache(reference, files, tmp_path, s3_bucket, 
     fs.put(str(files["sd_ckpt"]), f"{s3_bucket}/models/sd-tiny.ckpt")
     fs.put(str(files["clip_ts"]), f"{s3_bucket}/models/clip-tiny-ts.pt")
     cache = tmp_path / "cache"
-    kwargs = dict(checkpoint=f"s3://{s3_bucket}/models/odise_tiny.pth", sd_weights=f"s3://{s3_bucket}/models/sd-tiny.ckpt",
-                  clip_weights=f"s3://{s3_bucket}/models/clip-tiny-ts.pt", cache_dir=cache, seed=99)
+    kwargs = dict(
+        checkpoint=f"s3://{s3_bucket}/models/odise_tiny.pth",
+        sd_weights=f"s3://{s3_bucket}/models/sd-tiny.ckpt",
+        clip_weights=f"s3://{s3_bucket}/models/clip-tiny-ts.pt",
+        cache_dir=cache,
+        seed=99,
+    )
     loaded = odise_model.build_odise("tiny", offline=False, storage_options=s3_storage_options, **kwargs)
     assert_same_tensors(model, loaded)
     assert sorted(p.name.split("-", 1)[1] for p in cache.rglob("*") if p.is_file()) == [
-        "clip-tiny-ts.pt", "odise_tiny.pth", "sd-tiny.ckpt"]
+        "clip-tiny-ts.pt",
+        "odise_tiny.pth",
+        "sd-tiny.ckpt",
+    ]
     fs.rm(f"{s3_bucket}/models", recursive=True)
     again = odise_model.build_odise("tiny", offline=True, **kwargs)  # from the cache, bucket emptied
     assert_same_tensors(model, again)
@@ -433,7 +494,9 @@ class _CountingHandler(http.server.SimpleHTTPRequestHandler):
 @contextlib.contextmanager
 def http_server(directory):
     handler = type("Handler", (_CountingHandler,), {"requests": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(handler, directory=str(directory))
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -461,15 +524,134 @@ def test_http_url_downloads_once_then_uses_the_cache(reference, files, tmp_path)
     assert second.weight_provenance["checkpoint"]["path"] == str(cached[0])
 
 
-def test_hugging_face_token_only_for_hugging_face_urls(monkeypatch):
-    """Gated repos (SD v1.3) need the user's token; it is sent to huggingface.co and nowhere else."""
-    from odise_model.checkpoint import _hub_token
+def test_hugging_face_token_only_over_https_to_hugging_face(monkeypatch):
+    """Gated repos (SD v1.3) need the user's token; it goes to https://huggingface.co and nowhere else:
+    never over plain http (the old code sent it to http://huggingface.co), never to other hosts."""
+    from odise_model.weights_sources import hub_token
 
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    assert _hub_token("https://huggingface.co/CompVis/stable-diffusion-v-1-3-original/resolve/main/sd-v1-3.ckpt")
-    assert _hub_token("https://cdn-lfs.huggingface.co/x") == "hf_secret"
-    for url in ("https://github.com/x", "https://huggingface.co.evil.example/x", "http://127.0.0.1:8000/huggingface.co"):
-        assert _hub_token(url) is None, url
+    assert hub_token(
+        "https://huggingface.co/CompVis/stable-diffusion-v-1-3-original/resolve/main/sd-v1-3.ckpt"
+    ) == ("hf_secret")
+    for url in (
+        "http://huggingface.co/CompVis/stable-diffusion-v-1-3-original/resolve/main/sd-v1-3.ckpt",
+        "http://cdn-lfs.huggingface.co/x",
+        "https://cdn-lfs.huggingface.co/x",
+        "https://github.com/x",
+        "https://huggingface.co.evil.example/x",
+        "http://127.0.0.1:8000/huggingface.co",
+        "s3://huggingface.co/x",
+    ):
+        assert hub_token(url) is None, url
+
+
+def test_hub_file_urls():
+    from odise_model.weights_sources import RELEASES, HubFile, hub_file
+
+    assert hub_file(RELEASES["sd-v1-3"].url) == HubFile(
+        "CompVis/stable-diffusion-v-1-3-original", "sd-v1-3.ckpt"
+    )
+    assert hub_file(
+        "https://huggingface.co/datasets/org/data/resolve/refs%2Fpr%2F1/sub/w.pt?download=true"
+    ) == (HubFile("org/data", "sub/w.pt", revision="refs/pr/1", repo_type="dataset"))
+    for url in (
+        "http://huggingface.co/CompVis/stable-diffusion-v-1-3-original/resolve/main/sd-v1-3.ckpt",  # plain http
+        "https://hf-mirror.example/CompVis/stable-diffusion-v-1-3-original/resolve/main/sd-v1-3.ckpt",
+        "https://huggingface.co/CompVis/stable-diffusion-v-1-3-original/blob/main/sd-v1-3.ckpt",  # a web page
+        RELEASES["openai"].url,
+        RELEASES["odise_label_coco_50e"].url,
+    ):
+        assert hub_file(url) is None, url
+
+
+HUB_REPO_FOLDER = "models--CompVis--stable-diffusion-v-1-3-original"
+
+
+def fill_hub_cache(hub_cache, data: bytes, *, commit: str = "a" * 40) -> str:
+    """Put ``sd-v1-3.ckpt`` into a Hugging Face cache folder the way ``hf_hub_download`` lays it out:
+    the bytes in ``blobs/<sha256>``, a relative symlink ``snapshots/<commit>/sd-v1-3.ckpt`` to it and
+    ``refs/main`` naming the commit. Returns the snapshot path."""
+    import hashlib
+
+    repo = hub_cache / HUB_REPO_FOLDER
+    blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(data)
+    snapshot = repo / "snapshots" / commit / "sd-v1-3.ckpt"
+    snapshot.parent.mkdir(parents=True)
+    snapshot.symlink_to(os.path.relpath(blob, snapshot.parent))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return str(snapshot)
+
+
+def _no_hub_download(*args, **kwargs):
+    raise AssertionError(f"hf_hub_download called: {args} {kwargs}")
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_sd_release_found_in_the_hugging_face_cache(reference, files, tmp_path, monkeypatch, offline):
+    """A user who already has sd-v1-3.ckpt in the shared HF cache does not download it again."""
+    import huggingface_hub
+
+    model, _ = reference
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    snapshot = fill_hub_cache(tmp_path / "hf", files["sd_ckpt"].read_bytes())
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", _no_hub_download)  # the network boundary
+    loaded = odise_model.build_odise(
+        "tiny",
+        checkpoint=files["odise"],
+        sd_weights="sd-v1-3",
+        clip_weights=files["clip"],
+        offline=offline,
+        cache_dir=tmp_path / "c",
+        seed=99,
+    )
+    assert_same_tensors(model, loaded)
+    assert loaded.weight_provenance["sd"]["path"] == snapshot
+    assert "CreativeML" in loaded.weight_provenance["sd"]["license"]
+    assert not (tmp_path / "c" / "sd").exists()  # nothing was copied into our own cache
+
+
+def test_sd_release_offline_and_not_cached_names_the_hugging_face_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(WeightsNotFoundError) as err:
+        odise_model.build_odise("tiny", sd_weights="sd-v1-3", offline=True, cache_dir=tmp_path / "c")
+    msg = str(err.value)
+    assert str(tmp_path / "c" / "sd" / "sd-v1-3.ckpt") in msg
+    assert str(tmp_path / "hf" / HUB_REPO_FOLDER / "snapshots") in msg and "Hugging Face cache" in msg
+    assert "offline" in msg and "hf download CompVis/stable-diffusion-v-1-3-original sd-v1-3.ckpt" in msg
+
+
+def test_sd_release_is_downloaded_with_hf_hub_download(files, tmp_path, monkeypatch):
+    """Online and not cached: ``hf_hub_download`` fetches it into the shared cache, with the user's token and
+    the endpoint https://huggingface.co (the Hub itself is mocked: tests never reach it)."""
+    import huggingface_hub
+
+    from odise_model.weights_sources import WeightLoader
+
+    calls = []
+
+    def fake_hf_hub_download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename, kwargs))
+        return fill_hub_cache(Path(kwargs["cache_dir"]), files["sd_ckpt"].read_bytes())
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf_hub_download)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    monkeypatch.setenv(
+        "HF_ENDPOINT", "http://mirror.example"
+    )  # ignored: the release names https://huggingface.co
+    loader = WeightLoader(offline=False, cache_dir=tmp_path / "c", hub_cache_dir=tmp_path / "hf")
+    located = loader.locate("sd-v1-3", "sd")
+    assert [(r, f) for r, f, _ in calls] == [("CompVis/stable-diffusion-v-1-3-original", "sd-v1-3.ckpt")]
+    kwargs = calls[0][2]
+    assert kwargs["revision"] == "main" and kwargs["cache_dir"] == tmp_path / "hf"
+    assert kwargs["token"] == "hf_secret" and kwargs["endpoint"] == "https://huggingface.co"
+    assert located.path.read_bytes() == files["sd_ckpt"].read_bytes()
+    # found in the cache from now on: no second download
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", _no_hub_download)
+    assert loader.locate("sd-v1-3", "sd").path == located.path
 
 
 def test_default_cache_dir_and_its_override(monkeypatch, tmp_path):
@@ -497,7 +679,9 @@ def test_offline_missing_local_file(tmp_path):
 def test_offline_url_is_never_fetched(tmp_path):
     with http_server(tmp_path) as (base, requests):
         with pytest.raises(WeightsNotFoundError) as err:
-            odise_model.build_odise("tiny", clip_weights=f"{base}/ViT-tiny.pt", offline=True, cache_dir=tmp_path / "c")
+            odise_model.build_odise(
+                "tiny", clip_weights=f"{base}/ViT-tiny.pt", offline=True, cache_dir=tmp_path / "c"
+            )
         assert requests == []
     msg = str(err.value)
     assert "'ViT-tiny.pt'" in msg and "offline" in msg and str(tmp_path / "c" / "clip") in msg
@@ -514,20 +698,28 @@ def test_offline_release_name_says_where_to_get_it(tmp_path, monkeypatch):
     assert str(tmp_path / "c" / "checkpoint" / "odise_label_coco_50e-b67d2efc.pth") in msg
     assert "https://github.com/NVlabs/ODISE/releases/download/v1.0.0/odise_label_coco_50e-b67d2efc.pth" in msg
     # every missing file is named at once, not only the first
-    assert msg.startswith("3 weights files are not available") and "sd-v1-3.ckpt" in msg and "ViT-L-14-336px.pt" in msg
+    assert (
+        msg.startswith("3 weights files are not available")
+        and "sd-v1-3.ckpt" in msg
+        and "ViT-L-14-336px.pt" in msg
+    )
 
 
 def test_offline_env_var(tmp_path, monkeypatch):
     monkeypatch.setenv("ODISE_OFFLINE", "1")
     with pytest.raises(WeightsNotFoundError, match="offline"):
-        odise_model.build_odise("tiny", checkpoint="https://example.invalid/x/odise_tiny.pth", cache_dir=tmp_path)
+        odise_model.build_odise(
+            "tiny", checkpoint="https://example.invalid/x/odise_tiny.pth", cache_dir=tmp_path
+        )
 
 
 def test_unreachable_url_online(tmp_path):
     with http_server(tmp_path) as (base, _):
         pass  # the port is closed now
     with pytest.raises(WeightsNotFoundError) as err:
-        odise_model.build_odise("tiny", checkpoint=f"{base}/odise_tiny.pth", offline=False, cache_dir=tmp_path / "c")
+        odise_model.build_odise(
+            "tiny", checkpoint=f"{base}/odise_tiny.pth", offline=False, cache_dir=tmp_path / "c"
+        )
     assert "download failed" in str(err.value) and "odise_tiny.pth" in str(err.value)
     assert not list((tmp_path / "c").rglob("*.part"))
 
@@ -535,7 +727,9 @@ def test_unreachable_url_online(tmp_path):
 def test_http_404(tmp_path):
     with http_server(tmp_path) as (base, _):
         with pytest.raises(WeightsNotFoundError, match="absent.pth"):
-            odise_model.build_odise("tiny", checkpoint=f"{base}/absent.pth", offline=False, cache_dir=tmp_path / "c")
+            odise_model.build_odise(
+                "tiny", checkpoint=f"{base}/absent.pth", offline=False, cache_dir=tmp_path / "c"
+            )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -553,14 +747,22 @@ def _load_odise(path):
     "edit, words",
     [
         (lambda s: s.pop("sem_seg_head.predictor.query_feat.weight"), ["missing keys", "query_feat.weight"]),
-        (lambda s: s.__setitem__("sem_seg_head.predictor.extra.weight", torch.zeros(2)),
-         ["unexpected keys", "sem_seg_head.predictor.extra.weight"]),
-        (lambda s: s.__setitem__("category_head.text_proj.weight", torch.zeros(5, 7)),
-         ["mismatched keys", "category_head.text_proj.weight", "(5, 7)"]),
-        (lambda s: s.__setitem__("criterion.empty_weight", s["criterion.empty_weight"].half()),
-         ["mismatched keys", "criterion.empty_weight", "torch.float16"]),
-        (lambda s: s.__setitem__("category_head.null_embed", "not a tensor"),
-         ["mismatched keys", "category_head.null_embed", "not a tensor"]),
+        (
+            lambda s: s.__setitem__("sem_seg_head.predictor.extra.weight", torch.zeros(2)),
+            ["unexpected keys", "sem_seg_head.predictor.extra.weight"],
+        ),
+        (
+            lambda s: s.__setitem__("category_head.text_proj.weight", torch.zeros(5, 7)),
+            ["mismatched keys", "category_head.text_proj.weight", "(5, 7)"],
+        ),
+        (
+            lambda s: s.__setitem__("criterion.empty_weight", s["criterion.empty_weight"].half()),
+            ["mismatched keys", "criterion.empty_weight", "torch.float16"],
+        ),
+        (
+            lambda s: s.__setitem__("category_head.null_embed", "not a tensor"),
+            ["mismatched keys", "category_head.null_embed", "not a tensor"],
+        ),
     ],
     ids=["missing", "extra", "shape", "dtype", "not-a-tensor"],
 )
@@ -581,16 +783,26 @@ def test_sd_single_file_mismatches(reference, files, tmp_path):
     model, text_encoder = reference
     base = sd_single_file_state(model, text_encoder)
     cases = {
-        "extra": (lambda s: s.__setitem__("model.diffusion_model.extra_block.weight", torch.zeros(3)),
-                  ["model.diffusion_model.extra_block.weight", "not consumed"]),
-        "missing": (lambda s: s.pop("model.diffusion_model.input_blocks.1.0.in_layers.2.weight"),
-                    ["missing keys", "down_blocks.0.resnets.0.conv1.weight"]),
-        "shape": (lambda s: s.__setitem__("first_stage_model.encoder.conv_in.weight", torch.zeros(1, 3, 3, 3)),
-                  ["first_stage_model.encoder.conv_in.weight", "(1, 3, 3, 3)"]),
-        "dtype": (lambda s: s.__setitem__("model.diffusion_model.out.2.bias", torch.zeros(4, dtype=torch.int64)),
-                  ["model.diffusion_model.out.2.bias", "torch.int64"]),
-        "text": (lambda s: s.pop("cond_stage_model.transformer.text_model.final_layer_norm.weight"),
-                 ["cond_stage_model.transformer.text_model.final_layer_norm.weight", "missing keys"]),
+        "extra": (
+            lambda s: s.__setitem__("model.diffusion_model.extra_block.weight", torch.zeros(3)),
+            ["model.diffusion_model.extra_block.weight", "not consumed"],
+        ),
+        "missing": (
+            lambda s: s.pop("model.diffusion_model.input_blocks.1.0.in_layers.2.weight"),
+            ["missing keys", "down_blocks.0.resnets.0.conv1.weight"],
+        ),
+        "shape": (
+            lambda s: s.__setitem__("first_stage_model.encoder.conv_in.weight", torch.zeros(1, 3, 3, 3)),
+            ["first_stage_model.encoder.conv_in.weight", "(1, 3, 3, 3)"],
+        ),
+        "dtype": (
+            lambda s: s.__setitem__("model.diffusion_model.out.2.bias", torch.zeros(4, dtype=torch.int64)),
+            ["model.diffusion_model.out.2.bias", "torch.int64"],
+        ),
+        "text": (
+            lambda s: s.pop("cond_stage_model.transformer.text_model.final_layer_norm.weight"),
+            ["cond_stage_model.transformer.text_model.final_layer_norm.weight", "missing keys"],
+        ),
     }
     for name, (edit, words) in cases.items():
         state = dict(base)
@@ -697,7 +909,9 @@ class _ScriptBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.proj = nn.Linear(3, 3)
-        self.attn_mask = torch.ones(2, 2)  # a plain tensor attribute: not a parameter / buffer, not in state_dict
+        self.attn_mask = torch.ones(
+            2, 2
+        )  # a plain tensor attribute: not a parameter / buffer, not in state_dict
         self.register_buffer("scale", torch.arange(4).half())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -778,6 +992,69 @@ def test_hostile_torchscript_archive_never_runs_its_code(tmp_path, capfd):
         read_checkpoint_file(evil)
     assert str(evil) in str(err.value) and "system" in str(err.value) and "refusing" in str(err.value)
     assert not marker.exists()
+
+
+def test_archive_the_inert_reader_refuses_never_reaches_jit_load_whatever_the_memo_says(tmp_path, capfd):
+    """The old loader gave an archive the inert reader refused to ``torch.jit.load`` when its sha256 was the
+    official CLIP file's, but took that hash from the memo keyed by (path, size, mtime): a same-size file with
+    its mtime restored was trusted without being hashed. Here the official file (random bytes standing in for
+    it) was hashed, then replaced by a hostile archive of the same size with the mtime restored. The archive
+    holds a complex tensor, which the inert reader does not read, and its ``__setstate__`` prints."""
+    from typing import Tuple  # noqa: UP035 - TorchScript needs typing.Tuple annotations
+
+    from odise_model.weights_sources import RELEASES, remember_sha256
+
+    class Hostile(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("w", torch.zeros(3, dtype=torch.complex64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+        @torch.jit.export
+        def __getstate__(self) -> Tuple[torch.Tensor, bool]:  # noqa: UP006
+            return (self.w, self.training)
+
+        @torch.jit.export
+        def __setstate__(self, state: Tuple[torch.Tensor, bool]) -> None:  # noqa: UP006
+            print("CODE FROM THE FILE RAN")
+            self.w = state[0]
+            self.training = state[1]
+
+    torch.jit.script(Hostile()).save(str(tmp_path / "hostile.pt"))
+    data = (tmp_path / "hostile.pt").read_bytes()
+    path = tmp_path / "ViT-L-14-336px.pt"
+    path.write_bytes(os.urandom(len(data)))  # the official file, as far as the memo will know
+    remember_sha256(path, RELEASES["openai"].sha256)
+    before = path.stat()
+    path.write_bytes(data)  # replaced: same size ...
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # ... and the mtime restored
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    capfd.readouterr()
+    with pytest.raises(CheckpointError) as err:
+        odise_model.build_odise("tiny", clip_weights=path)
+    assert "CODE FROM THE FILE RAN" not in capfd.readouterr().out
+    msg = str(err.value)
+    assert str(path) in msg and "ComplexFloatStorage" in msg and "refusing" in msg
+
+
+def test_sha256_memo_rehashes_a_rewritten_file_with_size_and_mtime_restored(tmp_path):
+    """The memo saves re-hashing gigabytes; a rewrite that restores size and mtime must not fool it."""
+    import hashlib
+    import time
+
+    from odise_model.weights_sources import file_sha256
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 4096)
+    assert file_sha256(path) == hashlib.sha256(b"a" * 4096).hexdigest()
+    before = path.stat()
+    time.sleep(0.05)  # past the kernel's coarse timestamp tick, as any later rewrite is
+    path.write_bytes(b"b" * 4096)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert file_sha256(path) == hashlib.sha256(b"b" * 4096).hexdigest()
 
 
 def test_non_dict_files(tmp_path):

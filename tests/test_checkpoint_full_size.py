@@ -33,8 +33,8 @@ import sys
 import pytest
 import torch
 
-from odise_model.checkpoint import _remember_sha256
 from odise_model.resources import config_file
+from odise_model.weights_sources import remember_sha256
 
 pytestmark = [pytest.mark.slow, pytest.mark.full_size]
 
@@ -42,8 +42,16 @@ MANIFEST = "odise_label_coco_50e"
 SD_PREFIX = "backbone.feature_extractor.ldm_extractor.ldm.ldm."
 CLIP_PREFIX = "clip_head.clip.clip."
 DTYPES = {"float32": torch.float32, "int64": torch.int64}
-OPENAI_FP16_SUFFIXES = ("attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
-                        "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+OPENAI_FP16_SUFFIXES = (
+    "attn.in_proj_weight",
+    "attn.in_proj_bias",
+    "attn.out_proj.weight",
+    "attn.out_proj.bias",
+    "mlp.c_fc.weight",
+    "mlp.c_fc.bias",
+    "mlp.c_proj.weight",
+    "mlp.c_proj.bias",
+)
 OPENAI_FP16_KEYS = ("visual.conv1.weight", "visual.proj", "text_projection")
 
 
@@ -108,7 +116,9 @@ def official_files(tmp_path_factory):
     sizes, digests = {}, {}
 
     # ODISE checkpoint: the in_ckpt rows
-    odise = {r["key"]: rand(json.loads(r["shape"]), DTYPES[r["dtype"]]) for r in rows if r["in_ckpt"] == "yes"}
+    odise = {
+        r["key"]: rand(json.loads(r["shape"]), DTYPES[r["dtype"]]) for r in rows if r["in_ckpt"] == "yes"
+    }
     assert len(odise) == 399
     sizes["odise"] = sum(t.numel() * t.element_size() for t in odise.values())
     _save({"model": odise}, root / "odise_label_coco_50e.pth", digests)
@@ -116,7 +126,7 @@ def official_files(tmp_path_factory):
 
     # SD v1 original single file: every persistent SD row, prefix stripped, fp32 (+ int64 position_ids)
     sd = {
-        r["key"][len(SD_PREFIX):]: rand(json.loads(r["shape"]), DTYPES[r["dtype"]])
+        r["key"][len(SD_PREFIX) :]: rand(json.loads(r["shape"]), DTYPES[r["dtype"]])
         for r in rows
         if r["key"].startswith(SD_PREFIX) and r["kind"] != "buffer_nonpersistent"
     }
@@ -131,7 +141,7 @@ def official_files(tmp_path_factory):
     clip_fp32_bytes = 0
     for r in rows:
         if r["key"].startswith(CLIP_PREFIX) and r["kind"] != "buffer_nonpersistent":
-            key, shape = r["key"][len(CLIP_PREFIX):], json.loads(r["shape"])
+            key, shape = r["key"][len(CLIP_PREFIX) :], json.loads(r["shape"])
             value = rand(shape, torch.float32)
             if key.endswith(OPENAI_FP16_SUFFIXES) or key in OPENAI_FP16_KEYS:
                 value = value.half()
@@ -148,9 +158,15 @@ def official_files(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ODISE_CACHE", str(root / "cache"))
         for path, digest in digests.items():
-            _remember_sha256(path, digest)
-    yield {"root": root, "odise": root / "odise_label_coco_50e.pth", "sd": root / "sd-v1-3.ckpt",
-           "clip": root / "ViT-L-14-336px.pt", "sizes": sizes, "digests": {str(k): v for k, v in digests.items()}}
+            remember_sha256(path, digest)
+    yield {
+        "root": root,
+        "odise": root / "odise_label_coco_50e.pth",
+        "sd": root / "sd-v1-3.ckpt",
+        "clip": root / "ViT-L-14-336px.pt",
+        "sizes": sizes,
+        "digests": {str(k): v for k, v in digests.items()},
+    }
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -168,7 +184,8 @@ def vm_rss(field="VmRSS:"):
 import torch
 import odise_model
 import diffusers, open_clip, transformers  # noqa: F401  (counted in the baseline, not in the build)
-from odise_model.build import build_sd_text_encoder, sd_prompt_token_ids
+from odise_model.build import build_sd_text_encoder
+from odise_model.sd_convert import sd_prompt_token_ids
 
 baseline = vm_rss()
 t0 = time.time()
@@ -236,18 +253,25 @@ def _build_in_subprocess(files, dtype: str) -> dict:
     args = {"odise": str(files["odise"]), "sd": str(files["sd"]), "clip": str(files["clip"]), "dtype": dtype}
     env = {**os.environ, "ODISE_CACHE": str(files["root"] / "cache")}
     launcher = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)"
-    proc = subprocess.run([sys.executable, "-c", launcher, sys.executable, "-c", _BUILD_AND_CHECK, json.dumps(args)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", launcher, sys.executable, "-c", _BUILD_AND_CHECK, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("REPORT "))
-    report = json.loads(line[len("REPORT "):])
+    report = json.loads(line[len("REPORT ") :])
     gib = 1024**3
-    print(f"\n[{dtype}] weights {files['sizes']['total'] / gib:.2f} GiB (SD {files['sizes']['sd'] / gib:.2f}, CLIP fp32 "
-          f"{files['sizes']['clip_fp32'] / gib:.2f}, ODISE {files['sizes']['odise'] / gib:.3f}); peak RSS "
-          f"{report['peak_rss'] / gib:.2f} GiB = {report['peak_rss'] / files['sizes']['total']:.2f}x (VmHWM "
-          f"{report['vm_hwm'] / gib:.2f} GiB); RSS after build "
-          f"{report['rss_after'] / gib:.2f} GiB; import baseline {report['baseline_rss'] / gib:.2f} GiB; "
-          f"build {report['build_s']:.0f} s")
+    print(
+        f"\n[{dtype}] weights {files['sizes']['total'] / gib:.2f} GiB (SD {files['sizes']['sd'] / gib:.2f}, CLIP fp32 "
+        f"{files['sizes']['clip_fp32'] / gib:.2f}, ODISE {files['sizes']['odise'] / gib:.3f}); peak RSS "
+        f"{report['peak_rss'] / gib:.2f} GiB = {report['peak_rss'] / files['sizes']['total']:.2f}x (VmHWM "
+        f"{report['vm_hwm'] / gib:.2f} GiB); RSS after build "
+        f"{report['rss_after'] / gib:.2f} GiB; import baseline {report['baseline_rss'] / gib:.2f} GiB; "
+        f"build {report['build_s']:.0f} s"
+    )
     return report
 
 
@@ -261,7 +285,9 @@ def test_official_files_load_strictly_and_land_where_they_belong(official_files,
     assert fp32_report["provenance"] == official_files["digests"]
     failed = [name for name, ok in fp32_report["checks"].items() if not ok]
     assert not failed, failed
-    assert fp32_report["frozen_dtypes"] == ["torch.float32"] and fp32_report["trainable_dtypes"] == ["torch.float32"]
+    assert fp32_report["frozen_dtypes"] == ["torch.float32"] and fp32_report["trainable_dtypes"] == [
+        "torch.float32"
+    ]
 
 
 def test_peak_host_memory_is_at_most_1_3x_the_weights(official_files, fp32_report):
