@@ -9,13 +9,13 @@ rocket, immunohistochemistry, hubble_deep_field, retina, camera): random crops, 
 
 Stages, each timed alone over every image (images/s; the slowest is what the pipeline can reach per core):
 
-1. ``read+decode``: :class:`pipeline.annotator.ReadShard` over the shards (stream tar, decode, resize to the
+1. ``read+decode``: :class:`pipeline.annotate.stages.ReadShard` over the shards (stream tar, decode, resize to the
    model's input size), i.e. the pipeline's read task;
-2. ``decode``: :func:`pipeline.decode.decode_image` on in-memory bytes, no resize;
+2. ``decode``: :func:`pipeline.images.decode_image` on in-memory bytes, no resize;
 3. ``predictor``: the model on the resized images (:meth:`Predictor.predict_prepared`, ``--batch-size``);
 4. ``encode``: :func:`pipeline.encode.encode_result` (RLE of every segment and instance + panoptic PNG +
    semantic PNG) at the original 640x480;
-5. ``write``: :func:`pipeline.writers.write_staging` per batch + :func:`commit_shard` per shard (Parquet,
+5. ``write``: :func:`pipeline.annotate.commit.write_staging` per batch + :func:`commit_shard` per shard (Parquet,
    COCO PNGs and fragment, marker) on local disk.
 
 Then the same chain in one process (no Ray), and ``run_annotation`` (Ray Data, one model actor) on a
@@ -214,12 +214,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import odise_model
-    from pipeline.annotator import ReadShard
-    from pipeline.decode import decode_image
+    from pipeline.annotate.commit import commit_shard, write_provenance, write_staging
+    from pipeline.annotate.stages import ReadShard
     from pipeline.encode import encode_result
+    from pipeline.images import decode_image
     from pipeline.schema import RunProvenance, label_row
-    from pipeline.sources import list_shards
-    from pipeline.writers import commit_shard, write_provenance, write_staging
+    from pipeline.shards import list_shards
 
     tmp = Path(tempfile.mkdtemp(prefix="odise-dataplane-bench-"))
     try:

@@ -115,10 +115,10 @@ def make_image(rng: np.random.Generator, n_segments: int, index: int, categories
 
 def generate(root: Path, n_images: int, n_segments: int, seed: int = 0) -> dict:
     from odise_model.vocabulary import load_vocabulary
+    from pipeline.annotate.commit import commit_shard, write_provenance, write_staging
     from pipeline.encode import encode_result
     from pipeline.groundtruth import encode_panoptic_png
     from pipeline.schema import RunProvenance, label_row
-    from pipeline.writers import commit_shard, write_provenance, write_staging
 
     categories = load_vocabulary("coco_panoptic").coco_categories()
     rng = np.random.default_rng(seed)
@@ -192,7 +192,8 @@ def _evaluate(kwargs: dict) -> dict:
     """Run in a spawned process: one evaluation, its wall time and the process's peak RSS."""
     import resource
 
-    from pipeline.scoring import EvaluateConfig, run_evaluation
+    from pipeline.config import EvaluateConfig
+    from pipeline.evaluate.run import run_evaluation
 
     t0, c0 = time.perf_counter(), time.process_time()
     res = run_evaluation(EvaluateConfig(**kwargs))
@@ -258,7 +259,7 @@ def main() -> None:
         write_result(
             args.out,
             {
-                "benchmark": "run_evaluation (pipeline.scoring) on CPU, one process",
+                "benchmark": "run_evaluation (pipeline.evaluate.run) on CPU, one process",
                 "command": "python " + " ".join(sys.argv),
                 "data": {
                     "images": args.images,

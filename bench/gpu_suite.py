@@ -360,8 +360,8 @@ def compare(results_a: list, results_b: list, vocabulary) -> dict[str, Any]:
             round(float(np.mean([len(r.segments) for r in rs])), 1) for rs in (results_a, results_b)
         ],
     }
-    try:  # PQ of b against a (needs pipeline.evaluation: numpy + pydantic through pipeline/__init__)
-        from pipeline.evaluation import PQStat, pq_compute_single_image
+    try:  # PQ of b against a (needs pipeline.evaluate.metrics: numpy + pydantic through pipeline/__init__)
+        from pipeline.evaluate.metrics import PQStat, pq_compute_single_image
 
         cats = {c.id: {"isthing": int(c.isthing), "name": c.name} for c in vocabulary}
         stat = PQStat()
@@ -725,7 +725,7 @@ def pipeline_run(cfg) -> dict[str, Any]:
 def training(cfg) -> dict[str, Any]:
     """Training steps/s at the official crop size (placeholder when odise_model.training is missing)."""
     if not has("odise_model.training"):
-        return {"skipped": "odise_model.training not available (placeholder: fill when pipeline.train lands)"}
+        return {"skipped": "odise_model.training not available (placeholder: fill when pipeline.train.run lands)"}
     if remaining(cfg) < cfg.training_min_s:
         return {"skipped": f"budget: {remaining(cfg):.0f} s left < {cfg.training_min_s} s"}
     import torch

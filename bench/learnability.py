@@ -1,6 +1,6 @@
 """Learnability check: the tiny ODISE variant learns a synthetic panoptic dataset on the CPU.
 
-Synthetic data (:func:`pipeline.train_data.write_synthetic_shapes_dataset`): circles, squares and triangles of
+Synthetic data (:func:`pipeline.train.data.write_synthetic_shapes_dataset`): circles, squares and triangles of
 random colours (things) on two background textures, stripes and noise, split by a random line (stuff).
 The vocabulary is a ``classes.txt`` with the category names. The tiny model's CLIP and Stable Diffusion are
 random (frozen), so classification can only come from the trainable side (``text_proj`` on the frozen
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--annotate-from",
         default=None,
-        help="instead of training: run the annotate pipeline (pipeline.run.run_annotation) with the checkpoint of a "
+        help="instead of training: run the annotate pipeline (pipeline.annotate.run.run_annotation) with the checkpoint of a "
         "finished --work-dir on its held-out shards; writes bench/results/<name>_annotate.json",
     )
     args = parser.parse_args(argv)
@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     import odise_model
-    from pipeline.train import TrainConfig, evaluate_on_shards, last_checkpoint, run_training
-    from pipeline.train_data import write_synthetic_shapes_dataset
+    from pipeline.config import TrainConfig
+    from pipeline.train.data import write_synthetic_shapes_dataset
+    from pipeline.train.run import evaluate_on_shards, last_checkpoint, run_training
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="odise-learnability-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -235,9 +236,9 @@ def annotate(work: Path, name: str, argv: list[str] | None) -> dict:
     import torch
 
     torch.set_num_threads(1)
+    from pipeline.annotate.run import run_annotation
     from pipeline.config import AnnotateConfig
-    from pipeline.run import run_annotation
-    from pipeline.train import last_checkpoint
+    from pipeline.train.run import last_checkpoint
 
     t0 = time.time()
     ckpt = last_checkpoint(str(work / "run"))

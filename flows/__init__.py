@@ -1,8 +1,8 @@
 """Orchestration: Prefect flows, deployments and console scripts calling :mod:`pipeline` (which never imports this).
 
-* :mod:`flows.annotate` - the ``annotate`` flow (check -> label -> report) over :func:`pipeline.run.run_annotation`;
-* :mod:`flows.evaluate` - the ``evaluate`` flow over :func:`pipeline.scoring.run_evaluation`;
-* :mod:`flows.train` - the ``train`` flow over :func:`pipeline.train.run_training`;
+* :mod:`flows.annotate` - the ``annotate`` flow (check -> label -> report) over :func:`pipeline.annotate.run.run_annotation`;
+* :mod:`flows.evaluate` - the ``evaluate`` flow over :func:`pipeline.evaluate.run.run_evaluation`;
+* :mod:`flows.train` - the ``train`` flow over :func:`pipeline.train.run.run_training`;
 * :mod:`flows.serve` - ``python -m flows.serve``: the deployments of ``prefect.yaml`` without a work pool;
 * :mod:`flows.cli` - ``odise-annotate`` / ``odise-evaluate`` / ``odise-train``;
 * :mod:`flows.params` - parameter validation, path resolution and credential rules (no Prefect import).

@@ -1,13 +1,13 @@
 """The ``annotate`` flow: validate parameters -> ``check`` -> ``label`` -> ``report``.
 
-Orchestration only; the work is :func:`pipeline.run.run_annotation`:
+Orchestration only; the work is :func:`pipeline.annotate.run.run_annotation`:
 
 1. the flow's parameters (named like :class:`pipeline.config.AnnotateConfig`'s fields, plus
    ``storage_block``) are validated into an ``AnnotateConfig`` by :func:`flows.params.annotate_config`
    (pydantic; relative paths resolved against the working directory) before any task starts;
-2. ``check`` (:func:`pipeline.run.check_inputs`): vocabulary parses, shards exist, output is writable,
+2. ``check`` (:func:`pipeline.annotate.run.check_inputs`): vocabulary parses, shards exist, output is writable,
    model config loads, weights are reachable; fails fast (retried only on I/O / network errors);
-3. ``label`` (:func:`pipeline.run.run_annotation`): Ray Data pipeline with per-shard commits; a progress
+3. ``label`` (:func:`pipeline.annotate.run.run_annotation`): Ray Data pipeline with per-shard commits; a progress
    artifact (key ``annotate-progress``) is updated as shards commit; reruns on the same input/output
    label only the shards not committed yet, so Prefect retries and reruns are safe;
 4. ``report``: table artifacts (``annotate-summary``, ``annotate-categories``), a markdown artifact
@@ -99,8 +99,8 @@ class CheckReport:
 
 @task(name="check", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_on_io_error)
 def check(config: AnnotateConfig, storage_block: str | None = None) -> CheckReport:
-    """Fail fast: vocabulary, shards, output, model config and weights (:func:`pipeline.run.check_inputs`)."""
-    from pipeline.run import check_inputs
+    """Fail fast: vocabulary, shards, output, model config and weights (:func:`pipeline.annotate.run.check_inputs`)."""
+    from pipeline.annotate.checks import check_inputs
 
     logger = get_run_logger()
     with forward_logs("pipeline", "odise_model"):
@@ -134,7 +134,7 @@ def label(
     config: AnnotateConfig, storage_block: str | None = None, progress_artifact: UUID | None = None
 ) -> RunSummary:
     """Run the annotation pipeline; update the progress artifact as shards commit."""
-    from pipeline.run import run_annotation
+    from pipeline.annotate.run import run_annotation
 
     logger = get_run_logger()
 

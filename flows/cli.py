@@ -102,7 +102,7 @@ def _install_interrupt_guard(prog: str, grace_s: float = INTERRUPT_GRACE_S) -> N
 
 def _run_guarded(prog: str, body: Callable[[], int]) -> int:
     """Run ``body``; known input errors -> one line + exit 2, other failures -> one line + exit 1."""
-    from .params import EntryPointMissingError, user_errors
+    from .params import user_errors
 
     _install_interrupt_guard(prog)
     try:
@@ -111,8 +111,6 @@ def _run_guarded(prog: str, body: Callable[[], int]) -> int:
         return _fail(prog, "interrupted", 130)
     except user_errors() as exc:
         return _fail(prog, str(exc), 2)
-    except EntryPointMissingError as exc:
-        return _fail(prog, str(exc), 1)
     except Exception as exc:  # noqa: BLE001 - the CLI's contract is a message, not a traceback
         if os.environ.get("ODISE_DEBUG"):
             raise
@@ -446,7 +444,7 @@ def annotate_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _precheck(config: Any, storage_block: str | None) -> dict[str, Any]:
-    from pipeline.run import check_inputs
+    from pipeline.annotate.checks import check_inputs
 
     if storage_block:
         from ._prefect import with_credentials
@@ -472,8 +470,8 @@ _EVALUATE_GROUPS = {
 
 
 def build_evaluate_parser() -> argparse.ArgumentParser:
-    """The ``odise-evaluate`` parser: one option per ``pipeline.scoring.EvaluateConfig`` field."""
-    from pipeline.scoring import EvaluateConfig
+    """The ``odise-evaluate`` parser: one option per ``pipeline.evaluate.run.EvaluateConfig`` field."""
+    from pipeline.config import EvaluateConfig
 
     parser = argparse.ArgumentParser(
         prog="odise-evaluate",
@@ -505,7 +503,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     _prepare_environment("INFO" if ns.verbose else "WARNING")
 
     def body() -> int:
-        from pipeline.scoring import EvaluateConfig
+        from pipeline.config import EvaluateConfig
 
         from .evaluate import evaluate_config
 
@@ -555,8 +553,8 @@ _TRAIN_GROUPS = {
 
 
 def build_train_parser() -> argparse.ArgumentParser:
-    """The ``odise-train`` parser: one option per ``pipeline.train.TrainConfig`` field."""
-    from pipeline.train import TrainConfig
+    """The ``odise-train`` parser: one option per ``pipeline.train.run.TrainConfig`` field."""
+    from pipeline.config import TrainConfig
 
     parser = argparse.ArgumentParser(
         prog="odise-train",
@@ -587,7 +585,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         import inspect
 
-        from pipeline.train import TrainConfig
+        from pipeline.config import TrainConfig
 
         from .train import train_config
 

@@ -1,10 +1,9 @@
 """The ``evaluate`` flow: score an annotate output against ground truth.
 
-Orchestration only: :func:`pipeline.scoring.run_evaluation` (``EvaluateConfig`` -> ``EvaluationResult``;
-metrics from :mod:`pipeline.evaluation`: PQ / SQ / RQ, mIoU, mask AP). The parameters are
+Orchestration only: :func:`pipeline.evaluate.run.run_evaluation` (``EvaluateConfig`` -> ``EvaluationResult``;
+metrics from :mod:`pipeline.evaluate.metrics`: PQ / SQ / RQ, mIoU, mask AP). The parameters are
 ``EvaluateConfig``'s fields (``json_output`` is the ``--json`` of ``odise-evaluate``); relative paths
-resolve against the working directory. The scoring code is imported when the flow runs (an installation
-without it fails with a clear message; results are never faked).
+resolve against the working directory.
 
 Artifacts: ``evaluate-metrics`` (headline metrics, percent) and ``evaluate-per-class`` (per-class PQ).
 """
@@ -17,31 +16,27 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
+from pipeline.config import EvaluateConfig
+
 from ._prefect import retry_on_io_error, with_credentials
 from .params import (
     build_model,
     check_no_credentials,
-    load_entry_point,
     resolve_path,
     result_dict,
 )
 
-__all__ = ["evaluate", "evaluate_config", "score", "headline_rows", "EVALUATE_ENTRY_POINT"]
-
-EVALUATE_ENTRY_POINT = ("pipeline.scoring", "run_evaluation", "EvaluateConfig")
-"""(module, function, config class) the flow calls."""
+__all__ = ["evaluate", "evaluate_config", "score", "headline_rows"]
 
 _PATH_FIELDS = ("ground_truth", "ground_truth_png", "predictions", "json_output")
 
 
-def evaluate_config(params: dict[str, Any], cwd: str | os.PathLike | None = None) -> Any:
-    """Validate flow parameters into ``pipeline.scoring.EvaluateConfig`` (``None`` = its default).
+def evaluate_config(params: dict[str, Any], cwd: str | os.PathLike | None = None) -> EvaluateConfig:
+    """Validate flow parameters into :class:`pipeline.config.EvaluateConfig` (``None`` = its default).
 
     Raises:
-        ParameterError: naming the bad parameter; ``EntryPointMissingError`` without the scoring code.
+        ParameterError: naming the bad parameter.
     """
-    module, _, cls_name = EVALUATE_ENTRY_POINT
-    cls = load_entry_point(module, cls_name, "evaluation")
     values = {k: v for k, v in params.items() if v is not None}
     check_no_credentials("storage_options", values.get("storage_options") or {})
     for name in _PATH_FIELDS:
@@ -54,7 +49,7 @@ def evaluate_config(params: dict[str, Any], cwd: str | os.PathLike | None = None
         values["ground_truth_shards"] = [resolve_path(s, cwd) for s in shards]
     if isinstance(values.get("categories"), str):
         values["categories"] = resolve_path(values["categories"], cwd)
-    return build_model(cls, values, what="evaluate")
+    return build_model(EvaluateConfig, values, what="evaluate")
 
 
 def headline_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -111,8 +106,9 @@ def per_class_lines(metrics: dict[str, Any]) -> list[str]:
 
 @task(name="score", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_on_io_error)
 def score(config: Any, storage_block: str | None = None) -> dict[str, Any]:
-    """Call ``pipeline.scoring.run_evaluation``; returns ``EvaluationResult.to_dict()`` (also written to ``json_output``)."""
-    run_evaluation = load_entry_point(*EVALUATE_ENTRY_POINT[:2], "evaluation")
+    """Call ``pipeline.evaluate.run.run_evaluation``; returns ``EvaluationResult.to_dict()`` (also written to ``json_output``)."""
+    from pipeline.evaluate.run import run_evaluation
+
     return result_dict(run_evaluation(with_credentials(config, storage_block)))
 
 
@@ -146,7 +142,7 @@ def evaluate(
         storage_block: Prefect Secret block with fsspec credentials (see the annotate flow).
 
     Returns:
-        The metrics (``pipeline.evaluation.EvaluationResult.to_dict()`` layout).
+        The metrics (``pipeline.evaluate.metrics.EvaluationResult.to_dict()`` layout).
     """
     params = dict(locals())
     block = params.pop("storage_block")

@@ -231,12 +231,12 @@ def annotate_config(params: Mapping[str, Any], *, cwd: str | os.PathLike | None 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "bad input or settings" (shown as one line, never retried)."""
-    from odise_model.checkpoint import CheckpointError, WeightsNotFoundError
+    from odise_model import CheckpointError, WeightsNotFoundError
     from odise_model.config import ConfigError
     from odise_model.vocabulary import VocabularyError
-    from pipeline.run import OutputError
-    from pipeline.sources import InputError
-    from pipeline.writers import ProvenanceMismatchError
+    from pipeline.annotate.checks import OutputError
+    from pipeline.annotate.commit import ProvenanceMismatchError
+    from pipeline.shards import InputError
 
     return (
         ParameterError,
@@ -309,36 +309,9 @@ def is_transient_io_error(exc: BaseException) -> bool:
 
 
 def _output_error_type() -> type[BaseException]:
-    from pipeline.run import OutputError
+    from pipeline.annotate.checks import OutputError
 
     return OutputError
-
-
-class EntryPointMissingError(RuntimeError):
-    """The pipeline code a flow calls is not part of this installation (yet)."""
-
-
-def load_entry_point(module: str, name: str, what: str) -> Any:
-    """``module.name`` imported late (flows are declared before every pipeline part exists).
-
-    Raises:
-        EntryPointMissingError: naming the missing module / function; the flow fails with it, results are never faked.
-    """
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name and (module == exc.name or module.startswith(exc.name + ".")):
-            raise EntryPointMissingError(
-                f"{what} is not available in this installation: module {module} is missing"
-            ) from None
-        raise
-    if not hasattr(mod, name):
-        raise EntryPointMissingError(
-            f"{what} is not available in this installation: {module}.{name} is missing"
-        )
-    return getattr(mod, name)
 
 
 def build_model(cls: Any, params: Mapping[str, Any], *, what: str) -> Any:

@@ -1,9 +1,8 @@
-"""The ``train`` flow: fine-tune ODISE on labeled shards (:func:`pipeline.train.run_training`).
+"""The ``train`` flow: fine-tune ODISE on labeled shards (:func:`pipeline.train.run.run_training`).
 
-Orchestration only. The flow's parameters are the commonly set fields of ``pipeline.train.TrainConfig``
+Orchestration only. The flow's parameters are the commonly set fields of ``pipeline.train.run.TrainConfig``
 (same names as the ``odise-train`` flags); ``options`` passes any other ``TrainConfig`` field by name.
-``None`` means "TrainConfig's default". The training code is imported when the flow runs (an
-installation without it fails with a clear message; results are never faked). A table artifact
+``None`` means "TrainConfig's default". The training code (torch) is imported when the task runs. A table artifact
 (``train-result``) holds the ``TrainSummary``. Retrying is safe: the task resumes from the last
 checkpoint under ``output`` (``resume=True`` on a retry).
 """
@@ -17,34 +16,30 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import task_run
 
+from pipeline.config import TrainConfig
+
 from ._prefect import retry_on_io_error, with_credentials
 from .params import (
     ParameterError,
     build_model,
     check_no_credentials,
-    load_entry_point,
     replace_fields,
     resolve_path,
     result_dict,
     table_rows,
 )
 
-__all__ = ["train_flow", "train_config", "run_train", "TRAIN_ENTRY_POINT"]
-
-TRAIN_ENTRY_POINT = ("pipeline.train", "run_training", "TrainConfig")
-"""(module, function, config class) the flow calls."""
+__all__ = ["train_flow", "train_config", "run_train"]
 
 _PATH_FIELDS = ("output", "checkpoint", "sd_weights", "clip_weights", "cache_dir", "vocab")
 
 
-def train_config(params: dict[str, Any], cwd: str | os.PathLike | None = None) -> Any:
-    """Validate parameters (+ ``options``) into ``pipeline.train.TrainConfig``; local paths made absolute.
+def train_config(params: dict[str, Any], cwd: str | os.PathLike | None = None) -> TrainConfig:
+    """Validate parameters (+ ``options``) into :class:`pipeline.config.TrainConfig`; local paths made absolute.
 
     Raises:
-        ParameterError: naming the bad parameter; ``EntryPointMissingError`` without the training code.
+        ParameterError: naming the bad parameter.
     """
-    module, _, cls_name = TRAIN_ENTRY_POINT
-    cls = load_entry_point(module, cls_name, "training")
     values = {k: v for k, v in params.items() if v is not None and k != "options"}
     extra = {k: v for k, v in dict(params.get("options") or {}).items() if v is not None}
     overlap = sorted(set(values) & set(extra))
@@ -65,13 +60,13 @@ def train_config(params: dict[str, Any], cwd: str | os.PathLike | None = None) -
             values[name] = resolve_path(
                 value, cwd
             )  # weights / vocab: only existing files (else a release name)
-    return build_model(cls, values, what="train")
+    return build_model(TrainConfig, values, what="train")
 
 
 @task(name="train", retries=1, retry_delay_seconds=30, retry_condition_fn=retry_on_io_error)
-def run_train(config: Any, storage_block: str | None = None) -> dict[str, Any]:
-    """Call ``pipeline.train.run_training`` (resuming on a retry); returns the ``TrainSummary`` as a dict."""
-    run_training = load_entry_point(*TRAIN_ENTRY_POINT[:2], "training")
+def run_train(config: TrainConfig, storage_block: str | None = None) -> dict[str, Any]:
+    """Call ``pipeline.train.run.run_training`` (resuming on a retry); returns the ``TrainSummary`` as a dict."""
+    from pipeline.train.run import run_training
     config = with_credentials(config, storage_block)
     if task_run.run_count > 1 and not config.resume:
         config = replace_fields(config, resume=True)

@@ -1,7 +1,12 @@
-"""Settings of an annotation run, validated once, up front (pydantic), and the run's summary.
+"""Every run's settings in one place, validated once, up front (pydantic), and the annotate run's summary.
 
-``AnnotateConfig`` is what ``run_annotation`` takes, what the Prefect ``annotate`` flow's parameters map onto
-and what the ``odise-annotate`` command line fills in. Defaults fit one 24 GB GPU.
+* :class:`WeightsSettings` - the model and its weight sources, shared by the jobs that build a model;
+* :class:`AnnotateConfig` - what ``run_annotation`` takes, what the Prefect ``annotate`` flow's parameters map
+  onto and what ``odise-annotate`` fills in (defaults fit one 24 GB GPU);
+* :class:`TrainConfig` - ``run_training`` / ``odise-train`` / the ``train`` flow (defaults: the official recipe);
+* :class:`EvaluateConfig` - ``run_evaluation`` / ``odise-evaluate`` / the ``evaluate`` flow.
+
+Field names are the command-line flags (``--max-steps``) and the flow parameters (``max_steps``).
 """
 
 from __future__ import annotations
@@ -11,8 +16,25 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["AnnotateConfig", "RunSummary", "uses_pretrained", "check_sources", "clean_output"]
+__all__ = [
+    "WeightsSettings",
+    "AnnotateConfig",
+    "TrainConfig",
+    "EvaluateConfig",
+    "RunSummary",
+    "MatchMode",
+    "OFFICIAL_MAX_STEPS",
+    "uses_pretrained",
+    "check_sources",
+    "clean_output",
+]
 
+
+MatchMode = Literal["file_name", "image_id", "key"]
+"""How ``odise-evaluate`` pairs ground-truth images with prediction rows (see :mod:`pipeline.evaluate.run`)."""
+
+OFFICIAL_MAX_STEPS = 92_188
+"""Iterations of the official 50-epoch COCO run (total batch 64)."""
 
 TINY_VARIANTS = ("tiny", "tiny_caption")
 """CPU-sized variants with random weights by default (tests, plumbing checks)."""
@@ -37,7 +59,34 @@ def clean_output(value: str) -> str:
     return value.rstrip("/") if value != "/" else value
 
 
-class AnnotateConfig(BaseModel):
+class WeightsSettings(BaseModel):
+    """The model and its weights: the fields every job that builds a model shares (annotate, train).
+
+    Weights default to the official files for the official variants (``pretrained``); ``model="tiny"``
+    without a checkpoint is a plumbing check with random weights.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str = Field("odise_label_coco", description="model variant (odise_label_coco, odise_caption_coco, tiny, tiny_caption) or JSON path")
+    checkpoint: str | None = Field(None, description="ODISE weights: release name, path or URL")
+    sd_weights: str | None = Field(None, description="Stable Diffusion v1.3 weights: sd-v1-3, .ckpt path/URL, diffusers folder or hub id")
+    clip_weights: str | None = Field(None, description="CLIP ViT-L/14-336 weights: openai or a file path/URL")
+    pretrained: bool | None = Field(None, description="use the official weights for every source not given (default: yes, except for tiny)")
+    offline: bool | None = Field(None, description="never touch the network for weights (default: $ODISE_OFFLINE/$HF_HUB_OFFLINE)")
+    cache_dir: str | None = Field(None, description="weights cache (default $ODISE_CACHE or ~/.cache/odise_annotate)")
+
+    @property
+    def use_pretrained(self) -> bool:
+        return uses_pretrained(self.model, self.pretrained)
+
+    @property
+    def is_plumbing_check(self) -> bool:
+        """True when the job uses random weights (tiny model, no checkpoint)."""
+        return self.checkpoint is None and not self.use_pretrained and self.sd_weights is None
+
+
+class AnnotateConfig(WeightsSettings):
     """One annotation job.
 
     Inputs: ``input`` is a shard glob / brace pattern / manifest file / folder of tar shards / folder of images,
@@ -53,14 +102,6 @@ class AnnotateConfig(BaseModel):
     output: str = Field(..., description="output URL (local path, s3://bucket/prefix, ...)")
     vocab_file: str | None = Field("coco_panoptic", description="classes.txt path or URL, or a built-in vocabulary name")
     merge_vocab: list[str] = Field(default_factory=list, description="built-in vocabularies merged after vocab_file")
-
-    model: str = Field("odise_label_coco", description="model variant (odise_label_coco, odise_caption_coco, tiny, tiny_caption) or JSON path")
-    checkpoint: str | None = Field(None, description="ODISE weights: release name, path or URL")
-    sd_weights: str | None = Field(None, description="Stable Diffusion v1.3 weights: sd-v1-3, .ckpt path/URL, diffusers folder or hub id")
-    clip_weights: str | None = Field(None, description="CLIP ViT-L/14-336 weights: openai or a file path/URL")
-    pretrained: bool | None = Field(None, description="use the official weights for every source not given (default: yes, except for tiny)")
-    offline: bool | None = Field(None, description="never touch the network for weights (default: $ODISE_OFFLINE/$HF_HUB_OFFLINE)")
-    cache_dir: str | None = Field(None, description="weights cache (default $ODISE_CACHE or ~/.cache/odise_annotate)")
 
     batch_size: int = Field(4, ge=1, description="images per model call")
     tile_batch_size: int = Field(12, ge=1, description="SD tiles per forward pass")
@@ -110,17 +151,166 @@ class AnnotateConfig(BaseModel):
         return self
 
     @property
-    def is_plumbing_check(self) -> bool:
-        """True when the run labels with random weights (tiny model, no checkpoint)."""
-        return self.checkpoint is None and not self.use_pretrained and self.sd_weights is None
-
-    @property
-    def use_pretrained(self) -> bool:
-        return uses_pretrained(self.model, self.pretrained)
-
-    @property
     def out_storage_options(self) -> dict[str, Any]:
         return self.storage_options if self.output_storage_options is None else self.output_storage_options
+
+
+class TrainConfig(WeightsSettings):
+    """One training run. Defaults are the official recipe; ``model="tiny"`` gives a CPU-sized plumbing run."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    train: str | list[str] = Field(
+        ..., description="labeled shards: dataset folder / shard URL / list of shard URLs"
+    )
+    val: str | list[str] | None = Field(
+        None, description="held-out labeled shards for periodic evaluation (PQ)"
+    )
+    output: str = Field(..., description="output URL: checkpoints/, metrics.jsonl, train_summary.json")
+    checkpoint: str | None = Field(
+        None, description="initial ODISE weights (release name, path or URL); ignored when resuming"
+    )
+    vocab: str | None = Field(
+        None,
+        description="training vocabulary (classes.txt / built-in name; default: the train categories.json, "
+        "or the built-in vocabulary with the same ids, e.g. coco_panoptic)",
+    )
+
+    max_steps: int = Field(OFFICIAL_MAX_STEPS, ge=1, description="optimizer steps")
+    batch_size: int = Field(
+        2, ge=1, description="images per step, total over workers (official 64 = 32 GPUs x 2)"
+    )
+    lr: float = Field(1e-4, gt=0, description="base learning rate (AdamW)")
+    weight_decay: float = Field(0.05, ge=0, description="weight decay (none on norms and biases)")
+    warmup_factor: float = Field(
+        0.067, gt=0, le=1, description="learning-rate factor at step 0 of the linear warm-up"
+    )
+    grad_clip: float | None = Field(
+        0.01, gt=0, description="max global L2 norm of the gradients (None: no clipping)"
+    )
+    crop_size: int | None = Field(
+        None,
+        ge=32,
+        description="LSJ crop size (default: the model's test short side: 1024 official, 128 tiny)",
+    )
+    min_scale: float = Field(0.1, gt=0, description="LSJ minimum scale")
+    max_scale: float = Field(2.0, gt=0, description="LSJ maximum scale")
+    shuffle_buffer: int = Field(512, ge=1, description="samples held for shuffling")
+    num_points: int = Field(12544, ge=1, description="points of the matcher and the mask losses")
+    num_words: int = Field(8, ge=1, description="caption words per image (caption variant)")
+    tile_batch_size: int = Field(8, ge=1, description="SD tiles per forward pass")
+    gradient_checkpointing: Literal["none", "projections", "all"] = Field(
+        "projections",
+        description="recompute activations in backward: projections (official use_checkpoint=True) or all (+ UNet)",
+    )
+    amp: bool | None = Field(None, description="bf16 autocast (default: on GPU)")
+
+    eval_every: int = Field(4500, ge=0, description="evaluate every N steps (0: only at the end); needs val")
+    eval_max_images: int | None = Field(
+        None, ge=1, description="evaluate on at most this many held-out images"
+    )
+    eval_batch_size: int = Field(4, ge=1, description="images per predictor call during evaluation")
+    eval_use_clip: bool | None = Field(
+        None, description="fuse with MaskCLIP in evaluation (default: when real CLIP weights are loaded)"
+    )
+    checkpoint_every: int = Field(4500, ge=1, description="save a checkpoint every N steps (and at the end)")
+    log_every: int = Field(20, ge=1, description="write a metrics line every N steps")
+
+    num_workers: int = Field(1, ge=1, description="training processes (DDP through Ray Train when > 1)")
+    use_gpu: bool | None = Field(None, description="train on GPUs (default: when CUDA is available)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray worker")
+    ray_address: str | None = Field(
+        None, description="existing Ray cluster ('auto', 'ray://host:10001'); with it, training runs on Ray"
+    )
+    use_ray: bool | None = Field(
+        None, description="run on Ray Train (default: when num_workers > 1 or ray_address is set)"
+    )
+    ray_storage_path: str | None = Field(None, description="Ray Train's own run folder (default: Ray's)")
+
+    resume: bool = Field(False, description="continue from the last checkpoint under output, if any")
+    seed: int = Field(42, ge=0, description="seed of the data order, augmentations and loss sampling")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for every URL (e.g. S3 endpoint)"
+    )
+
+    @field_validator("train")
+    @classmethod
+    def _train_not_empty(cls, value):
+        return check_sources(value, "train")
+
+    @field_validator("output")
+    @classmethod
+    def _output_not_empty(cls, value: str) -> str:
+        return clean_output(value)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.batch_size % self.num_workers:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of num_workers {self.num_workers}"
+            )
+        if self.num_workers > 1 and self.use_ray is False:
+            raise ValueError("num_workers > 1 needs Ray Train (use_ray must not be False)")
+        if self.min_scale > self.max_scale:
+            raise ValueError(f"min_scale {self.min_scale} > max_scale {self.max_scale}")
+        return self
+
+    @property
+    def uses_ray(self) -> bool:
+        if self.use_ray is not None:
+            return self.use_ray
+        return self.num_workers > 1 or bool(self.ray_address)
+
+
+class EvaluateConfig(BaseModel):
+    """One evaluation: ground truth + an annotate output -> PQ / SQ / RQ, mIoU, mask AP.
+
+    Give either ``ground_truth`` (+ optionally ``ground_truth_png``) or ``ground_truth_shards``. The output
+    JSON path is the field ``json_output``, set as ``json=...`` (``EvaluateConfig(json="pq.json")``; a
+    field named ``json`` would shadow ``BaseModel.json``).
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    ground_truth: str | None = Field(None, description="COCO panoptic JSON (path or URL)")
+    ground_truth_png: str | None = Field(
+        None, description="folder of the COCO panoptic PNGs (default: the JSON's path without .json)"
+    )
+    ground_truth_shards: str | list[str] | None = Field(
+        None, description="labeled WebDataset shards: a folder, a .tar URL or a list of .tar URLs"
+    )
+    predictions: str = Field(..., description="an odise-annotate output folder (path or URL)")
+    json_output: str | None = Field(None, alias="json", description="write the results as JSON here")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for every URL")
+    instance_ap: bool = Field(True, description="compute mask AP from the runs' instances (pycocotools)")
+    semantic: bool = Field(True, description="compute mIoU / pixel accuracy")
+    match: MatchMode = Field("file_name", description="how GT images pair with prediction rows (module doc)")
+    categories: str | list[dict[str, Any]] | None = Field(
+        None, description="evaluated categories (COCO list or JSON URL); default: the ground truth's"
+    )
+
+    @model_validator(mode="after")
+    def _one_ground_truth(self) -> EvaluateConfig:
+        if (self.ground_truth is None) == (self.ground_truth_shards is None):
+            raise ValueError("give exactly one of ground_truth (COCO panoptic JSON) and ground_truth_shards")
+        if self.ground_truth_png is not None and self.ground_truth is None:
+            raise ValueError("ground_truth_png goes with ground_truth (a COCO panoptic JSON)")
+        if not self.predictions.strip():
+            raise ValueError("predictions must be an annotate output folder")
+        if isinstance(self.ground_truth_shards, list) and not self.ground_truth_shards:
+            raise ValueError("ground_truth_shards is an empty list")
+        return self
+
+    @property
+    def png_dir(self) -> str | None:
+        """The COCO PNG folder in use (given, or derived from the JSON's name)."""
+        if self.ground_truth is None:
+            return None
+        if self.ground_truth_png:
+            return self.ground_truth_png
+        base = self.ground_truth.rstrip("/")
+        return base[: -len(".json")] if base.lower().endswith(".json") else base + "_png"
+
 
 
 @dataclass

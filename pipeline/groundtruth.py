@@ -38,7 +38,7 @@ Each shard is an uncompressed POSIX tar; each sample is three consecutive member
          "captions": [str, ...],     optional: all captions of the image when there are several (COCO
                                      Captions has ~5); "caption" is then the first; training samples one
          "nouns": [str, ...]}        optional: the caption's nouns, extracted offline (training uses them
-                                     instead of its lexicon-based extractor; see pipeline.train_data)
+                                     instead of its lexicon-based extractor; see pipeline.train.data)
 
 ``<key>`` is the image id as a string with every character outside ``[A-Za-z0-9_-]`` replaced by
 ``_`` (no dots, so the WebDataset key split is unambiguous); keys are unique within a dataset. Member
@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from .encode import id2rgb, panoptic_to_png, png_to_panoptic, rgb2id
+from pipeline.encode import id2rgb, panoptic_to_png, png_to_panoptic, rgb2id
 
 __all__ = [
     "CATEGORIES_FILE",
@@ -204,7 +204,7 @@ class EncodedPanopticRecord:
     """One ground-truth image whose panoptic PNG is not decoded yet (small: a dataset's worth fits in memory).
 
     Used to index a whole ground truth before pairing it with predictions in any order
-    (:mod:`pipeline.scoring`); :meth:`decode` gives the full :class:`PanopticRecord` when needed.
+    (:mod:`pipeline.evaluate.run`); :meth:`decode` gives the full :class:`PanopticRecord` when needed.
 
     Attributes:
         image_id, file_name, segments, caption, key: as in :class:`PanopticRecord`.

@@ -5,14 +5,18 @@ One row per input sample: either labelled (``error`` is null) or an error record
 image could not even be read). Files are plain Parquet: pyarrow, pandas and HF ``datasets`` read them
 without this package.
 
-Columns (``SCHEMA_VERSION = 1``):
+Columns (``SCHEMA_VERSION = 2``; version 1 lacked ``image_url``, ``uncertainty``, ``branch_disagreement``,
+``error_kind`` and ``retryable``):
 
 ==============  ===================================================================================
 run_id          string, the run that produced the row
 shard           string, URL of the input shard (for virtual image shards: ``<folder>#images-<n>`` / ``#rest-<n>``)
 shard_id        string, filesystem-safe unique shard name (output file names)
-key             string, sample key, unique within a shard (WebDataset key, or relative image path)
-image_id        int64, stable id = ``int(sha1(f"{shard_id}/{key}").hexdigest()[:15], 16)`` (< 2**60)
+key             string, sample key, unique within a shard (WebDataset key, or relative image path); keys that
+                are not valid UTF-8 are stored percent-encoded (``%FF``), reversibly
+image_id        int64, stable id of the image in this output (see :func:`image_id_for`)
+image_url       string, where the image is: the file's URL for image folders, ``<tar URL>#<member>`` for
+                WebDataset shards; null when unknown
 image_ext       string, extension of the image member / file ("jpg", "png", ...), null if none
 width, height   int32, image size in pixels after EXIF orientation; null when unknown
 segments        list<struct<id int32, category_id int32, category_name string, isthing bool,
@@ -22,7 +26,15 @@ instances       list<struct<category_id int32, category_name string, score float
 panoptic_png    binary, COCO panoptic PNG (id = R + 256 G + 256^2 B), null when not requested
 semantic_png    binary, 16-bit grayscale PNG of the semantic output's category id per pixel (0 = none),
                 null when not requested
-error           string, null when labelled
+uncertainty     float32, how unsure the labels are, in [0, 1]: mean over segments of 1 - the fused top-1
+                class probability (null for error rows and images without segments)
+branch_disagreement
+                float32, fraction of segments whose diffusion-branch and CLIP-branch top classes differ
+                (null without segments or without the CLIP branch)
+error           string, null when labelled: a human-readable reason naming the input
+error_kind      string, null when labelled: a stable machine-readable kind (:mod:`pipeline.errors`)
+retryable       bool, null when labelled: whether labelling the sample again may succeed (network,
+                timeout, vanished file, shard still being written, out of memory)
 ==============  ===================================================================================
 
 Schema-level metadata: ``odise_annotate.schema_version`` (ASCII int) and ``odise_annotate.provenance``
@@ -54,7 +66,9 @@ __all__ = [
     "rows_to_table",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
+"""Versions the readers (evaluation, export) accept."""
 METADATA_VERSION_KEY = b"odise_annotate.schema_version"
 METADATA_PROVENANCE_KEY = b"odise_annotate.provenance"
 
@@ -88,6 +102,7 @@ _FIELDS = [
     pa.field("shard_id", pa.string(), nullable=False),
     pa.field("key", pa.string(), nullable=False),
     pa.field("image_id", pa.int64(), nullable=False),
+    pa.field("image_url", pa.string()),
     pa.field("image_ext", pa.string()),
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
@@ -95,7 +110,11 @@ _FIELDS = [
     pa.field("instances", pa.list_(INSTANCE_TYPE)),
     pa.field("panoptic_png", pa.binary()),
     pa.field("semantic_png", pa.binary()),
+    pa.field("uncertainty", pa.float32()),
+    pa.field("branch_disagreement", pa.float32()),
     pa.field("error", pa.string()),
+    pa.field("error_kind", pa.string()),
+    pa.field("retryable", pa.bool_()),
 ]
 COLUMNS = tuple(f.name for f in _FIELDS)
 _REQUIRED = ("run_id", "shard", "shard_id", "key")
@@ -198,7 +217,16 @@ def image_id_for(shard_id: str, key: str) -> int:
 
 
 def label_row(
-    *, run_id: str, shard: str, shard_id: str, key: str, encoded: dict[str, Any], image_ext: str | None = None
+    *,
+    run_id: str,
+    shard: str,
+    shard_id: str,
+    key: str,
+    encoded: dict[str, Any],
+    image_ext: str | None = None,
+    image_url: str | None = None,
+    uncertainty: float | None = None,
+    branch_disagreement: float | None = None,
 ) -> dict[str, Any]:
     """Row of a labelled sample from :func:`pipeline.encode.encode_result`'s output."""
     return {
@@ -207,6 +235,7 @@ def label_row(
         "shard_id": shard_id,
         "key": key,
         "image_id": image_id_for(shard_id, key),
+        "image_url": image_url,
         "image_ext": image_ext,
         "width": encoded["width"],
         "height": encoded["height"],
@@ -214,7 +243,11 @@ def label_row(
         "instances": encoded.get("instances", []),
         "panoptic_png": encoded.get("panoptic_png"),
         "semantic_png": encoded.get("semantic_png"),
+        "uncertainty": uncertainty,
+        "branch_disagreement": branch_disagreement,
         "error": None,
+        "error_kind": None,
+        "retryable": None,
     }
 
 
@@ -225,11 +258,15 @@ def error_row(
     shard_id: str,
     key: str,
     error: str,
+    error_kind: str = "error",
+    retryable: bool = False,
     image_ext: str | None = None,
+    image_url: str | None = None,
     width: int | None = None,
     height: int | None = None,
 ) -> dict[str, Any]:
-    """Row of a sample that could not be labelled; ``error`` must be a non-empty reason."""
+    """Row of a sample that could not be labelled; ``error`` must be a non-empty reason, ``error_kind`` one of
+    :mod:`pipeline.errors`' kinds."""
     if not error:
         raise ValueError("error rows need a non-empty error message")
     return {
@@ -238,6 +275,7 @@ def error_row(
         "shard_id": shard_id,
         "key": key,
         "image_id": image_id_for(shard_id, key),
+        "image_url": image_url,
         "image_ext": image_ext,
         "width": width,
         "height": height,
@@ -245,7 +283,11 @@ def error_row(
         "instances": [],
         "panoptic_png": None,
         "semantic_png": None,
+        "uncertainty": None,
+        "branch_disagreement": None,
         "error": error,
+        "error_kind": error_kind,
+        "retryable": bool(retryable),
     }
 
 

@@ -70,8 +70,8 @@ def test_annotate_help_documents_every_option(tmp_path):
 @pytest.mark.parametrize(
     ("script", "module", "cls", "renamed"),
     [
-        ("odise-evaluate", "pipeline.scoring", "EvaluateConfig", {"json_output": "--json"}),
-        ("odise-train", "pipeline.train", "TrainConfig", {}),
+        ("odise-evaluate", "pipeline.config", "EvaluateConfig", {"json_output": "--json"}),
+        ("odise-train", "pipeline.config", "TrainConfig", {}),
     ],
 )
 def test_evaluate_and_train_help_document_every_config_field(tmp_path, script, module, cls, renamed):

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.evaluation import (
+from pipeline.evaluate.metrics import (
     PanopticEvaluator,
     PQStat,
     SemanticEvaluator,

@@ -189,7 +189,7 @@ def test_annotate_flow_artifacts(s3_runs):
 def test_annotate_flow_plumbing_check_and_forwarded_pipeline_logs(s3_runs):
     logs = "\n".join(_logs(s3_runs["first"].state_details.flow_run_id))
     assert "PLUMBING CHECK" in logs
-    assert "1 to label, 0 already committed" in logs  # pipeline.run's own log, forwarded to the run's logs
+    assert "1 to label, 0 already committed" in logs  # pipeline.annotate.run's own log, forwarded to the run's logs
     assert "committed: 1/1 shards" in logs  # progress
 
 
@@ -267,7 +267,7 @@ def test_train_flow_runs_one_step_of_the_tiny_model(prefect_api, tmp_path):
     import torch
 
     from flows.train import train_flow
-    from pipeline.train_data import write_synthetic_shapes_dataset
+    from pipeline.train.data import write_synthetic_shapes_dataset
 
     write_synthetic_shapes_dataset(str(tmp_path / "train"), num_images=2, size=96, seed=1)
     threads = torch.get_num_threads()
@@ -377,9 +377,7 @@ def test_block_credentials_merge_the_same_way_into_every_flow_config(prefect_api
     from prefect.blocks.system import Secret
 
     from flows._prefect import with_credentials
-    from pipeline.config import AnnotateConfig
-    from pipeline.scoring import EvaluateConfig
-    from pipeline.train import TrainConfig
+    from pipeline.config import AnnotateConfig, EvaluateConfig, TrainConfig
 
     endpoint = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
     flat, split = (f"odise-merge-{uuid.uuid4().hex[:8]}" for _ in range(2))
@@ -437,8 +435,7 @@ def test_annotate_parameters_cover_every_config_field_with_the_same_defaults():
 def test_evaluate_and_train_parameters_map_onto_their_configs():
     from flows.evaluate import evaluate
     from flows.train import train_flow
-    from pipeline.scoring import EvaluateConfig
-    from pipeline.train import TrainConfig
+    from pipeline.config import EvaluateConfig, TrainConfig
 
     ev = inspect.signature(evaluate.fn).parameters
     assert set(ev) == set(EvaluateConfig.model_fields) | {"storage_block"}
@@ -509,10 +506,11 @@ def test_credential_keys_are_found_at_any_depth():
 
 def test_retry_only_on_io_errors():
     from flows.params import ParameterError, is_transient_io_error
-    from odise_model.checkpoint import WeightsNotFoundError
+    from odise_model import WeightsNotFoundError
     from odise_model.vocabulary import VocabularyError
-    from pipeline.run import OutputError, PipelineError
-    from pipeline.sources import InputError
+    from pipeline.annotate.checks import OutputError
+    from pipeline.annotate.run import PipelineError
+    from pipeline.shards import InputError
 
     def chained(outer: BaseException, cause: BaseException) -> BaseException:
         outer.__cause__ = cause

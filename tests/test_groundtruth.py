@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.evaluation import PanopticEvaluator
+from pipeline.evaluate.metrics import PanopticEvaluator
 from pipeline.groundtruth import (
     CATEGORIES_FILE,
     CocoPanopticReader,

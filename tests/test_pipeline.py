@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import pipeline
-from pipeline.run import OutputError, check_inputs
+from pipeline.annotate.checks import OutputError, check_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -313,13 +313,13 @@ def test_missing_official_weights_offline_say_which_file(tmp_path, photos):
 
 
 def test_output_of_another_vocabulary_is_refused_before_the_run(tmp_path, photos):
-    from pipeline.run import _provenance
-    from pipeline.writers import ProvenanceMismatchError, write_provenance
+    from pipeline.annotate.commit import ProvenanceMismatchError, write_provenance
+    from pipeline.annotate.checks import provenance_for
 
     write_shard(tmp_path / "s.tar", good_samples(photos, "p", 1))
     out = str(tmp_path / "out")
     first = config(str(tmp_path / "s.tar"), out)
-    write_provenance(out, None, _provenance(first, check_inputs(first), "run-1"))
+    write_provenance(out, None, provenance_for(first, check_inputs(first), "run-1"))
     check_inputs(first)  # same settings: fine
     other = config(str(tmp_path / "s.tar"), out, vocab_file="ade20k_150")
     with pytest.raises(ProvenanceMismatchError, match=r"vocabulary_sha256.*provenance.json"):

@@ -127,7 +127,7 @@ def test_extreme_aspect_ratios_and_single_pixel_images():
 def test_caption_variant_predicts_and_round_trips(tmp_path, photos):
     """The caption variant (binary foreground head, no null embedding) on the inference path; its checkpoint
     round-trips, and a label checkpoint is refused by it with the keys that differ."""
-    from odise_model.checkpoint import CheckpointError
+    from odise_model import CheckpointError
 
     model = odise_model.build_odise("tiny_caption", seed=5)
     assert model.config.classifier.kind == "caption"

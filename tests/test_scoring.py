@@ -11,17 +11,17 @@ import pytest
 from PIL import Image
 
 from odise_model.types import Instance, PanopticResult, Segment, bbox_from_mask
+from pipeline.annotate.commit import commit_shard, write_provenance, write_staging
 from pipeline.encode import encode_result
-from pipeline.groundtruth import convert_coco_panoptic_to_shards, id2rgb, sample_key
-from pipeline.schema import RunProvenance, error_row, label_row
-from pipeline.scoring import (
+from pipeline.evaluate.run import (
     CategoryMismatchError,
     EvaluateConfig,
     gt_pairing_name,
     prediction_pairing_name,
     run_evaluation,
 )
-from pipeline.writers import commit_shard, write_provenance, write_staging
+from pipeline.groundtruth import convert_coco_panoptic_to_shards, id2rgb, sample_key
+from pipeline.schema import RunProvenance, error_row, label_row
 
 PERSON, CAR, DOG, SKY, GRASS = 1, 2, 3, 4, 5
 CATEGORIES = [

@@ -1,7 +1,7 @@
 """Training flow: trainable set, gradient flow, one step, data determinism, resume, checkpoints, Ray Train.
 
 Everything runs on the tiny model and a synthetic panoptic dataset written by
-:func:`pipeline.train_data.write_synthetic_shapes_dataset` (shapes as things, textures as stuff).
+:func:`pipeline.train.data.write_synthetic_shapes_dataset` (shapes as things, textures as stuff).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from odise_model.build import build_components
 from odise_model.config import load_config
 from odise_model.training import LossConfig, TrainingModule, optimizer_param_groups
 from odise_model.vocabulary import load_vocabulary
+from pipeline.config import TrainConfig
 from pipeline.groundtruth import iter_labeled_shards, read_categories
-from pipeline.train import TrainConfig, last_checkpoint, lr_multiplier, run_training
-from pipeline.train_data import (
+from pipeline.train.data import (
     DataPosition,
     TrainDataStream,
     class_index_map,
@@ -31,6 +31,7 @@ from pipeline.train_data import (
     vocabulary_from_categories,
     write_synthetic_shapes_dataset,
 )
+from pipeline.train.run import last_checkpoint, lr_multiplier, run_training
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -398,7 +398,7 @@ def test_matching_builtin_vocabulary_recognises_coco_and_ade_categories():
 
 
 def test_training_vocabulary_prefers_given_then_builtin_then_categories(tmp_path):
-    from pipeline.train_data import training_vocabulary
+    from pipeline.train.data import training_vocabulary
 
     coco = load_vocabulary("coco_panoptic")
     cats = {c.id: {"name": _COCO_NAMES.get(c.id, c.name), "isthing": int(c.isthing)} for c in coco}

@@ -93,8 +93,7 @@ class ReadShard:
     def _decode(self, shard: dict, sample, position: int) -> dict[str, Any]:
         """Row of one sample; ``position`` = number of images of this shard decoded so far."""
         from odise_model.predictor import resize_image
-
-        from .decode import ImageDecodeError, decode_image
+        from pipeline.images import ImageDecodeError, decode_image
 
         row = _empty_sample_row(shard, sample.key, error=sample.error, ext=sample.image_ext)
         if sample.error:
@@ -122,7 +121,7 @@ class ReadShard:
         return row
 
     def __call__(self, batch: dict[str, Any]):
-        from .sources import ShardRef, iter_samples
+        from pipeline.shards import ShardRef, iter_samples
 
         for shard_json in batch["shard"]:
             shard = json.loads(shard_json)
@@ -253,8 +252,9 @@ class EncodeAndStage:
 
         from PIL import Image
 
-        from .encode import render_overlay
-        from .writers import _fs, _write_bytes, key_to_filename
+        from pipeline.annotate.commit import key_to_filename
+        from pipeline.encode import render_overlay
+        from pipeline.storage import fs_root, write_bytes
 
         h, w = int(batch["rh"][i]), int(batch["rw"][i])
         image = np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(h, w, 3)
@@ -263,15 +263,15 @@ class EncodeAndStage:
             image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
         buf = io.BytesIO()
         render_overlay(image, result).convert("RGB").save(buf, format="JPEG", quality=90)
-        fs, root = _fs(self.out_url, self.storage_options)
+        fs, root = fs_root(self.out_url, self.storage_options)
         rel = posixpath.join("overlays", batch["shard_id"][i], key_to_filename(batch["key"][i]) + ".jpg")
-        _write_bytes(fs, posixpath.join(root, rel), buf.getvalue(), durable=False)
+        write_bytes(fs, posixpath.join(root, rel), buf.getvalue(), durable=False)
         return rel
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from .encode import encode_result
-        from .schema import RunProvenance, error_row, label_row
-        from .writers import write_staging
+        from pipeline.annotate.commit import write_staging
+        from pipeline.encode import encode_result
+        from pipeline.schema import RunProvenance, error_row, label_row
 
         provenance = RunProvenance.from_json(self.provenance_json)
         rows, records = [], []

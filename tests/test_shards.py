@@ -1,4 +1,4 @@
-"""pipeline.sources: listing (glob, braces, manifests, folders; local and S3), reading, hostile tars."""
+"""pipeline.shards: listing (glob, braces, manifests, folders; local and S3), reading, hostile tars."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.sources import SHARD_ERROR_KEY, InputError, ShardRef, iter_samples, list_shards, read_shard
+from pipeline.shards import SHARD_ERROR_KEY, InputError, ShardRef, iter_samples, list_shards, read_shard
 
 
 def jpeg(seed: int, size: tuple[int, int] = (24, 32)) -> bytes:

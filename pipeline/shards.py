@@ -459,7 +459,7 @@ def exclude_labelled_images(
 
     Virtual shards are named after their member list, so adding one image to a folder renames the
     group it falls in; without care, a rerun would label that group's old images again. ``committed``
-    is :func:`pipeline.writers.committed_shards` (markers of image shards list their ``members``). For
+    is :func:`pipeline.annotate.commit.committed_shards` (markers of image shards list their ``members``). For
     each folder whose pending shards hold images some committed shard already labelled, those images
     are dropped and the rest regrouped into ``<folder>#rest-<index>`` shards (deterministic, so an
     interrupted rerun resumes them). Tar shards, committed shards and untouched folders are unchanged.
@@ -790,7 +790,7 @@ def read_shard(
 ) -> list[RawSample]:
     """Read a whole shard; every record carries ``shard_total`` = the number of records (= distinct keys).
 
-    The driver passes ``shard_total`` as ``expected_keys`` to :func:`pipeline.writers.commit_shard`.
+    The driver passes ``shard_total`` as ``expected_keys`` to :func:`pipeline.annotate.commit.commit_shard`.
     """
     samples = list(iter_samples(shard, storage_options, max_member_bytes=max_member_bytes))
     total = len(samples)

@@ -1,4 +1,4 @@
-"""pipeline.writers + pipeline.schema: exactly-once commits, crash/rerun, COCO exports, readers, S3."""
+"""pipeline.annotate.commit + pipeline.schema: exactly-once commits, crash/rerun, COCO exports, readers, S3."""
 
 from __future__ import annotations
 
@@ -14,19 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from odise_model.types import Instance, PanopticResult, Segment, bbox_from_mask
-from pipeline.encode import encode_result, png_to_panoptic, rle_to_mask
-from pipeline.schema import (
-    SCHEMA_VERSION,
-    RunProvenance,
-    error_row,
-    image_id_for,
-    label_row,
-    output_schema,
-    provenance_from_schema,
-    rows_to_table,
-)
-from pipeline.sources import ShardRef
-from pipeline.writers import (
+from pipeline.annotate.commit import (
     CommitError,
     ProvenanceMismatchError,
     clean_uncommitted,
@@ -40,6 +28,18 @@ from pipeline.writers import (
     write_shard_outputs,
     write_staging,
 )
+from pipeline.encode import encode_result, png_to_panoptic, rle_to_mask
+from pipeline.schema import (
+    SCHEMA_VERSION,
+    RunProvenance,
+    error_row,
+    image_id_for,
+    label_row,
+    output_schema,
+    provenance_from_schema,
+    rows_to_table,
+)
+from pipeline.shards import ShardRef
 
 CATS = [
     {"id": 1, "name": "cat", "isthing": True},
@@ -395,7 +395,7 @@ def test_s3_end_to_end(s3_bucket: str, s3_storage_options: dict, tmp_path: Path)
 
 
 def test_error_reason_groups_errors_by_kind():
-    from pipeline.writers import error_reason
+    from pipeline.annotate.commit import error_reason
 
     assert error_reason("truncated image [file:///data/imgs/a.jpg]") == "truncated image"
     assert error_reason("empty (0 bytes) [file:///x/shard.tar:k1]") == "empty (0 bytes)"

@@ -6,7 +6,7 @@
 
 Recipe (official ODISE, ``configs/common/*`` at commit 2b187e4, unless a setting says otherwise):
 
-* data: :class:`pipeline.train_data.TrainDataStream` (COCO LSJ: flip, scale 0.1-2.0, fixed ``crop_size``
+* data: :class:`pipeline.train.data.TrainDataStream` (COCO LSJ: flip, scale 0.1-2.0, fixed ``crop_size``
   crop with padding; crowd dropped; deterministic and resumable);
 * losses: :class:`odise_model.training.TrainingModule` (Hungarian matching 2/5/5 on 12,544 points, set
   criterion with importance sampling, no-object weight 0.1, deep supervision; caption variant adds the
@@ -42,151 +42,23 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from .config import check_sources, clean_output, uses_pretrained
+from pipeline.config import TrainConfig
 
 __all__ = [
-    "TrainConfig",
     "TrainSummary",
     "run_training",
     "lr_multiplier",
     "evaluate_on_shards",
     "last_checkpoint",
-    "OFFICIAL_MAX_STEPS",
 ]
 
 logger = logging.getLogger(__name__)
 
-OFFICIAL_MAX_STEPS = 92_188
-"""Iterations of the official 50-epoch COCO run (total batch 64)."""
 _SCHEDULE_UPDATES = 184_375  # the official schedule is the 100-epoch LSJ one, evaluated at step / max_steps
 _WARMUP_FRACTION = 500 / _SCHEDULE_UPDATES
 _MILESTONES = (163_889, 177_546)
-
-
-class TrainConfig(BaseModel):
-    """One training run. Defaults are the official recipe; ``model="tiny"`` gives a CPU-sized plumbing run."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    train: str | list[str] = Field(
-        ..., description="labeled shards: dataset folder / shard URL / list of shard URLs"
-    )
-    val: str | list[str] | None = Field(
-        None, description="held-out labeled shards for periodic evaluation (PQ)"
-    )
-    output: str = Field(..., description="output URL: checkpoints/, metrics.jsonl, train_summary.json")
-    model: str = Field(
-        "odise_label_coco",
-        description="model variant (odise_label_coco, odise_caption_coco, tiny, tiny_caption) or JSON path",
-    )
-    checkpoint: str | None = Field(
-        None, description="initial ODISE weights (release name, path or URL); ignored when resuming"
-    )
-    sd_weights: str | None = Field(
-        None, description="Stable Diffusion v1.3 weights (sd-v1-3, file, diffusers folder or hub id)"
-    )
-    clip_weights: str | None = Field(None, description="CLIP ViT-L/14-336 weights (openai or a file)")
-    pretrained: bool | None = Field(
-        None, description="official weights for every source not given (default: yes, except tiny)"
-    )
-    offline: bool | None = Field(
-        None, description="never download weights (default: $ODISE_OFFLINE / $HF_HUB_OFFLINE)"
-    )
-    cache_dir: str | None = Field(None, description="weights cache")
-    vocab: str | None = Field(
-        None,
-        description="training vocabulary (classes.txt / built-in name; default: the train categories.json, "
-        "or the built-in vocabulary with the same ids, e.g. coco_panoptic)",
-    )
-
-    max_steps: int = Field(OFFICIAL_MAX_STEPS, ge=1, description="optimizer steps")
-    batch_size: int = Field(
-        2, ge=1, description="images per step, total over workers (official 64 = 32 GPUs x 2)"
-    )
-    lr: float = Field(1e-4, gt=0, description="base learning rate (AdamW)")
-    weight_decay: float = Field(0.05, ge=0, description="weight decay (none on norms and biases)")
-    warmup_factor: float = Field(
-        0.067, gt=0, le=1, description="learning-rate factor at step 0 of the linear warm-up"
-    )
-    grad_clip: float | None = Field(
-        0.01, gt=0, description="max global L2 norm of the gradients (None: no clipping)"
-    )
-    crop_size: int | None = Field(
-        None,
-        ge=32,
-        description="LSJ crop size (default: the model's test short side: 1024 official, 128 tiny)",
-    )
-    min_scale: float = Field(0.1, gt=0, description="LSJ minimum scale")
-    max_scale: float = Field(2.0, gt=0, description="LSJ maximum scale")
-    shuffle_buffer: int = Field(512, ge=1, description="samples held for shuffling")
-    num_points: int = Field(12544, ge=1, description="points of the matcher and the mask losses")
-    num_words: int = Field(8, ge=1, description="caption words per image (caption variant)")
-    tile_batch_size: int = Field(8, ge=1, description="SD tiles per forward pass")
-    gradient_checkpointing: Literal["none", "projections", "all"] = Field(
-        "projections",
-        description="recompute activations in backward: projections (official use_checkpoint=True) or all (+ UNet)",
-    )
-    amp: bool | None = Field(None, description="bf16 autocast (default: on GPU)")
-
-    eval_every: int = Field(4500, ge=0, description="evaluate every N steps (0: only at the end); needs val")
-    eval_max_images: int | None = Field(
-        None, ge=1, description="evaluate on at most this many held-out images"
-    )
-    eval_batch_size: int = Field(4, ge=1, description="images per predictor call during evaluation")
-    eval_use_clip: bool | None = Field(
-        None, description="fuse with MaskCLIP in evaluation (default: when real CLIP weights are loaded)"
-    )
-    checkpoint_every: int = Field(4500, ge=1, description="save a checkpoint every N steps (and at the end)")
-    log_every: int = Field(20, ge=1, description="write a metrics line every N steps")
-
-    num_workers: int = Field(1, ge=1, description="training processes (DDP through Ray Train when > 1)")
-    use_gpu: bool | None = Field(None, description="train on GPUs (default: when CUDA is available)")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray worker")
-    ray_address: str | None = Field(
-        None, description="existing Ray cluster ('auto', 'ray://host:10001'); with it, training runs on Ray"
-    )
-    use_ray: bool | None = Field(
-        None, description="run on Ray Train (default: when num_workers > 1 or ray_address is set)"
-    )
-    ray_storage_path: str | None = Field(None, description="Ray Train's own run folder (default: Ray's)")
-
-    resume: bool = Field(False, description="continue from the last checkpoint under output, if any")
-    seed: int = Field(42, ge=0, description="seed of the data order, augmentations and loss sampling")
-    storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options for every URL (e.g. S3 endpoint)"
-    )
-
-    @field_validator("train")
-    @classmethod
-    def _train_not_empty(cls, value):
-        return check_sources(value, "train")
-
-    @field_validator("output")
-    @classmethod
-    def _output_not_empty(cls, value: str) -> str:
-        return clean_output(value)
-
-    @model_validator(mode="after")
-    def _check(self) -> TrainConfig:
-        if self.batch_size % self.num_workers:
-            raise ValueError(
-                f"batch_size {self.batch_size} must be a multiple of num_workers {self.num_workers}"
-            )
-        if self.num_workers > 1 and self.use_ray is False:
-            raise ValueError("num_workers > 1 needs Ray Train (use_ray must not be False)")
-        if self.min_scale > self.max_scale:
-            raise ValueError(f"min_scale {self.min_scale} > max_scale {self.max_scale}")
-        return self
-
-    @property
-    def uses_ray(self) -> bool:
-        if self.use_ray is not None:
-            return self.use_ray
-        return self.num_workers > 1 or bool(self.ray_address)
 
 
 @dataclass
@@ -353,13 +225,13 @@ def evaluate_on_shards(
     """Panoptic quality of ``model`` on labeled shards, through :class:`odise_model.Predictor`.
 
     Every GT category must be in ``vocabulary`` (matched by id). Returns a
-    :class:`pipeline.evaluation.EvaluationResult` (PQ / SQ / RQ, things / stuff, semantic metrics).
+    :class:`pipeline.evaluate.metrics.EvaluationResult` (PQ / SQ / RQ, things / stuff, semantic metrics).
     The model is left in eval mode.
     """
     import torch
 
     import odise_model
-    from pipeline.evaluation import PanopticEvaluator
+    from pipeline.evaluate.metrics import PanopticEvaluator
     from pipeline.groundtruth import iter_labeled_shards
 
     categories = {c.id: {"name": c.name, "isthing": c.isthing} for c in vocabulary}
@@ -449,7 +321,7 @@ def _train_worker(
     from odise_model.checkpoint import save_checkpoint
     from odise_model.training import LossConfig, TrainingModule, optimizer_param_groups
     from pipeline.groundtruth import read_categories
-    from pipeline.train_data import (
+    from pipeline.train.data import (
         DataPosition,
         TrainDataStream,
         class_index_map,
@@ -478,7 +350,7 @@ def _train_worker(
             initial = local
             if rank == 0:
                 logger.info("resuming from %s (step %d)", resume_url, trainer_state["step"])
-        pretrained = uses_pretrained(cfg.model, cfg.pretrained)
+        pretrained = cfg.use_pretrained
         model = odise_model.build_odise(
             cfg.model,
             checkpoint=initial,

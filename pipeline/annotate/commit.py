@@ -48,15 +48,12 @@ import shutil
 import tempfile
 import uuid
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
-from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.encode import category_colour, panoptic_to_png, rle_area, segments_to_panoptic
 from pipeline.schema import (
@@ -66,6 +63,19 @@ from pipeline.schema import (
     RunProvenance,
     output_schema,
     rows_to_table,
+)
+from pipeline.storage import (
+    delete,
+    fs_root,
+    is_local,
+    list_children,
+    list_files,
+    put_local_file,
+    read_bytes,
+    remove_empty_dir,
+    utc_now,
+    write_bytes,
+    write_many,
 )
 
 __all__ = [
@@ -157,19 +167,6 @@ class PreparedCommit:
 # --------------------------------------------------------------------------------------------------
 
 
-def _fs(out_url: str, storage_options: dict[str, Any] | None):
-    fs, root = url_to_fs(out_url, **(storage_options or {}))
-    return fs, root.rstrip("/")
-
-
-def _is_local(fs) -> bool:
-    return isinstance(fs, LocalFileSystem)
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def _check_shard_id(shard_id: str) -> str:
     if not isinstance(shard_id, str) or not _SHARD_ID.match(shard_id):
         raise ValueError(f"unsafe shard_id {shard_id!r}: use [A-Za-z0-9._-], starting with a letter or digit")
@@ -177,7 +174,7 @@ def _check_shard_id(shard_id: str) -> str:
 
 
 def _shard_fields(shard: Any) -> tuple[str, str]:
-    """``(url, shard_id)`` of a :class:`~pipeline.sources.ShardRef`, any object with those attributes, or a dict."""
+    """``(url, shard_id)`` of a :class:`~pipeline.shards.ShardRef`, any object with those attributes, or a dict."""
     if isinstance(shard, dict):
         return str(shard["url"]), _check_shard_id(shard["shard_id"])
     return str(shard.url), _check_shard_id(shard.shard_id)
@@ -201,109 +198,6 @@ def key_to_filename(key: str) -> str:
         return key
     flat = re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._-")[:100] or "key"
     return f"{flat}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
-
-
-def _write_bytes(fs, path: str, data: bytes, *, durable: bool = True) -> None:
-    """Write a whole file atomically: local temp file + ``os.replace``; remote single PUT/multipart."""
-    if _is_local(fs):
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-    else:
-        fs.pipe_file(path, data)
-
-
-def _write_many(fs, files: dict[str, bytes]) -> None:
-    """Write many small files (PNGs); each one atomic, not fsync'ed; concurrent on object stores."""
-    if not files:
-        return
-    if _is_local(fs):
-        for path, data in files.items():
-            _write_bytes(fs, path, data, durable=False)
-    else:
-        items = list(files.items())
-        for start in range(0, len(items), 256):
-            fs.pipe(dict(items[start : start + 256]))
-
-
-def _put_local_file(fs, local_path: str, path: str) -> None:
-    """Move a finished local file to ``path`` atomically (local: copy to hidden temp + replace)."""
-    if _is_local(fs):
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-        shutil.copyfile(local_path, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        fs.put_file(local_path, path)
-
-
-def _read_bytes(fs, path: str) -> bytes | None:
-    try:
-        return fs.cat_file(path)
-    except FileNotFoundError:
-        return None
-
-
-def _list_files(fs, folder: str) -> list[str]:
-    """Fresh, sorted listing of the files under ``folder`` (recursive), hidden temp files excluded."""
-    fs.invalidate_cache(folder)
-    try:
-        found = fs.find(folder, withdirs=False)
-    except FileNotFoundError:
-        return []
-    return sorted(p for p in found if not posixpath.basename(p).startswith("."))
-
-
-def _list_children(fs, folder: str) -> list[str]:
-    """Fresh listing of the direct children names of ``folder`` (files and folders)."""
-    fs.invalidate_cache(folder)
-    try:
-        entries = fs.ls(folder, detail=False)
-    except FileNotFoundError:
-        return []
-    names = [posixpath.basename(e.rstrip("/")) for e in entries]
-    return sorted(n for n in names if n and not n.startswith("."))
-
-
-def _delete(fs, paths: Iterable[str]) -> int:
-    paths = list(paths)
-    if not paths:
-        return 0
-    if _is_local(fs):
-        n = 0
-        for p in paths:
-            try:
-                os.remove(p)
-                n += 1
-            except FileNotFoundError:
-                pass
-        return n
-    fs.rm(paths)
-    for p in paths:
-        fs.invalidate_cache(p)
-    return len(paths)
-
-
-def _remove_empty_dir(fs, folder: str) -> None:
-    if _is_local(fs):
-        try:
-            os.rmdir(folder)
-        except OSError:
-            pass
 
 
 def _table_bytes(table: pa.Table) -> bytes:
@@ -347,12 +241,12 @@ def write_staging(
         if not sid:
             raise ValueError(f"row {i} has no shard_id")
         by_shard.setdefault(_check_shard_id(sid), []).append(row)
-    fs, root = _fs(out_url, storage_options)
+    fs, root = fs_root(out_url, storage_options)
     records = []
     for sid, group in by_shard.items():
         table = rows_to_table(group, provenance)
         path = posixpath.join(root, STAGING_DIR, sid, f"{uuid.uuid4().hex}.parquet")
-        _write_bytes(fs, path, _table_bytes(table), durable=True)
+        write_bytes(fs, path, _table_bytes(table), durable=True)
         keys = sorted({r["key"] for r in group})
         records.append(
             {"shard_id": sid, "path": path, "n_rows": len(group), "n_keys": len(keys), "keys": keys}
@@ -362,10 +256,10 @@ def write_staging(
 
 def clear_staging(out_url: str, storage_options: dict[str, Any] | None, shard_id: str) -> int:
     """Delete all staging files of one shard; returns how many were deleted."""
-    fs, root = _fs(out_url, storage_options)
+    fs, root = fs_root(out_url, storage_options)
     folder = posixpath.join(root, STAGING_DIR, _check_shard_id(shard_id))
-    n = _delete(fs, _list_files(fs, folder))
-    if _is_local(fs) and os.path.isdir(folder):
+    n = delete(fs, list_files(fs, folder))
+    if is_local(fs) and os.path.isdir(folder):
         shutil.rmtree(folder, ignore_errors=True)  # also hidden temp files of crashed writers
     return n
 
@@ -376,7 +270,7 @@ def clear_staging(out_url: str, storage_options: dict[str, Any] | None, shard_id
 
 
 def _read_marker(fs, root: str, shard_id: str) -> dict[str, Any] | None:
-    raw = _read_bytes(fs, posixpath.join(root, COMMITS_DIR, f"{shard_id}.json"))
+    raw = read_bytes(fs, posixpath.join(root, COMMITS_DIR, f"{shard_id}.json"))
     if raw is None:
         return None
     try:
@@ -495,11 +389,11 @@ def write_shard_outputs(
     Exposed so that a crash between the outputs and the marker can be reproduced in tests.
     """
     shard_url, sid = _shard_fields(shard)
-    fs, root = _fs(out_url, storage_options)
+    fs, root = fs_root(out_url, storage_options)
     schema = output_schema(provenance)
 
     # 1. read every staging file of the shard, in name order.
-    staged = _list_files(fs, posixpath.join(root, STAGING_DIR, sid))
+    staged = list_files(fs, posixpath.join(root, STAGING_DIR, sid))
     expects_nothing = expected_keys == 0 or (_is_collection(expected_keys) and len(expected_keys) == 0)
     if not staged and not expects_nothing:
         raise CommitError(f"shard {sid}: no staging files under {STAGING_DIR}/{sid}; nothing to commit")
@@ -540,16 +434,16 @@ def write_shard_outputs(
     n_instances = sum(len(v) for v in table.column("instances").to_pylist())
     if write_coco:
         fragment, pngs = _coco_fragment(shard_url, sid, table, root)
-        old = set(_list_files(fs, posixpath.join(root, PNG_DIR, sid)))
-        _delete(fs, sorted(old - set(pngs)))
-        _write_many(fs, pngs)
+        old = set(list_files(fs, posixpath.join(root, PNG_DIR, sid)))
+        delete(fs, sorted(old - set(pngs)))
+        write_many(fs, pngs)
         part_rel = f"{PARTS_DIR}/{sid}.json"
-        _write_bytes(fs, posixpath.join(root, part_rel), _json_bytes(fragment))
+        write_bytes(fs, posixpath.join(root, part_rel), _json_bytes(fragment))
 
     # 4. the final Parquet, whole, under its final name.
     data = _table_bytes(table.replace_schema_metadata(schema.metadata))
     parquet_rel = f"{PARQUET_DIR}/{sid}.parquet"
-    _write_bytes(fs, posixpath.join(root, parquet_rel), data)
+    write_bytes(fs, posixpath.join(root, parquet_rel), data)
 
     # 5. the marker's content.
     n_labelled = table.column("error").null_count
@@ -569,7 +463,7 @@ def write_shard_outputs(
         schema_version=SCHEMA_VERSION,
         n_staging_files=len(staged),
         n_duplicates_dropped=n_dropped,
-        committed_at=_utc_now(),
+        committed_at=utc_now(),
         members=tuple(_shard_members(shard)),
     )
     return PreparedCommit(info=info, staging_files=tuple(staged))
@@ -577,9 +471,9 @@ def write_shard_outputs(
 
 def write_commit_marker(out_url: str, storage_options: dict[str, Any] | None, info: CommitInfo) -> str:
     """Step 6: write ``_commits/<shard_id>.json`` atomically; from now on the shard is committed."""
-    fs, root = _fs(out_url, storage_options)
+    fs, root = fs_root(out_url, storage_options)
     path = posixpath.join(root, COMMITS_DIR, f"{_check_shard_id(info.shard_id)}.json")
-    _write_bytes(fs, path, json.dumps(info.to_marker(), indent=2, sort_keys=True).encode())
+    write_bytes(fs, path, json.dumps(info.to_marker(), indent=2, sort_keys=True).encode())
     return path
 
 
@@ -597,7 +491,7 @@ def commit_shard(
 
     Args:
         out_url, storage_options: the output root and its fsspec options.
-        shard: a :class:`~pipeline.sources.ShardRef` (or anything with ``url`` and ``shard_id``, or a
+        shard: a :class:`~pipeline.shards.ShardRef` (or anything with ``url`` and ``shard_id``, or a
             dict with those keys).
         expected_keys: number of distinct keys the shard must have (``RawSample.shard_total``),
             or the exact set of keys (stronger); None skips the check (manual recovery only).
@@ -613,7 +507,7 @@ def commit_shard(
             the shard is marked committed.
     """
     _, sid = _shard_fields(shard)
-    fs, root = _fs(out_url, storage_options)
+    fs, root = fs_root(out_url, storage_options)
     # 0. committed already: the first commit is final; drop leftovers of late or retried writers.
     marker = _read_marker(fs, root, sid)
     if marker is not None:
@@ -634,8 +528,8 @@ def commit_shard(
     # 6. the marker, last.
     write_commit_marker(out_url, storage_options, prepared.info)
     # 7. staging files we read (files that arrive later are removed by the next commit / cleanup).
-    _delete(fs, prepared.staging_files)
-    _remove_empty_dir(fs, posixpath.join(root, STAGING_DIR, sid))
+    delete(fs, prepared.staging_files)
+    remove_empty_dir(fs, posixpath.join(root, STAGING_DIR, sid))
     return prepared.info
 
 
@@ -660,8 +554,8 @@ def _category_ids(categories: list[dict[str, Any]]) -> set[int]:
 
 def committed_shards(out_url: str, storage_options: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     """``{shard_id: marker dict}`` of every committed shard (fresh listing; markers fetched concurrently)."""
-    fs, root = _fs(out_url, storage_options)
-    paths = [p for p in _list_files(fs, posixpath.join(root, COMMITS_DIR)) if p.endswith(".json")]
+    fs, root = fs_root(out_url, storage_options)
+    paths = [p for p in list_files(fs, posixpath.join(root, COMMITS_DIR)) if p.endswith(".json")]
     out: dict[str, dict[str, Any]] = {}
     for start in range(0, len(paths), 512):
         chunk = paths[start : start + 512]
@@ -690,20 +584,20 @@ def prepare_shard_for_rerun(
     Returns:
         ``{"shard_id", "committed": bool, "deleted": number of files deleted}``.
     """
-    fs, root = _fs(out_url, storage_options)
+    fs, root = fs_root(out_url, storage_options)
     _check_shard_id(shard_id)
     if _read_marker(fs, root, shard_id) is not None:
         return {"shard_id": shard_id, "committed": True, "deleted": 0}
     deleted = clear_staging(out_url, storage_options, shard_id)
-    deleted += _delete(fs, _list_files(fs, posixpath.join(root, PNG_DIR, shard_id)))
+    deleted += delete(fs, list_files(fs, posixpath.join(root, PNG_DIR, shard_id)))
     singles = [
         posixpath.join(root, PARTS_DIR, f"{shard_id}.json"),
         posixpath.join(root, PARQUET_DIR, f"{shard_id}.parquet"),
     ]
     for p in singles:
         fs.invalidate_cache(p)
-    deleted += _delete(fs, [p for p in singles if fs.exists(p)])
-    if _is_local(fs):
+    deleted += delete(fs, [p for p in singles if fs.exists(p)])
+    if is_local(fs):
         shutil.rmtree(posixpath.join(root, PNG_DIR, shard_id), ignore_errors=True)
         for folder in (posixpath.join(root, d) for d in (PARQUET_DIR, PARTS_DIR, COMMITS_DIR)):
             if os.path.isdir(folder):  # hidden temp files of a writer that crashed mid-write
@@ -719,14 +613,14 @@ def clean_uncommitted(out_url: str, storage_options: dict[str, Any] | None) -> l
     Returns the ids of the uncommitted shards that had leftovers. Must not run concurrently with a
     run writing to the same output.
     """
-    fs, root = _fs(out_url, storage_options)
+    fs, root = fs_root(out_url, storage_options)
     committed = set(committed_shards(out_url, storage_options))
     seen: set[str] = set()
-    seen.update(_list_children(fs, posixpath.join(root, STAGING_DIR)))
-    seen.update(_list_children(fs, posixpath.join(root, PNG_DIR)))
+    seen.update(list_children(fs, posixpath.join(root, STAGING_DIR)))
+    seen.update(list_children(fs, posixpath.join(root, PNG_DIR)))
     for folder, suffix in ((PARQUET_DIR, ".parquet"), (PARTS_DIR, ".json")):
         seen.update(
-            n[: -len(suffix)] for n in _list_children(fs, posixpath.join(root, folder)) if n.endswith(suffix)
+            n[: -len(suffix)] for n in list_children(fs, posixpath.join(root, folder)) if n.endswith(suffix)
         )
     cleaned = []
     for sid in sorted(seen):
@@ -804,7 +698,7 @@ def finalize_coco(
         ValueError: a committed shard uses a category id that is not in ``categories``.
     """
     known = _category_ids(categories)
-    fs, root = _fs(out_url, storage_options)
+    fs, root = fs_root(out_url, storage_options)
     markers = committed_shards(out_url, storage_options)
     part_paths = []
     for sid in sorted(markers):
@@ -825,7 +719,7 @@ def finalize_coco(
         for c in categories
     ]
     inst_cats = [{k: c[k] for k in ("id", "name", "supercategory", "isthing")} for c in pan_cats]
-    info = {"description": description, "date_created": _utc_now(), "version": str(SCHEMA_VERSION)}
+    info = {"description": description, "date_created": utc_now(), "version": str(SCHEMA_VERSION)}
 
     with tempfile.TemporaryDirectory(prefix="odise-coco-") as tmp:
         images, pan_anns, inst_anns = _JsonArrayFile(tmp), _JsonArrayFile(tmp), _JsonArrayFile(tmp)
@@ -857,7 +751,7 @@ def finalize_coco(
             local = os.path.join(tmp, f"{name}.json")
             _assemble(local, {"info": info, "licenses": []}, arrays, {"categories": cats})
             dest = posixpath.join(root, "coco", f"{name}.json")
-            _put_local_file(fs, local, dest)
+            put_local_file(fs, local, dest)
             outputs[name] = fs.unstrip_protocol(dest)
     return outputs
 
@@ -883,13 +777,13 @@ def write_provenance(
         ProvenanceMismatchError: the existing file has a different :meth:`RunProvenance.label_fingerprint`
             (unless ``allow_mismatch``, which overwrites it).
     """
-    fs, root = _fs(out_url, storage_options)
+    fs, root = fs_root(out_url, storage_options)
     path = posixpath.join(root, "provenance.json")
     if not allow_mismatch:
         existing = check_provenance(out_url, storage_options, provenance)
         if existing is not None:
             return existing
-    _write_bytes(fs, path, (provenance.to_json() + "\n").encode())
+    write_bytes(fs, path, (provenance.to_json() + "\n").encode())
     return provenance
 
 
@@ -902,8 +796,8 @@ def check_provenance(
         ProvenanceMismatchError: the output holds labels of another model / weights / vocabulary /
             thresholds; the message lists what differs.
     """
-    fs, root = _fs(out_url, storage_options)
-    raw = _read_bytes(fs, posixpath.join(root, "provenance.json"))
+    fs, root = fs_root(out_url, storage_options)
+    raw = read_bytes(fs, posixpath.join(root, "provenance.json"))
     if raw is None:
         return None
     existing = RunProvenance.from_json(raw)
@@ -942,7 +836,7 @@ def write_run_summary(
     and when ``shards`` (the run's input) is given ``pending_shards`` (listed, not committed) and
     ``stale_shards`` (committed, no longer listed); plus ``extra``.
     """
-    fs, root = _fs(out_url, storage_options)
+    fs, root = fs_root(out_url, storage_options)
     markers = committed_shards(out_url, storage_options)
     totals = Counter()
     reasons: Counter[str] = Counter()
@@ -956,7 +850,7 @@ def write_run_summary(
     summary: dict[str, Any] = {
         "run_id": provenance.run_id if provenance else None,
         "schema_version": SCHEMA_VERSION,
-        "written_at": _utc_now(),
+        "written_at": utc_now(),
         "n_shards_committed": len(markers),
         **{
             k: totals[k]
@@ -979,7 +873,7 @@ def write_run_summary(
     summary.update(extra or {})
     if provenance is not None:
         write_provenance(out_url, storage_options, provenance)
-    _write_bytes(
+    write_bytes(
         fs,
         posixpath.join(root, "summary.json"),
         (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode(),

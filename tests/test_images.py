@@ -1,4 +1,4 @@
-"""pipeline.decode: real encodings of photo-like images, every pixel mode, and broken inputs."""
+"""pipeline.images: real encodings of photo-like images, every pixel mode, and broken inputs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, image_size
+from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, image_size
 
 
 def photo(h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:

@@ -76,7 +76,7 @@ from typing import Any
 
 import numpy as np
 
-from .encode import mask_to_rle
+from pipeline.encode import mask_to_rle
 
 __all__ = [
     "OFFSET",
@@ -792,7 +792,7 @@ class EvaluationResult:
         instance: mask AP metrics, or None when not computed.
         details: JSON-compatible facts about how the numbers were obtained (sources, pairing of
             ground truth and predictions, images without a prediction, warnings); filled by
-            :func:`pipeline.scoring.run_evaluation`, empty when the evaluator is used directly.
+            :func:`pipeline.evaluate.run.run_evaluation`, empty when the evaluator is used directly.
     """
 
     num_images: int

@@ -1,7 +1,7 @@
 """Score any past annotation run against ground truth: ``run_evaluation(EvaluateConfig(...)) -> EvaluationResult``.
 
 The ``odise-evaluate`` command and the Prefect ``evaluate`` flow call this; it imports neither Ray nor
-Prefect nor torch. The metrics themselves live in :mod:`pipeline.evaluation` (COCO PQ / SQ / RQ, mIoU,
+Prefect nor torch. The metrics themselves live in :mod:`pipeline.evaluate.metrics` (COCO PQ / SQ / RQ, mIoU,
 mask AP); this module reads the two sides, pairs them and feeds the evaluator.
 
 Inputs
@@ -37,7 +37,7 @@ Pairing ground truth with prediction rows (``match``)
 ----------------------------------------------------
 Every GT image and every prediction row gets a *pairing name*; a row is paired with the GT image of the
 same name. ``ext(x)`` removes a trailing image extension (``.jpg``, ``.jpeg``, ``.png``, ... as in
-:data:`pipeline.sources.IMAGE_EXTENSIONS`, any case) from the last path component; paths use ``/``.
+:data:`pipeline.shards.IMAGE_EXTENSIONS`, any case) from the last path component; paths use ``/``.
 
 * ``"file_name"`` (default): GT name = ``ext(file_name)`` of the COCO ``images`` entry (shards: the
   ``file_name`` of ``segments.json``; when empty, the shard key); row name = ``ext(key)``. A row whose
@@ -60,7 +60,7 @@ rows with an ``error`` (images the run could not label) count as empty predictio
 
 Output
 ------
-:class:`~pipeline.evaluation.EvaluationResult` whose ``details`` record sources, pairing counts and
+:class:`~pipeline.evaluate.metrics.EvaluationResult` whose ``details`` record sources, pairing counts and
 examples, warnings and throughput; written as JSON (``EvaluationResult.to_dict`` layout) to ``json`` when
 given (local path or fsspec URL). ``storage_options`` never appear in the output.
 """
@@ -73,13 +73,13 @@ import posixpath
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .evaluation import EvaluationResult, PanopticEvaluator
-from .groundtruth import (
+from pipeline.config import EvaluateConfig, MatchMode
+from pipeline.evaluate.metrics import EvaluationResult, PanopticEvaluator
+from pipeline.groundtruth import (
     CATEGORIES_FILE,
     CocoPanopticReader,
     EncodedPanopticRecord,
@@ -87,10 +87,9 @@ from .groundtruth import (
     iter_labeled_shards_encoded,
     sample_key,
 )
-from .sources import SHARD_ERROR_KEY
+from pipeline.shards import SHARD_ERROR_KEY
 
 __all__ = [
-    "EvaluateConfig",
     "CategoryMismatchError",
     "run_evaluation",
     "gt_pairing_name",
@@ -100,7 +99,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MatchMode = Literal["file_name", "image_id", "key"]
 _IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pnm", "jp2")
 _EXAMPLES = 20  # names listed per category of problem in ``details``
 _BATCH_ROWS = 32  # Parquet rows per streamed batch (each row holds two PNGs)
@@ -108,56 +106,6 @@ _BATCH_ROWS = 32  # Parquet rows per streamed batch (each row holds two PNGs)
 
 class CategoryMismatchError(ValueError):
     """Ground-truth and prediction category ids do not mean the same classes (or are unknown)."""
-
-
-class EvaluateConfig(BaseModel):
-    """One evaluation: ground truth + an annotate output -> PQ / SQ / RQ, mIoU, mask AP.
-
-    Give either ``ground_truth`` (+ optionally ``ground_truth_png``) or ``ground_truth_shards``. The output
-    JSON path is the field ``json_output``, set as ``json=...`` (``EvaluateConfig(json="pq.json")``; a
-    field named ``json`` would shadow ``BaseModel.json``).
-    """
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    ground_truth: str | None = Field(None, description="COCO panoptic JSON (path or URL)")
-    ground_truth_png: str | None = Field(
-        None, description="folder of the COCO panoptic PNGs (default: the JSON's path without .json)"
-    )
-    ground_truth_shards: str | list[str] | None = Field(
-        None, description="labeled WebDataset shards: a folder, a .tar URL or a list of .tar URLs"
-    )
-    predictions: str = Field(..., description="an odise-annotate output folder (path or URL)")
-    json_output: str | None = Field(None, alias="json", description="write the results as JSON here")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for every URL")
-    instance_ap: bool = Field(True, description="compute mask AP from the runs' instances (pycocotools)")
-    semantic: bool = Field(True, description="compute mIoU / pixel accuracy")
-    match: MatchMode = Field("file_name", description="how GT images pair with prediction rows (module doc)")
-    categories: str | list[dict[str, Any]] | None = Field(
-        None, description="evaluated categories (COCO list or JSON URL); default: the ground truth's"
-    )
-
-    @model_validator(mode="after")
-    def _one_ground_truth(self) -> EvaluateConfig:
-        if (self.ground_truth is None) == (self.ground_truth_shards is None):
-            raise ValueError("give exactly one of ground_truth (COCO panoptic JSON) and ground_truth_shards")
-        if self.ground_truth_png is not None and self.ground_truth is None:
-            raise ValueError("ground_truth_png goes with ground_truth (a COCO panoptic JSON)")
-        if not self.predictions.strip():
-            raise ValueError("predictions must be an annotate output folder")
-        if isinstance(self.ground_truth_shards, list) and not self.ground_truth_shards:
-            raise ValueError("ground_truth_shards is an empty list")
-        return self
-
-    @property
-    def png_dir(self) -> str | None:
-        """The COCO PNG folder in use (given, or derived from the JSON's name)."""
-        if self.ground_truth is None:
-            return None
-        if self.ground_truth_png:
-            return self.ground_truth_png
-        base = self.ground_truth.rstrip("/")
-        return base[: -len(".json")] if base.lower().endswith(".json") else base + "_png"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -430,7 +378,7 @@ def _open_predictions(cfg: EvaluateConfig) -> _Predictions:
 def _schema_provenance(fs: Any, path: str, url: str) -> dict[str, Any] | None:
     import pyarrow.parquet as pq
 
-    from .schema import METADATA_PROVENANCE_KEY
+    from pipeline.schema import METADATA_PROVENANCE_KEY
 
     try:
         with fs.open(path, "rb") as f:
@@ -447,7 +395,7 @@ def _iter_rows(preds: _Predictions, columns: list[str]) -> Iterator[tuple[str, d
     import pyarrow.dataset as pads
     from fsspec.implementations.local import LocalFileSystem
 
-    from .schema import METADATA_VERSION_KEY, SCHEMA_VERSION
+    from pipeline.schema import METADATA_VERSION_KEY, READABLE_SCHEMA_VERSIONS
 
     filesystem = None if isinstance(preds.fs, LocalFileSystem) else preds.fs
     for path in preds.files:
@@ -455,10 +403,10 @@ def _iter_rows(preds: _Predictions, columns: list[str]) -> Iterator[tuple[str, d
         try:
             dataset = pads.dataset(path, format="parquet", filesystem=filesystem)
             version = (dataset.schema.metadata or {}).get(METADATA_VERSION_KEY)
-            if version is not None and version.decode() != str(SCHEMA_VERSION):
+            if version is not None and version.decode() not in {str(v) for v in READABLE_SCHEMA_VERSIONS}:
                 raise ValueError(
                     f"predictions file {shown} has schema version {version.decode()}, "
-                    f"this reader knows version {SCHEMA_VERSION}"
+                    f"this reader knows versions {list(READABLE_SCHEMA_VERSIONS)}"
                 )
             missing = [c for c in columns if c not in dataset.schema.names]
             if missing:
@@ -498,7 +446,7 @@ def _decode_prediction(
     where: str,
     cfg: EvaluateConfig,
 ) -> _Prediction:
-    from .encode import png_to_panoptic, png_to_semantic, segments_to_panoptic
+    from pipeline.encode import png_to_panoptic, png_to_semantic, segments_to_panoptic
 
     height, width = shape
     if (row.get("height"), row.get("width")) != (height, width):
@@ -591,7 +539,7 @@ def run_evaluation(cfg: EvaluateConfig) -> EvaluationResult:
 
     Steps: 1. index the ground truth (JSON / shards; PNGs stay encoded); 2. open the predictions and check
     the categories; 3. stream the prediction rows, pair each with its GT image and add it to a
-    :class:`~pipeline.evaluation.PanopticEvaluator`; 4. GT images without a row are added as empty
+    :class:`~pipeline.evaluate.metrics.PanopticEvaluator`; 4. GT images without a row are added as empty
     predictions; 5. results (+ ``details``) are returned and, when ``cfg.json_output`` is set, written.
 
     Raises:
@@ -686,7 +634,7 @@ def run_evaluation(cfg: EvaluateConfig) -> EvaluationResult:
             f"({rows_read} rows read; e.g. rows {unmatched.examples[:3]} -> names "
             f"{[prediction_pairing_name(r.split('/', 1)[1], cfg.match) for r in unmatched.examples[:3]]}, "
             f"ground-truth names {gt_examples}). Try match='file_name', 'image_id' or 'key' "
-            "(see pipeline.scoring)."
+            "(see pipeline.evaluate.run)."
         )
 
     # 4. GT images without a prediction row: empty predictions

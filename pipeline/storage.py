@@ -1,0 +1,162 @@
+"""Storage: the few fsspec operations every job uses, atomic where the output's guarantees need it.
+
+One module for reading and writing on any fsspec URL (local path, ``file://``, ``s3://``, ``gs://`` ...), so
+the annotate commits, the training checkpoints and the exports share one meaning of "written":
+
+* :func:`write_bytes` writes a whole file atomically: locally a hidden temp file (``.name.tmp-<uuid>``,
+  fsync'ed when ``durable``) then ``os.replace``; on object stores one whole-object PUT (or a multipart upload,
+  which is also all-or-nothing). Readers never see half a file.
+* :func:`list_files` / :func:`list_children` list fresh (fsspec's listing cache is invalidated first) and skip
+  hidden names, so temp files of a writer in progress are never taken for outputs.
+
+Functions are stateless and take plain, picklable arguments (usable in Ray tasks).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import uuid
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from typing import Any
+
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+__all__ = [
+    "delete",
+    "fs_root",
+    "is_local",
+    "list_children",
+    "list_files",
+    "put_local_file",
+    "read_bytes",
+    "remove_empty_dir",
+    "utc_now",
+    "write_bytes",
+    "write_many",
+]
+
+
+def fs_root(url: str, storage_options: dict[str, Any] | None):
+    """``(filesystem, path without protocol and trailing slash)`` of a URL or local path."""
+    fs, root = url_to_fs(url, **(storage_options or {}))
+    return fs, root.rstrip("/")
+
+
+def is_local(fs) -> bool:
+    """True for the local filesystem (atomic rename, fsync and O_EXCL are available)."""
+    return isinstance(fs, LocalFileSystem)
+
+
+def utc_now() -> str:
+    """UTC time, ISO-8601, whole seconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_bytes(fs, path: str, data: bytes, *, durable: bool = True) -> None:
+    """Write a whole file atomically: local temp file + ``os.replace``; remote single PUT/multipart."""
+    if is_local(fs):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_many(fs, files: dict[str, bytes]) -> None:
+    """Write many small files (PNGs); each one atomic, not fsync'ed; concurrent on object stores."""
+    if not files:
+        return
+    if is_local(fs):
+        for path, data in files.items():
+            write_bytes(fs, path, data, durable=False)
+    else:
+        items = list(files.items())
+        for start in range(0, len(items), 256):
+            fs.pipe(dict(items[start : start + 256]))
+
+
+def put_local_file(fs, local_path: str, path: str) -> None:
+    """Move a finished local file to ``path`` atomically (local: copy to hidden temp + replace)."""
+    if is_local(fs):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        shutil.copyfile(local_path, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.put_file(local_path, path)
+
+
+def read_bytes(fs, path: str) -> bytes | None:
+    """The whole file, or None when it does not exist."""
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+
+
+def list_files(fs, folder: str) -> list[str]:
+    """Fresh, sorted listing of the files under ``folder`` (recursive), hidden temp files excluded."""
+    fs.invalidate_cache(folder)
+    try:
+        found = fs.find(folder, withdirs=False)
+    except FileNotFoundError:
+        return []
+    return sorted(p for p in found if not posixpath.basename(p).startswith("."))
+
+
+def list_children(fs, folder: str) -> list[str]:
+    """Fresh listing of the direct children names of ``folder`` (files and folders)."""
+    fs.invalidate_cache(folder)
+    try:
+        entries = fs.ls(folder, detail=False)
+    except FileNotFoundError:
+        return []
+    names = [posixpath.basename(e.rstrip("/")) for e in entries]
+    return sorted(n for n in names if n and not n.startswith("."))
+
+
+def delete(fs, paths: Iterable[str]) -> int:
+    """Delete files (missing ones are fine); returns how many were asked for (local: how many existed)."""
+    paths = list(paths)
+    if not paths:
+        return 0
+    if is_local(fs):
+        n = 0
+        for p in paths:
+            try:
+                os.remove(p)
+                n += 1
+            except FileNotFoundError:
+                pass
+        return n
+    fs.rm(paths)
+    for p in paths:
+        fs.invalidate_cache(p)
+    return len(paths)
+
+
+def remove_empty_dir(fs, folder: str) -> None:
+    """Remove a local folder if it is empty (object stores have no folders)."""
+    if is_local(fs):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
