@@ -390,8 +390,13 @@ class WeightLoader:
     ) -> None:
         self.offline = _env_offline() if offline is None else bool(offline)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        self.hub_cache_dir = Path(hub_cache_dir).expanduser() if hub_cache_dir else default_hub_cache_dir()
+        self._hub_cache_dir = Path(hub_cache_dir).expanduser() if hub_cache_dir else None
         self.storage_options = storage_options or {}
+
+    @property
+    def hub_cache_dir(self) -> Path:
+        """The Hugging Face cache this loader reads and downloads Hub files into (resolved when first needed)."""
+        return self._hub_cache_dir or default_hub_cache_dir()
 
     def locate_all(self, sources: WeightSources) -> Located:
         """Locate every named source; when files are missing, one error lists all of them (not just the first)."""
@@ -595,7 +600,13 @@ class WeightLoader:
         if self.offline:
             raise self._not_found("sd", repo_id, repo_id, searched, "offline mode and no local copy")
         try:
-            path = snapshot_download(repo_id, allow_patterns=patterns, cache_dir=str(self.hub_cache_dir))
+            path = snapshot_download(
+                repo_id,
+                allow_patterns=patterns,
+                cache_dir=str(self.hub_cache_dir),
+                endpoint=HUB_ENDPOINT,  # as for Hub files: the token goes to https://huggingface.co only
+                token=hub_token(f"{HUB_ENDPOINT}/{repo_id}") or False,
+            )
         except Exception as exc:  # huggingface_hub raises several error types for gated / missing / network
             raise self._not_found(
                 "sd", repo_id, repo_id, searched, f"hub snapshot unavailable ({type(exc).__name__}: {exc})"

@@ -654,6 +654,27 @@ def test_sd_release_is_downloaded_with_hf_hub_download(files, tmp_path, monkeypa
     assert loader.locate("sd-v1-3", "sd").path == located.path
 
 
+def test_diffusers_hub_id_found_in_the_hugging_face_cache(reference, files, tmp_path, monkeypatch):
+    """A Hub id of a diffusers folder resolves offline to its snapshot in the shared HF cache."""
+    import shutil
+
+    import huggingface_hub
+
+    model, _ = reference
+    repo = tmp_path / "hf" / "models--someone--tiny-sd"
+    shutil.copytree(files["sd_dir"], repo / "snapshots" / ("b" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", _no_hub_download)
+    loaded = odise_model.build_odise(
+        "tiny", sd_weights="someone/tiny-sd", offline=True, cache_dir=tmp_path / "c"
+    )
+    assert_same_tensors(model.sd, loaded.sd)
+    assert torch.equal(loaded.captioner.uncond_context, model.captioner.uncond_context)
+    assert loaded.weight_provenance["sd"]["path"] == str(repo / "snapshots" / ("b" * 40))
+
+
 def test_default_cache_dir_and_its_override(monkeypatch, tmp_path):
     monkeypatch.setenv("ODISE_CACHE", str(tmp_path / "mine"))
     assert default_cache_dir() == tmp_path / "mine"
