@@ -1,4 +1,5 @@
-"""Import direction: flows -> pipeline -> odise_model; leaf model components never import each other."""
+"""Import direction: flows -> pipeline -> odise_model; leaf model components never import each other; the
+pipeline's jobs (annotate, evaluate, train) share modules but not each other's internals."""
 
 from __future__ import annotations
 
@@ -24,8 +25,12 @@ def _imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative import inside the same package
-                pkg = path.parent.name
+            if node.level:  # relative import: resolve against the file's package
+                pkg = ".".join(
+                    path.relative_to(ROOT).parent.parts[
+                        : len(path.relative_to(ROOT).parent.parts) - node.level + 1
+                    ]
+                )
                 out.add(f"{pkg}.{node.module}" if node.module else pkg)
             elif node.module:
                 out.add(node.module)
@@ -34,9 +39,24 @@ def _imports(path: Path) -> set[str]:
 
 def test_import_direction():
     for package, forbidden in (("odise_model", ("pipeline", "flows")), ("pipeline", ("flows",))):
-        for path in (ROOT / package).glob("*.py"):
+        for path in (ROOT / package).rglob("*.py"):
             bad = [m for m in _imports(path) if m.split(".")[0] in forbidden]
             assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+JOBS = ("annotate", "evaluate", "train")
+# the one sanctioned crossing: training scores held-out shards with the evaluation metrics
+ALLOWED_CROSSINGS = {("train", "pipeline.evaluate.metrics")}
+
+
+def test_pipeline_jobs_do_not_import_each_other():
+    for job in JOBS:
+        for path in (ROOT / "pipeline" / job).rglob("*.py"):
+            for module in _imports(path):
+                parts = module.split(".")
+                if parts[0] != "pipeline" or len(parts) < 2 or parts[1] not in JOBS or parts[1] == job:
+                    continue
+                assert (job, module) in ALLOWED_CROSSINGS, f"{path.relative_to(ROOT)} imports {module}"
 
 
 def test_leaf_components_do_not_import_each_other():

@@ -121,7 +121,7 @@ def test_captioner_with_zero_gates_gives_empty_prompt_conditioning():
 
 
 def test_empty_prompt_tokens_match_sd_tokenizer():
-    from odise_model.build import sd_prompt_token_ids
+    from odise_model.sd_convert import sd_prompt_token_ids
 
     ids = sd_prompt_token_ids("")
     assert ids.shape == (1, 77)
