@@ -175,7 +175,15 @@ def test_ade20k_150_builtin():
 
 
 def test_builtins_are_cached_and_listed():
-    assert BUILTIN_VOCABULARIES == ("coco_panoptic", "ade20k_150")
+    assert BUILTIN_VOCABULARIES == (
+        "coco_panoptic",
+        "ade20k_150",
+        "lvis_1203",
+        "ade20k_847",
+        "pascal_context_459",
+        "pascal_context_59",
+        "pascal_voc_21",
+    )
     assert load_vocabulary("coco_panoptic") is load_vocabulary("coco_panoptic")
 
 
@@ -262,16 +270,16 @@ def test_list_of_strings():
     assert vocab[0].synonyms == ("cat", "kitty")
     assert all(c.isthing for c in vocab)
     assert load_vocabulary(("a", "b")).names == ["a", "b"]
-    with pytest.raises(VocabularyError, match=r"^<list>:2: .*empty synonym"):
+    with pytest.raises(VocabularyError, match=r"^<list>: class 2 \('dog,'\): .*empty synonym"):
         load_vocabulary(["cat", "dog,"])
-    with pytest.raises(VocabularyError, match=r"^<list>:3: .*duplicate class"):
+    with pytest.raises(VocabularyError, match=r"^<list>: class 3 \('CAT'\): .*duplicate class"):
         load_vocabulary(["cat", "dog", "CAT"])
     marked = load_vocabulary(["cat", "sky, clouds [stuff]", "grass [STUFF]", "tv [old] [thing]"])
     assert [c.isthing for c in marked] == [True, False, False, True]
     assert marked[1].synonyms == ("sky", "clouds") and marked[3].name == "tv [old]"
-    with pytest.raises(VocabularyError, match=r"^<list>:2: .*unknown tag \[other\]"):
+    with pytest.raises(VocabularyError, match=r"^<list>: class 2 .*unknown tag \[other\]"):
         load_vocabulary(["cat", "sky [other]"])
-    with pytest.raises(VocabularyError, match=r"^<list>:1: .*marker without a class name"):
+    with pytest.raises(VocabularyError, match=r"^<list>: class 1 .*marker without a class name"):
         load_vocabulary(["[stuff]"])
     with pytest.raises(VocabularyError, match="empty vocabulary"):
         load_vocabulary([])
