@@ -593,7 +593,10 @@ def inline_classes(spec: str | Sequence[str], source: str = "vocab") -> list[str
     for part in parts:
         if not isinstance(part, str):
             raise VocabularyError(
-                f"expected a string, got {type(part).__name__}", source=source, line=len(classes) + 1
+                f"expected a string, got {type(part).__name__}",
+                source=source,
+                line=len(classes) + 1,
+                item=str(part),
             )
         pieces = part.split(";")
         if len(pieces) > 1 and not pieces[-1].strip():
@@ -815,7 +818,7 @@ _RELATIONAL = frozenset(
 def singular_forms(word: str) -> list[str]:
     """Candidate base forms of an English word, the word itself first (simple rules, no dictionary).
 
-    ``"benches"`` -> ``["benches", "benche", "bench"]``; ``"knives"`` -> ``[..., "knife"]``;
+    ``"benches"`` -> ``["benches", "bench", "benche"]``; ``"knives"`` -> ``[..., "knife"]``;
     ``"men"`` -> ``["men", "man"]``; ``"dog's"`` -> ``["dog's", "dog"]``. Callers keep the first form
     found in their lexicon.
     """
