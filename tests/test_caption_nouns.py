@@ -22,7 +22,9 @@ def test_singular_forms():
     assert singular_forms("dogs") == ["dogs", "dog"]
     assert singular_forms("benches") == ["benches", "bench", "benche"]
     assert "pony" in singular_forms("ponies")
-    assert {"knife", "leaf", "shelf"} <= {f for w in ("knives", "leaves", "shelves") for f in singular_forms(w)}
+    assert {"knife", "leaf", "shelf"} <= {
+        f for w in ("knives", "leaves", "shelves") for f in singular_forms(w)
+    }
     assert singular_forms("men") == ["men", "man"] and "child" in singular_forms("children")
     assert "tooth" in singular_forms("teeth") and "person" in singular_forms("people")
     assert singular_forms("dog's") == ["dog's", "dog"]
@@ -33,9 +35,14 @@ def test_extract_nouns_phrases_plurals_and_order():
     lexicon = noun_lexicon()
     # the issue's example; the shipped caption noun list adds "beach"
     assert extract_nouns("a man walking a dog on the beach", lexicon) == ["man", "dog", "beach"]
-    assert extract_nouns("a man walking a dog on the beach", noun_lexicon(caption_nouns=False)) == ["man", "dog"]
+    assert extract_nouns("a man walking a dog on the beach", noun_lexicon(caption_nouns=False)) == [
+        "man",
+        "dog",
+    ]
     # multi-word names before their parts; plurals through their base form; caption order, no repeats
-    assert extract_nouns("Fire hydrants and a stop sign near a fire truck, and another fire hydrant.", lexicon) == [
+    assert extract_nouns(
+        "Fire hydrants and a stop sign near a fire truck, and another fire hydrant.", lexicon
+    ) == [
         "fire hydrant",
         "stop sign",
         "fire truck",
@@ -94,7 +101,9 @@ def test_recall_and_precision_on_labelled_captions():
     assert {m["noun"] for m in heldout["missed"]} >= {"motorcyclist", "spaghetti", "tulip"}
     # the shipped list matters: the built-in synonyms alone find much less
     assert score(load_cases("heldout"), noun_lexicon(caption_nouns=False))["recall"] < heldout["recall"] - 0.1
-    assert matches("brick wall", "wall") and matches("player", "tennis player") and matches("benches", "bench")
+    assert (
+        matches("brick wall", "wall") and matches("player", "tennis player") and matches("benches", "bench")
+    )
     assert not matches("wall", "ball")
 
 
