@@ -939,8 +939,9 @@ def caption_vocabulary(
     nouns = extract_nouns(caption, lexicon)
     if not nouns:
         raise VocabularyError(
-            f"no known noun in caption {caption!r}: the caption extractor only knows the synonyms of the "
-            "built-in vocabularies; give the classes with vocab (e.g. --vocab 'beach; sand dune') instead",
+            f"no known noun in caption {caption!r}: the caption extractor knows the synonyms of the built-in "
+            "vocabularies and a list of common caption nouns only; give the classes inline instead "
+            "(e.g. --vocab 'sand dune; dune buggy')",
             source=source,
         )
     return Vocabulary(tuple(Category(k, n, (n,)) for k, n in enumerate(nouns, start=1)), source=source)
