@@ -424,10 +424,10 @@ def build(cfg) -> dict[str, Any]:
     how = "built on the device"
     try:
         with torch.device(cfg.device):
-            model = odise_model.build_odise(cfg.model, device=cfg.device)
+            model = odise_model.build_odise(cfg.model, device=cfg.device, random_weights=True)
     except Exception as exc:  # noqa: BLE001 - some init code may not like a non-CPU default device
         how = f"built on CPU then moved ({type(exc).__name__} on the device)"
-        model = odise_model.build_odise(cfg.model, device="cpu").to(cfg.device)
+        model = odise_model.build_odise(cfg.model, device="cpu", random_weights=True).to(cfg.device)
     sync(cfg.device)
     cfg.model_obj = model
     cfg.vocabulary = odise_model.load_vocabulary("coco_panoptic")

@@ -29,7 +29,7 @@ def main() -> None:
     import odise_model
 
     t0 = time.perf_counter()
-    model = odise_model.build_odise(args.model)
+    model = odise_model.build_odise(args.model, random_weights=True)  # timing only: random weights
     build_s = time.perf_counter() - t0
     photos = sample_photos()
     images = [photos[i % len(photos)] for i in range(args.images)]

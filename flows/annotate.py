@@ -227,7 +227,7 @@ def report(
         },
         {
             "metric": "vocabulary",
-            "value": f"{config.vocab_file or '+'.join(config.merge_vocab)} ({checked.categories} categories)",
+            "value": f"{config.vocabulary_spec} ({checked.categories} categories)",
         },
         {
             "metric": "shards (total / committed now / already done)",
@@ -316,8 +316,11 @@ def report(
 def annotate(
     input: str | list[str],
     output: str,
-    vocab_file: str | None = _D("vocab_file"),
+    vocab_file: str | None = None,
+    vocab: str | list[str] | None = None,
+    caption: str | None = None,
     merge_vocab: list[str] | None = None,
+    preset: Literal["demo"] | None = None,
     model: str = _D("model"),
     checkpoint: str | None = None,
     sd_weights: str | None = None,
@@ -356,8 +359,14 @@ def annotate(
             images; local paths (relative to the working directory) or URLs (``s3://bucket/shards/*.tar``).
         output: output folder or URL (``out/run1``, ``s3://bucket/labels/run1``); reruns into it label only what is missing.
         vocab_file: ``classes.txt`` path (relative to the working directory) or URL, or a built-in vocabulary
-            name (``coco_panoptic``, ``ade20k_150``).
+            name (``coco_panoptic``, ``ade20k_150``, ``lvis_1203``, ...); default ``coco_panoptic`` when
+            ``vocab``, ``caption`` and ``preset`` give no classes.
+        vocab: inline classes as in the ODISE demo: ``"person, man; sky [stuff]"`` or a list
+            (``["person, man", "sky [stuff]"]``); added after ``vocab_file``'s classes.
+        caption: a caption whose nouns become classes (``"a man walking a dog on the beach"``).
         merge_vocab: built-in vocabularies (or files) merged after ``vocab_file``.
+        preset: ``demo``: the official demo (user classes as things + COCO + ADE + LVIS, overlap threshold 0,
+            alpha 0.35, beta 0.65); settings given explicitly win.
         model: ``odise_label_coco`` (default), ``odise_caption_coco``, ``tiny`` (random weights: a plumbing check) or a JSON path.
         checkpoint: ODISE weights: release name, path or URL (default: the official release for the model).
         sd_weights: Stable Diffusion v1.3 weights: ``sd-v1-3``, ``.ckpt`` path/URL, diffusers folder or hub id.

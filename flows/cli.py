@@ -142,6 +142,8 @@ _ANNOTATE_GROUPS = {
         "input",
         "output",
         "vocab_file",
+        "vocab",
+        "caption",
         "merge_vocab",
         "storage_options",
         "output_storage_options",
@@ -167,7 +169,7 @@ _ANNOTATE_GROUPS = {
         "num_cpus",
         "no_progress_timeout_s",
     ],
-    "labels": ["object_mask_threshold", "overlap_threshold", "alpha", "beta"],
+    "labels": ["preset", "object_mask_threshold", "overlap_threshold", "alpha", "beta"],
     "outputs": [
         "include_png",
         "write_coco",
@@ -183,7 +185,15 @@ _EXTRA_HELP = {
     "('s3://bucket/shards/{000000..000099}.tar'), manifest file; several may be given",
     "output": "output folder or URL (out/, s3://bucket/labels/run1); rerunning into it labels only what is missing",
     "vocab_file": "classes.txt path or URL (one class per line, comma-separated synonyms, [stuff] marker, # comments) "
-    "or a built-in vocabulary: coco_panoptic, ade20k_150",
+    "or a built-in vocabulary: coco_panoptic (the default when the vocab, caption and preset options give no classes), "
+    "ade20k_150, lvis_1203, ade20k_847, pascal_context_459, pascal_context_59, pascal_voc_21",
+    "vocab": "inline classes as in the ODISE demo: \"person, man; sky [stuff]\" (';' between classes, ',' "
+    "between synonyms, the first is the name; optional [stuff]); added after the vocab file's classes",
+    "caption": "a caption whose nouns become classes: \"a man walking a dog on the beach\" -> man, dog, beach "
+    "(no download; nouns outside the built-in lists' synonyms and a list of common nouns are missed)",
+    "preset": "demo: the official ODISE demo: your classes (as things) + COCO + ADE20K-150 + LVIS (~1.5k classes), "
+    "overlap threshold 0, alpha 0.35, beta 0.65; options given explicitly win (a merge-vocab list replaces "
+    "the three lists)",
     "model": "odise_label_coco (official, needs the weights), odise_caption_coco, or tiny / tiny_caption: random "
     "weights, a PLUMBING CHECK that runs offline in about a minute on a CPU; or a model JSON path",
     "storage_options": "fsspec options as JSON, WITHOUT credentials, e.g. "
@@ -229,7 +239,7 @@ def add_field_option(
     ann = field.annotation
     args = (
         [a for a in typing.get_args(ann) if a is not type(None)]
-        if isinstance(ann, types.UnionType)
+        if isinstance(ann, types.UnionType) or typing.get_origin(ann) is typing.Union  # Literal[...] | None
         else [ann]
     )
     default = (

@@ -10,8 +10,9 @@ Rules
   weights files, ``cache_dir``) are resolved against the **working directory** of the run (the shell's
   for the command line, the deployment's pull-step directory for a deployment) and passed on as
   absolute paths, so Ray workers and later retries see the same files. URLs (``s3://...``) are kept.
-* ``vocab_file`` is a path or URL, or a built-in vocabulary name (``coco_panoptic``, ``ade20k_150``)
-  when no file of that name exists in the working directory.
+* ``vocab_file`` is a path or URL, or a built-in vocabulary name (``coco_panoptic``, ``ade20k_150``,
+  ``lvis_1203``, ...) when no file of that name exists in the working directory. ``vocab`` (inline classes)
+  and ``caption`` are text, checked when the config is built (errors name the class position).
 * Credentials never travel as flow parameters (Prefect stores parameters and shows them in its UI):
   ``storage_options`` may hold endpoints, regions and similar settings only; keys that look like
   credentials (``key``, ``secret``, ``token``, ``password``, ...) are refused with a message that says

@@ -131,6 +131,7 @@ def build_odise(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    random_weights: bool = False,
 ) -> ODISE:
     """Build an ODISE model.
 
@@ -152,15 +153,30 @@ def build_odise(
             empty-prompt embedding (computed in fp32), stay float32. Default: float32.
         device: where the model lives.
         seed: seed of the random initialisation (when some weights are not given).
+        random_weights: allow a variant that has official weights (``odise_label_coco``,
+            ``odise_caption_coco``: its config names an ``official_checkpoint``) to be built with no weights
+            at all. Without it that raises ``ValueError``: random weights give meaningless labels, so they
+            must be asked for (tests, plumbing checks, benchmarks). The tiny variants have no official
+            weights and are random by design; they need no flag.
     Returns:
         the model in eval mode. With no weight arguments (and ``pretrained=False``) all weights are random
         (seeded); a model with random weights only produces plumbing-check output.
+    Raises:
+        ValueError: an official variant without any weights and without ``random_weights=True``.
     """
     cfg = load_config(config)
     dtype = parse_dtype(dtype)
     sources = WeightSources.resolve(
         cfg, checkpoint=checkpoint, sd_weights=sd_weights, clip_weights=clip_weights, pretrained=pretrained
     )
+    no_weights = all(s is None for s in (sources.checkpoint, sources.sd, sources.clip))
+    if cfg.official_checkpoint and no_weights and not random_weights:
+        raise ValueError(
+            f"build_odise({cfg.name!r}) without weights would return a model with RANDOM weights, whose labels "
+            "are meaningless. Pass pretrained=True for the official weights, checkpoint= / sd_weights= / "
+            "clip_weights= for your own files, or random_weights=True if random weights are what you want "
+            "(tests, plumbing checks, benchmarks)."
+        )
     loader = WeightLoader(offline=offline, cache_dir=cache_dir, storage_options=storage_options)
     # Fail fast: find every file (downloading if allowed) before building anything big.
     located = loader.locate_all(sources)

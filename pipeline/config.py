@@ -24,6 +24,7 @@ __all__ = [
     "RunSummary",
     "MatchMode",
     "OFFICIAL_MAX_STEPS",
+    "PRESETS",
     "uses_pretrained",
     "check_sources",
     "clean_output",
@@ -35,6 +36,14 @@ MatchMode = Literal["file_name", "image_id", "key"]
 
 OFFICIAL_MAX_STEPS = 92_188
 """Iterations of the official 50-epoch COCO run (total batch 64)."""
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": {"overlap_threshold": 0.0, "alpha": 0.35, "beta": 0.65},
+}
+"""Settings of ``AnnotateConfig.preset``. ``demo`` is the official ``demo/demo.py``: it forces overlap
+threshold 0 and CLIP fusion alpha 0.35 / beta 0.65, and labels with the user's classes (as things) followed
+by COCO + ADE20K-150 + LVIS concatenated as the demo does (:func:`odise_model.vocabulary.demo_vocabulary`).
+A setting given explicitly wins over the preset's."""
 
 TINY_VARIANTS = ("tiny", "tiny_caption")
 """CPU-sized variants with random weights by default (tests, plumbing checks)."""
@@ -90,8 +99,18 @@ class AnnotateConfig(WeightsSettings):
     """One annotation job.
 
     Inputs: ``input`` is a shard glob / brace pattern / manifest file / folder of tar shards / folder of images,
-    on any fsspec URL. ``vocab_file`` is a ``classes.txt`` path or URL, or a built-in vocabulary name
-    (``coco_panoptic``, ``ade20k_150``); ``merge_vocab`` adds built-in vocabularies after it.
+    on any fsspec URL.
+
+    Vocabulary (:func:`odise_model.vocabulary.compose_vocabulary`): the user's classes come from
+    ``vocab_file`` (a ``classes.txt`` path or URL, or a built-in name such as ``coco_panoptic``,
+    ``lvis_1203``), ``vocab`` (inline, ``"person, man; sky [stuff]"`` or a list of such strings) and
+    ``caption`` (its nouns), in that order, all that are given (a later class repeating an earlier one's
+    synonym is dropped). ``merge_vocab`` lists are merged after them. ``vocab_file`` defaults to
+    ``coco_panoptic`` only when neither ``vocab``, ``caption`` nor ``preset="demo"`` gives classes, so
+    ``vocab="forklift; pallet"`` alone labels just those two. ``preset="demo"`` (see :data:`PRESETS`)
+    puts the user's classes, as things, before COCO + ADE20K-150 + LVIS (or before ``merge_vocab`` when
+    given) without deduplication, as the official demo; the preset's thresholds apply unless
+    ``overlap_threshold`` / ``alpha`` / ``beta`` are given.
     Model: ``model`` is a variant name or JSON path; weights default to the official files for the official
     variants (``pretrained``); ``model="tiny"`` without a checkpoint is a plumbing check with random weights.
     """
@@ -100,8 +119,25 @@ class AnnotateConfig(WeightsSettings):
 
     input: str | list[str] = Field(..., description="shards: glob, {000..009} brace pattern, manifest, folder of .tar, or folder of images")
     output: str = Field(..., description="output URL (local path, s3://bucket/prefix, ...)")
-    vocab_file: str | None = Field("coco_panoptic", description="classes.txt path or URL, or a built-in vocabulary name")
+    vocab_file: str | None = Field(
+        "coco_panoptic",
+        description="classes.txt path or URL, or a built-in vocabulary name (the default coco_panoptic "
+        "applies only when vocab, caption and preset give no classes)",
+    )
+    vocab: str | list[str] | None = Field(
+        None,
+        description="inline classes as in the ODISE demo: 'person, man; sky [stuff]' (';' between classes, "
+        "',' between synonyms, optional [stuff]); added after vocab_file's",
+    )
+    caption: str | None = Field(
+        None, description="a caption whose nouns become classes (one synonym each), added after vocab's"
+    )
     merge_vocab: list[str] = Field(default_factory=list, description="built-in vocabularies merged after vocab_file")
+    preset: Literal["demo"] | None = Field(
+        None,
+        description="demo: the official demo's settings (user classes as things + COCO + ADE + LVIS, "
+        "overlap_threshold 0, alpha 0.35, beta 0.65); explicit settings win",
+    )
 
     batch_size: int = Field(4, ge=1, description="images per model call")
     tile_batch_size: int = Field(12, ge=1, description="SD tiles per forward pass")
@@ -144,11 +180,74 @@ class AnnotateConfig(WeightsSettings):
     def _empty_address_is_local(cls, value):
         return value or None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_and_vocabulary_defaults(cls, data: Any) -> Any:
+        """The preset's settings where none is given; no default ``vocab_file`` when other sources give classes."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        preset = data.get("preset")
+        if isinstance(preset, str) and preset in PRESETS:
+            for key, value in PRESETS[preset].items():
+                if data.get(key) is None:
+                    data[key] = value
+        if "vocab_file" not in data and (data.get("vocab") or data.get("caption") or preset == "demo"):
+            data["vocab_file"] = None
+        return data
+
+    @field_validator("vocab")
+    @classmethod
+    def _inline_vocabulary(cls, value: str | list[str] | None) -> list[str] | None:
+        """Checked now (errors name the class position and text); kept as the list of class texts."""
+        if value is None:
+            return None
+        from odise_model.vocabulary import inline_classes, parse_inline_vocabulary
+
+        parse_inline_vocabulary(value)
+        return inline_classes(value)
+
+    @field_validator("caption")
+    @classmethod
+    def _caption_has_nouns(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from odise_model.vocabulary import caption_vocabulary
+
+        caption_vocabulary(value)  # raises naming the caption when it has no known noun
+        return value
+
     @model_validator(mode="after")
     def _vocab_given(self):
-        if not self.vocab_file and not self.merge_vocab:
-            raise ValueError("give vocab_file and/or merge_vocab")
+        if not (self.vocab_file or self.vocab or self.caption or self.merge_vocab or self.preset == "demo"):
+            raise ValueError("give vocab_file, vocab, caption, merge_vocab or preset='demo'")
         return self
+
+    @property
+    def vocabulary_spec(self) -> str:
+        """Where the run's classes come from, in words (reports and ``provenance.json``'s ``vocabulary_source``)."""
+        parts = [self.vocab_file] if self.vocab_file else []
+        if self.vocab:
+            parts.append("vocab '" + "; ".join(self.vocab) + "'")
+        if self.caption:
+            parts.append(f"caption {self.caption!r}")
+        if self.preset == "demo":
+            from odise_model.vocabulary import DEMO_VOCABULARIES
+
+            user = ["(" + " + ".join(parts) + ") as things"] if parts else []
+            return "preset demo: " + " + ".join(user + list(self.merge_vocab or DEMO_VOCABULARIES))
+        return " + ".join(parts + list(self.merge_vocab))
+
+    @property
+    def vocabulary_settings(self) -> dict[str, Any]:
+        """The vocabulary settings as given (``provenance.json`` ``settings.vocabulary``)."""
+        return {
+            "vocab_file": self.vocab_file,
+            "vocab": self.vocab,
+            "caption": self.caption,
+            "merge_vocab": list(self.merge_vocab),
+            "preset": self.preset,
+        }
 
     @property
     def out_storage_options(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ def _manifest(name):
     [("odise_label_coco", "odise_label_coco_50e", 28_067_009), ("odise_caption_coco", "odise_caption_coco_50e", 28_066_755)],
 )
 def test_official_size_builds_with_random_weights(variant, manifest, trainable):
-    model = odise_model.build_odise(variant)
+    model = odise_model.build_odise(variant, random_weights=True)
     params = model.trainable_parameters()
     assert sum(p.numel() for _, p in params) == trainable
     assert all(p.requires_grad for _, p in params)

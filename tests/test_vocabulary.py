@@ -11,11 +11,16 @@ import pytest
 
 from odise_model.vocabulary import (
     BUILTIN_VOCABULARIES,
+    DEMO_VOCABULARIES,
     Category,
     Vocabulary,
     VocabularyError,
     coco_seen_synonyms,
+    compose_vocabulary,
+    demo_vocabulary,
+    inline_classes,
     load_vocabulary,
+    parse_inline_vocabulary,
     parse_vocabulary,
 )
 
@@ -175,7 +180,15 @@ def test_ade20k_150_builtin():
 
 
 def test_builtins_are_cached_and_listed():
-    assert BUILTIN_VOCABULARIES == ("coco_panoptic", "ade20k_150")
+    assert BUILTIN_VOCABULARIES == (
+        "coco_panoptic",
+        "ade20k_150",
+        "lvis_1203",
+        "ade20k_847",
+        "pascal_context_459",
+        "pascal_context_59",
+        "pascal_voc_21",
+    )
     assert load_vocabulary("coco_panoptic") is load_vocabulary("coco_panoptic")
 
 
@@ -262,16 +275,16 @@ def test_list_of_strings():
     assert vocab[0].synonyms == ("cat", "kitty")
     assert all(c.isthing for c in vocab)
     assert load_vocabulary(("a", "b")).names == ["a", "b"]
-    with pytest.raises(VocabularyError, match=r"^<list>:2: .*empty synonym"):
+    with pytest.raises(VocabularyError, match=r"^<list>: class 2 \('dog,'\): .*empty synonym"):
         load_vocabulary(["cat", "dog,"])
-    with pytest.raises(VocabularyError, match=r"^<list>:3: .*duplicate class"):
+    with pytest.raises(VocabularyError, match=r"^<list>: class 3 \('CAT'\): .*duplicate class"):
         load_vocabulary(["cat", "dog", "CAT"])
     marked = load_vocabulary(["cat", "sky, clouds [stuff]", "grass [STUFF]", "tv [old] [thing]"])
     assert [c.isthing for c in marked] == [True, False, False, True]
     assert marked[1].synonyms == ("sky", "clouds") and marked[3].name == "tv [old]"
-    with pytest.raises(VocabularyError, match=r"^<list>:2: .*unknown tag \[other\]"):
+    with pytest.raises(VocabularyError, match=r"^<list>: class 2 .*unknown tag \[other\]"):
         load_vocabulary(["cat", "sky [other]"])
-    with pytest.raises(VocabularyError, match=r"^<list>:1: .*marker without a class name"):
+    with pytest.raises(VocabularyError, match=r"^<list>: class 1 .*marker without a class name"):
         load_vocabulary(["[stuff]"])
     with pytest.raises(VocabularyError, match="empty vocabulary"):
         load_vocabulary([])
@@ -415,3 +428,213 @@ def test_training_vocabulary_prefers_given_then_builtin_then_categories(tmp_path
     # unknown categories: names only
     small = {1: {"name": "square", "isthing": 1}, 2: {"name": "grass texture", "isthing": 0}}
     assert [c.synonyms for c in training_vocabulary(None, small)] == [("square",), ("grass texture",)]
+
+
+# --- the benchmark built-ins (from the official OpenSeg lists) -------------------------------------------
+REFERENCE = [
+    Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "vocabularies",
+    Path("/work/shared/reference/vocabularies"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "classes", "first", "last", "synonyms", "stuff", "repeats"),
+    [
+        ("lvis_1203", 1203, "aerosol can", "zucchini", 1825, 0, False),
+        ("ade20k_847", 847, "wall", "adding machine", 1342, 61, True),  # 848 lines - invalid_class_id
+        ("pascal_context_459", 459, "accordion", "wool", 559, 33, True),
+        ("pascal_context_59", 59, "aeroplane", "wood piece", 160, 15, False),
+        ("pascal_voc_21", 21, "background", "tvmonitor", 153, 1, False),
+    ],
+)
+def test_benchmark_builtins(name, classes, first, last, synonyms, stuff, repeats):
+    vocab = load_vocabulary(name)
+    assert vocab.source == name
+    assert len(vocab) == classes
+    assert (vocab.names[0], vocab.names[-1]) == (first, last)
+    assert len(vocab.flat_synonyms()[0]) == synonyms  # the official synonym count, repeats included
+    assert sum(not c.isthing for c in vocab) == stuff
+    assert vocab.has_repeats() == repeats == vocab.allow_repeats
+    if name == "pascal_voc_21":  # background keeps its place (classifier order) but not id 0
+        assert vocab.ids == [21, *range(1, 21)] and not vocab[0].isthing
+        assert vocab.by_id(1).name == "aeroplane" and vocab.by_id(15).synonyms[:2] == ("person", "child")
+    else:
+        assert vocab.ids == list(range(1, classes + 1))
+    assert "invalid_class_id" not in vocab.names
+    assert parse_vocabulary(vocab.to_text()) == vocab  # what the annotate actors re-parse
+
+
+def test_benchmark_builtins_keep_official_repeats():
+    a847 = load_vocabulary("ade20k_847")
+    owners = [c.id for c in a847 if "dog" in c.synonyms]
+    assert owners == [105, 260, 797]  # animal, dog, andiron: as in OpenSeg's list
+    assert [c.id for c in a847 if c.name == "pot"] == [131, 189]
+    pc459 = load_vocabulary("pascal_context_459")
+    assert "rug" in pc459.by_id(158).synonyms and pc459.by_id(330).name == "rug"
+    assert all(c.isthing for c in load_vocabulary("lvis_1203"))
+
+
+def test_benchmark_builtins_thing_stuff_rule():
+    """A-847 / PC-459 / PC-59: stuff exactly when the display name is a COCO / ADE-150 stuff synonym and
+    no thing synonym there (the rule the file headers state); VOC: only background."""
+    stuff, thing = set(), set()
+    for name in ("coco_panoptic", "ade20k_150"):
+        for c in load_vocabulary(name):
+            (thing if c.isthing else stuff).update(s.casefold() for s in c.synonyms)
+    for name in ("ade20k_847", "pascal_context_459", "pascal_context_59"):
+        for c in load_vocabulary(name):
+            key = c.name.casefold()
+            assert c.isthing == (key not in stuff or key in thing), (name, c.name)
+    assert [c.name for c in load_vocabulary("pascal_voc_21") if not c.isthing] == ["background"]
+
+
+@pytest.mark.parametrize("name", ["lvis_1203", "ade20k_847", "pascal_context_459", "pascal_context_59", "pascal_voc_21"])
+def test_benchmark_builtins_equal_the_reference_files(name):
+    """Class for class and synonym for synonym what the official ``get_openseg_labels`` reads."""
+    folder = next((p for p in REFERENCE if (p / f"{name}_with_prompt_eng.txt").is_file()), None)
+    if folder is None:
+        pytest.skip("the reference label lists (../shared/reference/vocabularies) are not on this machine")
+    official = []
+    for line in (folder / f"{name}_with_prompt_eng.txt").read_text(encoding="utf-8").splitlines():
+        index, text = line.split(":", 1)
+        if text != "invalid_class_id":  # as the official loader
+            official.append((int(index), text.split(",")))
+    vocab = load_vocabulary(name)
+    assert [list(c.synonyms) for c in vocab] == [syns for _, syns in official]
+    expected_ids = [21 if i == 0 else i for i, _ in official]  # VOC background: 0 is "unlabeled" here
+    assert vocab.ids == expected_ids
+
+
+# --- repeats -----------------------------------------------------------------------------------------------
+def test_allow_repeats_directive(tmp_path):
+    text = "1: animal, dog, cat\n2: dog, puppy\n3: pot\n4: pot, flowerpot\n"
+    error, path = load_error(tmp_path, text)
+    assert error.line == 2 and "synonym 'dog'" in str(error)
+    vocab = load_vocabulary(write(tmp_path, "# A-847 style\n#! allow-repeats\n" + text, "r.txt"))
+    assert vocab.allow_repeats and vocab.has_repeats() and vocab.names == ["animal", "dog", "pot", "pot"]
+    text_out = vocab.to_text()
+    assert text_out.startswith("#! allow-repeats\n")
+    assert parse_vocabulary(text_out) == vocab
+    assert "#! allow-repeats" not in load_vocabulary("coco_panoptic").to_text()
+    assert parse_vocabulary("#!  ALLOW-REPEATS \na, b\nb\n").allow_repeats  # case and spaces
+    assert not parse_vocabulary("#! allow repeats, please\na\n").allow_repeats  # only the exact directive
+    with pytest.raises(VocabularyError, match="duplicate class id 1"):
+        parse_vocabulary("#! allow-repeats\n1: a\n1: b\n")  # ids stay unique
+    # merging keeps the permission: other's kept classes may share synonyms among themselves
+    merged = parse_vocabulary("zebra\n").merge(vocab)
+    assert merged.allow_repeats and len(merged) == 5
+
+
+# --- inline vocabularies ---------------------------------------------------------------------------------
+def test_inline_vocabulary_like_the_demo():
+    vocab = parse_inline_vocabulary("person,man;sky [stuff]")
+    assert vocab.source == "vocab"
+    assert [(c.id, c.synonyms, c.isthing) for c in vocab] == [(1, ("person", "man"), True), (2, ("sky",), False)]
+    # the demo's own example, whitespace trimmed around classes and synonyms
+    demo = parse_inline_vocabulary(" black pickup truck, pickup truck ;  blue sky, sky ")
+    assert demo.names == ["black pickup truck", "blue sky"]
+    assert demo[0].synonyms == ("black pickup truck", "pickup truck")
+    # a list (the flow parameter) is the same; an item may hold several classes; one trailing ';'
+    as_list = parse_inline_vocabulary(["person, man", "sky [stuff]"])
+    assert as_list == parse_inline_vocabulary("person, man; sky [stuff];") == vocab
+    assert parse_inline_vocabulary(["a; b", "c"]).names == ["a", "b", "c"]
+    assert inline_classes(["a ;b ", " c"]) == ["a", "b", "c"]
+    assert parse_inline_vocabulary("sky [STUFF]; tv [old] [thing]").names == ["sky", "tv [old]"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "position", "text", "pattern"),
+    [
+        ("cat;;dog", 2, "", "empty class"),
+        (";cat", 1, "", "empty class"),
+        ("cat; ", None, None, None),  # one trailing separator (with spaces) is fine
+        ("cat;dog,,puppy", 2, "dog,,puppy", "empty synonym"),
+        ("cat;dog,", 2, "dog,", "empty synonym"),
+        ("cat;dog [animal]", 2, "dog [animal]", r"unknown tag \[animal\]"),
+        ("cat;[stuff]", 2, "[stuff]", "marker without a class name"),
+        ("cat;dog;Cat", 3, "Cat", "duplicate class 'Cat'"),
+        ("cat, kitty;dog, Kitty", 2, "dog, Kitty", "synonym 'kitty'"),
+        (["cat", "dog\nbird"], 2, "dog\nbird", "line break"),
+        (["cat", ""], 2, "", "empty class"),
+        ("", 1, "", "empty class"),
+    ],
+)
+def test_inline_vocabulary_errors_name_position_and_text(spec, position, text, pattern):
+    if pattern is None:
+        assert parse_inline_vocabulary(spec).names == ["cat"]
+        return
+    with pytest.raises(VocabularyError) as info:
+        parse_inline_vocabulary(spec)
+    error = info.value
+    assert (error.source, error.line, error.item) == ("vocab", position, text)
+    assert str(error).startswith(f"vocab: class {position} ({text!r}): ")
+    assert re.search(pattern, str(error)), str(error)
+
+
+def test_inline_vocabulary_bad_types():
+    with pytest.raises(VocabularyError, match=r"class 2 .*expected a string"):
+        parse_inline_vocabulary(["cat", 3])  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        parse_inline_vocabulary(3)  # type: ignore[arg-type]
+    with pytest.raises(VocabularyError, match="empty vocabulary"):
+        parse_inline_vocabulary([])
+
+
+# --- the demo's merged list and the run's vocabulary -------------------------------------------------------
+def test_demo_vocabulary_is_the_official_label_list():
+    coco, ade, lvis = (load_vocabulary(n) for n in DEMO_VOCABULARIES)
+    user = parse_inline_vocabulary("black pickup truck, pickup truck; blue sky, sky [stuff]")
+    demo = demo_vocabulary(user)
+    # 2 user classes + COCO 133 + ADE 150 + LVIS 1203: "about 1.5k classes", nothing dropped
+    assert len(demo) == 2 + 133 + 150 + 1203 == 1488
+    assert demo.ids == list(range(1, 1489))  # the demo's contiguous ids (+1: 0 is unlabeled here)
+    assert demo.allow_repeats and demo.has_repeats()
+    # 1. things: user (all things, even a [stuff] one), COCO things, ADE things, LVIS; 2. stuff: COCO, ADE
+    things = [c for c in demo if c.isthing]
+    assert len(things) == 2 + 80 + 100 + 1203 and demo.categories[: len(things)] == tuple(things)
+    expected = (
+        [c.synonyms for c in user]
+        + [c.synonyms for c in coco if c.isthing]
+        + [c.synonyms for c in ade if c.isthing]
+        + [c.synonyms for c in lvis]
+        + [c.synonyms for c in coco if not c.isthing]
+        + [c.synonyms for c in ade if not c.isthing]
+    )
+    assert [c.synonyms for c in demo] == expected
+    assert (demo[0].name, demo[1].name, demo[2].name, demo[82].name) == ("black pickup truck", "blue sky", "person", "bed")
+    assert demo[182].name == "aerosol can" and demo[1385].name == "banner" and not demo[1385].isthing
+    assert demo[-1].name == [c.name for c in ade if not c.isthing][-1]
+    # repeats kept as in the demo: COCO's, ADE's and LVIS's person are three classes
+    ade_person = [c.name for c in ade if c.isthing].index("person")
+    lvis_person = lvis.names.index("person")
+    assert [c.id for c in demo if c.name == "person"] == [3, 2 + 80 + ade_person + 1, 2 + 180 + lvis_person + 1]
+    assert len(demo.flat_synonyms()[0]) == 4 + 254 + 403 + 1825
+    assert parse_vocabulary(demo.to_text()) == demo  # survives the trip to the annotate actors
+    assert len(demo_vocabulary()) == 1486 and demo_vocabulary()[0].name == "person"
+    assert demo_vocabulary(lists=["coco_panoptic"]).names == [c.name for c in coco if c.isthing] + [
+        c.name for c in coco if not c.isthing
+    ]
+
+
+def test_compose_vocabulary_sources_and_precedence(tmp_path):
+    path = write(tmp_path, "3: forklift\n7: pallet, pallets\n")
+    vocab = compose_vocabulary(file=str(path), inline="pallet; safety vest", caption="A man driving a forklift.")
+    # file first (its ids kept), then the inline classes, then the caption's nouns; repeats dropped;
+    # Vocabulary.merge's id rule: a kept class keeps its own id (1..n) when it is free
+    assert vocab.names == ["forklift", "pallet", "safety vest", "man"]
+    assert vocab.ids == [3, 7, 2, 1]
+    clash = compose_vocabulary(file=str(write(tmp_path, "1: crate\n2: pallet jack\n", "c.txt")), inline="a; b")
+    assert clash.ids == [1, 2, 3, 4]
+    with_builtin = compose_vocabulary(inline="forklift", merge_with=["coco_panoptic"])
+    assert with_builtin.names[0] == "forklift" and len(with_builtin) == 134
+    assert compose_vocabulary(merge_with=["coco_panoptic", "ade20k_150"]) == load_vocabulary(
+        "coco_panoptic", merge_with="ade20k_150"
+    )
+    demo = compose_vocabulary(inline="forklift [stuff]", caption="a dog on the beach", demo=True)
+    assert len(demo) == 3 + 1486 and demo.names[:3] == ["forklift", "dog", "beach"] and demo[0].isthing
+    assert len(compose_vocabulary(demo=True)) == 1486
+    assert len(compose_vocabulary(demo=True, merge_with=["ade20k_150"])) == 150  # lists replaced
+    with pytest.raises(VocabularyError, match="no vocabulary"):
+        compose_vocabulary()
+    with pytest.raises(VocabularyError, match=r"vocab: class 1"):
+        compose_vocabulary(inline=";")

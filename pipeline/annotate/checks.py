@@ -26,13 +26,18 @@ class OutputError(OSError):
 # 1. checks
 # --------------------------------------------------------------------------------------------------------
 def resolve_vocabulary(config: AnnotateConfig):
-    """The run's vocabulary: ``vocab_file`` (path, URL or built-in name) merged with ``merge_vocab``."""
-    from odise_model.vocabulary import load_vocabulary
+    """The run's vocabulary: ``vocab_file`` + ``vocab`` + ``caption`` nouns, then ``merge_vocab``, or the demo
+    preset's list (:func:`odise_model.vocabulary.compose_vocabulary`; precedence in ``AnnotateConfig``'s doc)."""
+    from odise_model.vocabulary import compose_vocabulary
 
-    if config.vocab_file:
-        return load_vocabulary(config.vocab_file, merge_with=config.merge_vocab or None, storage_options=config.storage_options)
-    first, *rest = config.merge_vocab
-    return load_vocabulary(first, merge_with=rest or None)
+    return compose_vocabulary(
+        file=config.vocab_file,
+        inline=config.vocab,
+        caption=config.caption,
+        merge_with=config.merge_vocab,
+        demo=config.preset == "demo",
+        storage_options=config.storage_options,
+    )
 
 
 def check_output_writable(url: str, storage_options: dict) -> None:
@@ -129,7 +134,7 @@ def provenance_for(config: AnnotateConfig, checked: dict[str, Any], run_id: str)
         run_id=run_id,
         model_variant=model_cfg.name,
         weights_sha256={k: (None if w is None else w["sha256"]) for k, w in weights.items()},
-        vocabulary_source=str(config.vocab_file or "+".join(config.merge_vocab)),
+        vocabulary_source=config.vocabulary_spec,
         vocabulary_sha256=vocab.sha256(),
         categories=vocab.coco_categories(),
         thresholds=thresholds,
@@ -139,5 +144,6 @@ def provenance_for(config: AnnotateConfig, checked: dict[str, Any], run_id: str)
             "plumbing_check": config.is_plumbing_check,
             "input_resize": {"short_side": model_cfg.input.short_side, "max_size": model_cfg.input.max_size},
             "include_png": config.include_png,
+            "vocabulary": config.vocabulary_settings,
         },
     )

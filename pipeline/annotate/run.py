@@ -135,6 +135,7 @@ def _build_dataset(config: AnnotateConfig, todo, checked, provenance, device, gp
         "cache_dir": config.cache_dir,
         "storage_options": config.storage_options,
         "dtype": None if dtype == "fp32" else dtype,
+        "random_weights": config.is_plumbing_check,  # the banner and provenance say so
     }
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(

@@ -29,11 +29,12 @@ The official code extracts noun phrases with NLTK's tagger, whose models must be
 * a ``nouns`` list stored in the sample's ``segments.json`` (extracted offline by whatever tool the
   dataset owner likes, e.g. NLTK or spaCy), when present (with several ``captions``: a list of lists,
   one per caption);
-* otherwise :func:`extract_nouns`: a pure-Python matcher of caption words against a lexicon (every
-  synonym of the built-in vocabularies, COCO panoptic + ADE20K-150, plus the training vocabulary),
-  longest phrase first (up to 4 words), with simple English plural handling
-  (``-ies -> -y``, ``-es``, ``-s``). It finds the object and stuff names a caption mentions, which is what
-  the grounding loss uses; it misses nouns outside the lexicon (documented deviation).
+* otherwise :func:`extract_nouns` (:mod:`odise_model.vocabulary`, the same extractor as ``--caption``): a
+  pure-Python matcher of caption words against a lexicon (every synonym of the built-in vocabularies, a
+  shipped list of frequent caption nouns, plus the training vocabulary), longest phrase first, with
+  English plurals. It finds the object and stuff names a caption mentions, which is what the grounding
+  loss uses; it misses nouns outside the lexicon (documented deviation; measured recall in
+  :mod:`odise_model.vocabulary`).
 
 With several ``captions`` (COCO Captions has ~5 per image), one is drawn at random each time the image
 is used, as the official caption mapper does. ``num_words`` (official 8) words are then sampled with replacement per image; an image without any noun
@@ -42,16 +43,16 @@ gets no words (its grounding terms are masked out).
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import logging
-import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from odise_model.vocabulary import extract_nouns, noun_lexicon
 
 __all__ = [
     "TrainSample",
@@ -189,63 +190,8 @@ def class_index_map(
     return mapping
 
 
-# --------------------------------------------------------------------------------------------------
-# Caption nouns
-# --------------------------------------------------------------------------------------------------
-
-_WORD = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
-
-
-def _singular(word: str) -> list[str]:
-    """Candidate singular forms of an English word (simple rules; the word itself first)."""
-    out = [word]
-    if len(word) > 3 and word.endswith("ies"):
-        out.append(word[:-3] + "y")
-    if len(word) > 3 and word.endswith("es"):
-        out.append(word[:-2])
-    if len(word) > 2 and word.endswith("s") and not word.endswith("ss"):
-        out.append(word[:-1])
-    return out
-
-
-@functools.lru_cache(maxsize=8)
-def _builtin_lexicon(names: tuple[str, ...]) -> frozenset[str]:
-    from odise_model.vocabulary import load_vocabulary
-
-    return frozenset(s.lower() for name in names for c in load_vocabulary(name) for s in c.synonyms)
-
-
-def noun_lexicon(
-    builtin: Sequence[str] = ("coco_panoptic", "ade20k_150"), extra: Iterable[str] = ()
-) -> frozenset[str]:
-    """Lower-cased phrases recognised as nouns: all synonyms of ``builtin`` vocabularies plus ``extra``."""
-    return _builtin_lexicon(tuple(builtin)) | frozenset(e.lower().strip() for e in extra if e.strip())
-
-
-def extract_nouns(caption: str, lexicon: frozenset[str], max_words: int = 4) -> list[str]:
-    """Lexicon phrases mentioned in ``caption``, longest match first, in caption order, without repeats.
-
-    ``"Three kittens sit on benches near the fire hydrants."`` with the built-in lexicon ->
-    ``["benches", "fire hydrant"]``: ``benches`` is itself a synonym, ``fire hydrants`` is matched through
-    its singular (the lexicon's form is returned), ``kittens`` is not in the lexicon.
-    """
-    tokens = _WORD.findall(caption.lower())
-    found: list[str] = []
-    i = 0
-    while i < len(tokens):
-        for n in range(min(max_words, len(tokens) - i), 0, -1):
-            head, last = tokens[i : i + n - 1], tokens[i + n - 1]
-            match = next(
-                (" ".join([*head, s]) for s in _singular(last) if " ".join([*head, s]) in lexicon), None
-            )
-            if match is not None:
-                if match not in found:
-                    found.append(match)
-                i += n
-                break
-        else:
-            i += 1
-    return found
+# Caption nouns: ``extract_nouns`` and ``noun_lexicon`` come from :mod:`odise_model.vocabulary` (one
+# implementation for training and ``--caption``) and are re-exported here.
 
 
 # --------------------------------------------------------------------------------------------------

@@ -362,6 +362,7 @@ def _train_worker(
             storage_options=options,
             device=device,
             seed=cfg.seed,
+            random_weights=cfg.is_plumbing_check,
         )
     model.train()
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
