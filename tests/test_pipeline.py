@@ -313,8 +313,8 @@ def test_missing_official_weights_offline_say_which_file(tmp_path, photos):
 
 
 def test_output_of_another_vocabulary_is_refused_before_the_run(tmp_path, photos):
-    from pipeline.annotate.commit import ProvenanceMismatchError, write_provenance
     from pipeline.annotate.checks import provenance_for
+    from pipeline.annotate.commit import ProvenanceMismatchError, write_provenance
 
     write_shard(tmp_path / "s.tar", good_samples(photos, "p", 1))
     out = str(tmp_path / "out")
