@@ -254,7 +254,9 @@ def honours_conditional_writes(fs, probe_path: str) -> bool:
     return True
 
 
-def lease_mode(output: str, storage_options: dict[str, Any] | None, conditional: bool | None = None) -> LeaseMode:
+def lease_mode(
+    output: str, storage_options: dict[str, Any] | None, conditional: bool | None = None
+) -> LeaseMode:
     """The lease mode of an output: ``local`` for local paths, ``conditional`` for S3 stores that honour
     conditional writes (``conditional``: the probe's answer, probed here when None), else ``claims``."""
     fs, root = fs_root(output, storage_options)
@@ -390,7 +392,9 @@ class _ConditionalStore:
         return record, etag
 
     def _put(self, record: LeaseRecord, **condition: str) -> str:
-        resp = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=record.to_json(), **condition)
+        resp = self.fs.call_s3(
+            "put_object", Bucket=self.bucket, Key=self.key, Body=record.to_json(), **condition
+        )
         self.fs.invalidate_cache(self.path)
         return resp["ETag"]
 
@@ -567,9 +571,7 @@ def _store(mode: LeaseMode, fs, root: str, settle_s: float):
     return _ClaimsStore(fs, root, settle_s=settle_s)
 
 
-def current_holder(
-    output: str, storage_options: dict[str, Any] | None
-) -> tuple[LeaseRecord, str] | None:
+def current_holder(output: str, storage_options: dict[str, Any] | None) -> tuple[LeaseRecord, str] | None:
     """``(live holder, where its lease is)`` of ``output``, or None (no lease, or a stale one). Never writes.
 
     Looks at ``_lease.json`` and, on object stores, at the claim objects too (runs in either mode count).
@@ -630,7 +632,9 @@ class OutputLease:
         settle_s: float = 1.0,
     ) -> None:
         if not 0 < renew_s < ttl_s / 2:
-            raise ValueError(f"lease renewal interval {renew_s} s must be > 0 and below half the TTL {ttl_s} s")
+            raise ValueError(
+                f"lease renewal interval {renew_s} s must be > 0 and below half the TTL {ttl_s} s"
+            )
         self.output = output
         self.run_id = run_id
         self.ttl_s, self.renew_s = float(ttl_s), float(renew_s)
