@@ -556,7 +556,7 @@ class _ProgressBar:
         if total is not None and total != bar.total:
             bar.total = max(int(total), bar.n)
             bar.bar_format = self.FORMAT
-        bar.set_description("labelling (total estimated)" if estimated else "labelling", refresh=False)
+        bar.set_description_str("labelling (total estimated)" if estimated else "labelling", refresh=False)
         staged = int(event.get("images_staged", 0))
         bar.set_postfix(
             shards=f"{event.get('shards_done', 0)}/{event.get('shards_total', '?')}",
@@ -564,9 +564,8 @@ class _ProgressBar:
             refresh=False,
         )
         if staged > bar.n:
-            bar.update(staged - bar.n)  # refreshes
-        else:
-            bar.refresh()
+            bar.update(staged - bar.n)  # the rate (images/s) and the ETA follow the updates
+        bar.refresh()
 
     def _tick(self) -> None:
         while not self._stop.wait(1.0):
