@@ -70,9 +70,11 @@ _listeners: list[Callable[[dict[str, Any]], None]] = []
 def progress_listener(fn: Callable[[dict[str, Any]], None]) -> Iterator[None]:
     """Also send the ``label`` task's progress events to ``fn`` while the context is open (this process only).
 
-    Events: ``{"event": "start", "output"}`` when labelling starts; ``{"event": "shard", ...}`` with the
-    dict of ``run_annotation``'s ``on_progress`` (``shards_done``, ``shards_total``, ``images``, ``errors``,
-    ``segments``, ``elapsed_s``) after each committed shard; ``{"event": "done", "summary"}`` at the end.
+    Events: ``{"event": "start", "output"}`` when the ``label`` task starts; ``{"event": "images", ...}``
+    when labelling starts and as images are labelled, and ``{"event": "shard", ...}`` after each committed
+    shard, both with the dict of ``run_annotation``'s ``on_progress`` (``shards_done``, ``shards_total``,
+    ``images``, ``images_staged``, ``images_total``, ``images_total_estimated``, ``errors``, ``segments``,
+    ``elapsed_s``); ``{"event": "done", "summary"}`` at the end.
     Used by ``odise-annotate`` for its terminal progress bar; the flow itself only needs the artifact.
     """
     _listeners.append(fn)
