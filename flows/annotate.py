@@ -5,11 +5,17 @@ Orchestration only; the work is :func:`pipeline.annotate.run.run_annotation`:
 1. the flow's parameters (named like :class:`pipeline.config.AnnotateConfig`'s fields, plus
    ``storage_block``) are validated into an ``AnnotateConfig`` by :func:`flows.params.annotate_config`
    (pydantic; relative paths resolved against the working directory) before any task starts;
-2. ``check`` (:func:`pipeline.annotate.run.check_inputs`): vocabulary parses, shards exist, output is writable,
-   model config loads, weights are reachable; fails fast (retried only on I/O / network errors);
-3. ``label`` (:func:`pipeline.annotate.run.run_annotation`): Ray Data pipeline with per-shard commits; a progress
-   artifact (key ``annotate-progress``) is updated as shards commit; reruns on the same input/output
-   label only the shards not committed yet, so Prefect retries and reruns are safe;
+2. ``check`` (:func:`pipeline.annotate.checks.check_inputs`): vocabulary parses, shards exist, output is writable,
+   model config loads, weights are reachable, no other run holds the output's lease; fails fast (retried only
+   on I/O / network errors). What it found (:class:`pipeline.annotate.checks.CheckedInputs`) goes to ``label``
+   through an in-process hand-off (:func:`pipeline.annotate.checks.hand_over`), not as a task result: it is
+   not JSON-serialisable and must not be persisted. ``odise-annotate`` hands its own check to ``check`` the
+   same way, so one command checks once;
+3. ``label`` (:func:`pipeline.annotate.run.run_annotation` with ``checked=``): takes the output's lease (one
+   writer per output; a second run fails with the holder named, never retried), runs the Ray Data pipeline
+   with per-shard commits; a progress artifact (key ``annotate-progress``) is updated as shards commit;
+   reruns on the same input/output label only the shards not committed yet, so Prefect retries and reruns
+   are safe;
 4. ``report``: table artifacts (``annotate-summary``, ``annotate-categories``), a markdown artifact
    (``annotate-report``: plumbing-check warning, summary, link to the outputs, a few overlay images),
    a link artifact (``annotate-output``) and image artifacts for overlays served over http(s).
@@ -64,9 +70,11 @@ _listeners: list[Callable[[dict[str, Any]], None]] = []
 def progress_listener(fn: Callable[[dict[str, Any]], None]) -> Iterator[None]:
     """Also send the ``label`` task's progress events to ``fn`` while the context is open (this process only).
 
-    Events: ``{"event": "start", "output"}`` when labelling starts; ``{"event": "shard", ...}`` with the
-    dict of ``run_annotation``'s ``on_progress`` (``shards_done``, ``shards_total``, ``images``, ``errors``,
-    ``segments``, ``elapsed_s``) after each committed shard; ``{"event": "done", "summary"}`` at the end.
+    Events: ``{"event": "start", "output"}`` when the ``label`` task starts; ``{"event": "images", ...}``
+    when labelling starts and as images are labelled, and ``{"event": "shard", ...}`` after each committed
+    shard, both with the dict of ``run_annotation``'s ``on_progress`` (``shards_done``, ``shards_total``,
+    ``images``, ``images_staged``, ``images_total``, ``images_total_estimated``, ``errors``, ``segments``,
+    ``elapsed_s``); ``{"event": "done", "summary"}`` at the end.
     Used by ``odise-annotate`` for its terminal progress bar; the flow itself only needs the artifact.
     """
     _listeners.append(fn)
@@ -95,29 +103,39 @@ class CheckReport:
     model: str
     plumbing_check: bool
     weights: dict[str, str | None] = field(default_factory=dict)
+    images: int = 0
+    """Images in the listed image-folder shards (tar shards are counted while they are read)."""
 
 
 @task(name="check", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_on_io_error)
 def check(config: AnnotateConfig, storage_block: str | None = None) -> CheckReport:
-    """Fail fast: vocabulary, shards, output, model config and weights (:func:`pipeline.annotate.run.check_inputs`)."""
-    from pipeline.annotate.checks import check_inputs
+    """Fail fast: vocabulary, shards, output, model config, weights and the output's lease
+    (:func:`pipeline.annotate.checks.check_inputs`), unless this process checked ``config`` just before
+    (``odise-annotate``); hands the result to ``label``."""
+    from pipeline.annotate.checks import check_inputs, hand_over, take_over
 
     logger = get_run_logger()
-    with forward_logs("pipeline", "odise_model"):
-        checked = check_inputs(with_credentials(config, storage_block))
-    located = checked["located"]
+    checked = take_over(config, storage_block)
+    if checked is None:
+        with forward_logs("pipeline", "odise_model"):
+            checked = check_inputs(with_credentials(config, storage_block))
+    else:
+        logger.info("inputs were checked by the caller in this process; not checking again")
+    hand_over(config, checked, storage_block)
+    located = checked.located
     weights = {
         k: (None if f is None else str(f.path))
         for k, f in (("checkpoint", located.checkpoint), ("sd", located.sd), ("clip", located.clip))
     }
     result = CheckReport(
-        shards=len(checked["shards"]),
-        first_shards=[s.shard_id for s in checked["shards"][:5]],
-        categories=len(checked["vocabulary"]),
-        vocabulary_sha256=checked["vocabulary"].sha256(),
-        model=checked["model_config"].name,
+        shards=len(checked.shards),
+        first_shards=[s.shard_id for s in checked.shards[:5]],
+        categories=len(checked.vocabulary),
+        vocabulary_sha256=checked.vocabulary.sha256(),
+        model=checked.model_config.name,
         plumbing_check=config.is_plumbing_check,
         weights=weights,
+        images=checked.images_known,
     )
     logger.info(
         "inputs OK: %d shard(s), %d categories, model %s, output %s",
@@ -133,33 +151,40 @@ def check(config: AnnotateConfig, storage_block: str | None = None) -> CheckRepo
 def label(
     config: AnnotateConfig, storage_block: str | None = None, progress_artifact: UUID | None = None
 ) -> RunSummary:
-    """Run the annotation pipeline; update the progress artifact as shards commit."""
+    """Run the annotation pipeline (with the inputs ``check`` handed over, if any); update the progress
+    artifact as shards commit."""
+    from pipeline.annotate.checks import take_over
     from pipeline.annotate.run import run_annotation
 
     logger = get_run_logger()
 
     def on_progress(p: dict[str, Any]) -> None:
         done, total = p["shards_done"], max(1, p["shards_total"])
+        staged, images_total = p.get("images_staged", p["images"]), p.get("images_total")
+        of = f" of {'~' if p.get('images_total_estimated') else ''}{images_total}" if images_total else ""
         text = (
             f"{p['shards_done']}/{p['shards_total']} shards, {p['images']} images committed "
-            f"({p.get('images_staged', p['images'])} labelled so far), {p['errors']} errors, {p['elapsed_s']} s"
+            f"({staged}{of} labelled so far), {p['errors']} errors, {p['elapsed_s']} s"
         )
+        percent = 100.0 * done / total
+        if images_total:  # images move within a shard: a folder of 1,000 images is one shard
+            percent = min(100.0, 100.0 * staged / images_total)
         if p.get("event", "shard") != "shard":  # images staged inside a shard: only the bar moves
             _notify({**p, "event": "images"})
             return
         logger.info("committed: %s", text)
         if progress_artifact is not None:
             try:
-                update_progress_artifact(
-                    artifact_id=progress_artifact, progress=100.0 * done / total, description=text
-                )
+                update_progress_artifact(artifact_id=progress_artifact, progress=percent, description=text)
             except Exception as exc:  # noqa: BLE001 - progress display must not fail the run
                 logger.warning("could not update the progress artifact: %s", type(exc).__name__)
         _notify({**p, "event": "shard"})
 
     _notify({"event": "start", "output": config.output})
     with forward_logs("pipeline", "odise_model"):
-        summary = run_annotation(with_credentials(config, storage_block), on_progress=on_progress)
+        summary = run_annotation(
+            with_credentials(config, storage_block), checked=take_over(config, storage_block), on_progress=on_progress
+        )
     if progress_artifact is not None:
         with contextlib.suppress(Exception):
             update_progress_artifact(
@@ -178,6 +203,15 @@ def label(
         summary.shards_committed,
         summary.shards_skipped,
     )
+    if summary.lease_takeover:
+        taken = summary.lease_takeover
+        logger.warning(
+            "took over the stale lease of run %s on host %s (pid %s), last renewed %s",
+            taken["run_id"],
+            taken["host"],
+            taken["pid"],
+            taken["renewed_at"],
+        )
     if summary.plumbing_check:
         logger.warning(PLUMBING_NOTICE.format(model=config.model))
     return summary
@@ -241,6 +275,14 @@ def report(
         {"metric": "images / s", "value": summary.images_per_s},
         {"metric": "plumbing check", "value": plumbing},
     ]
+    if summary.lease_takeover:
+        taken = summary.lease_takeover
+        rows.append(
+            {
+                "metric": "lease taken over from",
+                "value": f"run {taken['run_id']} on {taken['host']} (pid {taken['pid']}), last renewed {taken['renewed_at']}",
+            }
+        )
     rows += [{"metric": f"error: {reason}", "value": n} for reason, n in summary.error_reasons.items()]
     ids: dict[str, str] = {}
     ids["summary"] = str(
@@ -347,6 +389,9 @@ def annotate(
     ray_address: str | None = None,
     num_cpus: int | None = None,
     no_progress_timeout_s: float = _D("no_progress_timeout_s"),
+    shared_filesystem: bool = _D("shared_filesystem"),
+    lease_ttl_s: float = _D("lease_ttl_s"),
+    lease_renew_s: float = _D("lease_renew_s"),
     storage_options: dict[str, Any] | None = None,
     output_storage_options: dict[str, Any] | None = None,
     allow_provenance_mismatch: bool = _D("allow_provenance_mismatch"),
@@ -393,6 +438,10 @@ def annotate(
         ray_address: existing Ray cluster (``auto``, ``ray://head:10001``); empty: start a local Ray.
         num_cpus: CPUs of the local Ray (default: all).
         no_progress_timeout_s: fail when the pipeline makes no progress for this long.
+        shared_filesystem: local ``input`` / ``output`` paths are on a filesystem every Ray node mounts at the
+            same path (NFS ...); without it a local path is refused on a cluster with nodes on other hosts.
+        lease_ttl_s: seconds without renewal after which another run may take over the output's lease.
+        lease_renew_s: seconds between renewals of the output's lease (below half of ``lease_ttl_s``).
         storage_options: fsspec options for input and output **without credentials** (e.g.
             ``{"client_kwargs": {"endpoint_url": "http://minio:9000"}}``).
         output_storage_options: fsspec options for the output if different (no credentials either).

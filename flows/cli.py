@@ -6,15 +6,22 @@ one, in which case the run is recorded there. Parameters are validated and the i
 *before* Prefect or Ray start, so a bad option, a missing file or unreachable weights stop the
 command at once with a one-line message (exit code 2) instead of a traceback.
 
-Exit codes: 0 success, 1 the run failed, 2 bad options or inputs (including missing weights),
-130 interrupted.
+Exit codes: 0 success, 1 the run failed, 2 bad options or inputs (including missing weights, and an
+output another run is writing: its lease holder is named), 130 interrupted (also when the run then fails
+because Ctrl-C reached its Ray workers too).
+
+Without ``-v`` the terminal shows warnings and errors only: Prefect's and Ray's INFO lines, Ray's
+token-auth notice and Ray Data's progress notices are off, and :data:`NATIVE_NOISE` lines that Ray's C++
+core worker writes straight to file descriptor 2 are filtered out (:class:`_NativeStderrFilter`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import select
 import sys
 import threading
 import types
@@ -43,10 +50,144 @@ def _prepare_environment(log_level: str) -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", log_level)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if log_level != "DEBUG":
-        import logging
-
         for name in ("ray", "ray.data", "filelock", "httpx"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+NATIVE_NOISE = (
+    # Ray Data hands every pool actor its DataContext and its UDF as object refs, so Ray's core worker logs
+    # this once per driver for any actor pool that may restart (ray-project/ray#53727); nothing to act on.
+    b"has constructor arguments in the object store and max_restarts > 0",
+)
+"""Byte patterns of native (C++) log lines dropped from the terminal unless ``-v`` is given."""
+
+_QUIET_MESSAGES = (
+    "Progress bars disabled",  # Ray Data, because this command draws its own bar
+    "Token authentication is enabled for this Ray cluster",  # Ray, on every local start once a token exists
+)
+
+
+class _DropInfo(logging.Filter):
+    """Console filter without ``-v``: below WARNING only Prefect's own records pass (``PREFECT_LOGGING_LEVEL``
+    governs those), and a few known notices are dropped at any level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING and not record.name.startswith("prefect"):
+            return False
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record: let the handler deal with it
+            return True
+        return not any(q in message for q in _QUIET_MESSAGES)
+
+
+class _NativeStderrFilter:
+    """Drop :data:`NATIVE_NOISE` lines written to file descriptor 2 (by native code: Ray's C++ core worker).
+
+    File descriptor 2 becomes a pipe; a daemon thread forwards everything else, byte for byte (complete
+    lines at once, a partial line such as a progress bar update after 50 ms), to the original stderr.
+    :meth:`close` drains the pipe and puts the original descriptor back; the thread keeps forwarding what
+    child processes that inherited the pipe may still write.
+    """
+
+    def __init__(self, patterns: tuple[bytes, ...] = NATIVE_NOISE) -> None:
+        self.patterns = patterns
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        self._read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+        self._closed = False
+        self._thread = threading.Thread(target=self._pump, name="stderr-filter", daemon=True)
+        self._thread.start()
+
+    def _emit(self, data: bytes) -> None:
+        lines = data.splitlines(keepends=True)
+        kept = b"".join(line for line in lines if not any(p in line for p in self.patterns))
+        if kept:
+            os.write(self._saved, kept)
+
+    def _pump(self) -> None:
+        pending = b""
+        while True:
+            ready, _, _ = select.select([self._read], [], [], 0.05 if pending else None)
+            if ready:
+                chunk = os.read(self._read, 65536)
+                if not chunk:
+                    break
+                pending += chunk
+                cut = max(pending.rfind(b"\n"), pending.rfind(b"\r"))
+                if cut >= 0:
+                    self._emit(pending[: cut + 1])
+                    pending = pending[cut + 1 :]
+            elif pending:  # a partial line (a progress bar): show it now
+                self._emit(pending)
+                pending = b""
+        if pending:
+            self._emit(pending)
+
+    def close(self) -> None:
+        """Forward what is buffered and restore file descriptor 2 (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        deadline = threading.Event()
+        for _ in range(40):  # wait (at most 2 s) until the pump has read everything written so far
+            if not _bytes_waiting(self._read):
+                break
+            deadline.wait(0.05)
+        deadline.wait(0.06)  # and forwarded a trailing partial line
+        os.dup2(self._saved, 2)
+
+
+def _bytes_waiting(fd: int) -> int:
+    import fcntl
+    import termios
+
+    try:
+        buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+        return int.from_bytes(buf, sys.byteorder)
+    except OSError:
+        return 0
+
+
+_STDERR_FILTER: _NativeStderrFilter | None = None
+
+
+def _quiet_logs(verbose: bool, *, ray_data: bool = False) -> None:
+    """Without ``-v``: INFO lines of Ray, Ray Data and the forwarded pipeline logs off the terminal, Ray's
+    token-auth and progress-bar notices off, :data:`NATIVE_NOISE` filtered. Call after importing the flow
+    (Prefect's logging is configured then); ``ray_data``: also import Ray Data now to quiet its console."""
+    global _STDERR_FILTER
+    if verbose:
+        return
+    quiet = _DropInfo()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(quiet)
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+    if ray_data:
+        import ray.data  # noqa: F401 - configures Ray Data's logging, which is adjusted right below
+
+        for handler in logging.getLogger("ray.data").handlers:
+            if handler.get_name() == "console":
+                handler.setLevel(logging.WARNING)
+                handler.addFilter(quiet)
+    if _STDERR_FILTER is None and os.environ.get("ODISE_NATIVE_STDERR") != "1":
+        try:
+            _STDERR_FILTER = _NativeStderrFilter()
+        except OSError:  # no pipes here: keep stderr as it is
+            _STDERR_FILTER = None
+
+
+def _restore_stderr() -> None:
+    global _STDERR_FILTER
+    if _STDERR_FILTER is not None:
+        _STDERR_FILTER.close()
+        _STDERR_FILTER = None
 
 
 def _json_dict(text: str) -> dict[str, Any]:
@@ -67,29 +208,46 @@ def _fail(prog: str, message: str, code: int) -> int:
 INTERRUPT_GRACE_S = 12.0
 """After Ctrl-C, seconds the run gets to stop cleanly before the process exits anyway (code 130)."""
 
+INTERRUPTED = "interrupted (committed shards are kept; rerun the same command to resume)"
+
+_INTERRUPTED = threading.Event()
+"""Set by the SIGINT handler: the user interrupted this command (whatever the run does next)."""
+
 
 def _install_interrupt_guard(prog: str, grace_s: float = INTERRUPT_GRACE_S) -> None:
     """Make Ctrl-C always end the command with exit code 130.
 
     A terminal's Ctrl-C reaches the whole process group, so the temporary Prefect server and the local Ray
     processes stop at the same moment as this process; Prefect's client would then retry reporting the
-    crash to a server that is gone for minutes. The first SIGINT raises ``KeyboardInterrupt`` as usual and
-    starts a timer; if the process has not exited ``grace_s`` later (or on a second Ctrl-C) it exits at once.
-    That is safe: a shard is only committed by its marker, so a rerun redoes the unfinished ones.
+    crash to a server that is gone for minutes, and the Ray workers' deaths can surface as a failed
+    pipeline before Python delivers the ``KeyboardInterrupt``. So the handler records the interrupt
+    (:data:`_INTERRUPTED`, which :func:`_run_guarded` turns into exit code 130 whatever error follows),
+    raises ``KeyboardInterrupt`` as usual and starts a timer; if the process has not exited ``grace_s``
+    later (or on a second Ctrl-C) it releases the output lease and exits at once. That is safe: a shard is
+    only committed by its marker, so a rerun redoes the unfinished ones.
     """
     import signal
 
     if threading.current_thread() is not threading.main_thread():
         return
+    _INTERRUPTED.clear()
     interrupts = []
 
     def hard_exit() -> None:
-        print(f"{prog}: interrupted (committed shards are kept; rerun the same command to resume)", file=sys.stderr)
+        _restore_stderr()
+        try:
+            from pipeline.annotate.lease import release_all
+
+            release_all()
+        except Exception:  # noqa: BLE001 - exiting anyway; the lease expires after its TTL
+            pass
+        print(f"{prog}: {INTERRUPTED}", file=sys.stderr)
         sys.stderr.flush()
         os._exit(130)
 
     def on_sigint(signum: int, frame: Any) -> None:
         interrupts.append(signum)
+        _INTERRUPTED.set()
         if len(interrupts) > 1:
             hard_exit()
         timer = threading.Timer(grace_s, hard_exit)
@@ -101,20 +259,34 @@ def _install_interrupt_guard(prog: str, grace_s: float = INTERRUPT_GRACE_S) -> N
 
 
 def _run_guarded(prog: str, body: Callable[[], int]) -> int:
-    """Run ``body``; known input errors -> one line + exit 2, other failures -> one line + exit 1."""
+    """Run ``body``; known input errors -> one line + exit 2, other failures -> one line + exit 1,
+    Ctrl-C -> exit 130 (also when the run fails after the interrupt: its workers got the signal too)."""
+    _install_interrupt_guard(prog)
+    try:
+        try:
+            return _outcome(prog, body)
+        except KeyboardInterrupt:
+            return _fail(prog, INTERRUPTED, 130)
+    finally:
+        _restore_stderr()
+
+
+def _outcome(prog: str, body: Callable[[], int]) -> int:
     from .params import user_errors
 
-    _install_interrupt_guard(prog)
     try:
         return body()
     except KeyboardInterrupt:
-        return _fail(prog, "interrupted", 130)
+        raise
     except user_errors() as exc:
-        return _fail(prog, str(exc), 2)
+        code, message = 2, str(exc)
     except Exception as exc:  # noqa: BLE001 - the CLI's contract is a message, not a traceback
-        if os.environ.get("ODISE_DEBUG"):
+        if os.environ.get("ODISE_DEBUG") and not _INTERRUPTED.is_set():
             raise
-        return _fail(prog, f"{type(exc).__name__}: {exc} (set ODISE_DEBUG=1 for the traceback)", 1)
+        code, message = 1, f"{type(exc).__name__}: {exc} (set ODISE_DEBUG=1 for the traceback)"
+    if _INTERRUPTED.is_set():  # the failure followed the user's Ctrl-C
+        raise KeyboardInterrupt
+    return _fail(prog, message, code)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -168,7 +340,9 @@ _ANNOTATE_GROUPS = {
         "ray_address",
         "num_cpus",
         "no_progress_timeout_s",
+        "shared_filesystem",
     ],
+    "one writer per output": ["lease_ttl_s", "lease_renew_s"],
     "labels": ["preset", "object_mask_threshold", "overlap_threshold", "alpha", "beta"],
     "outputs": [
         "include_png",
@@ -200,6 +374,8 @@ _EXTRA_HELP = {
     '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'',
     "output_storage_options": "fsspec options (JSON, no credentials) for the output when they differ from the input's",
     "ray_address": "existing Ray cluster: auto, ray://head:10001; default: start a local Ray",
+    "lease_ttl_s": "a run holds the output's lease (<output>/_lease.json) and renews it; another run into the same "
+    "output exits 2 naming the holder, and takes the lease over once it was not renewed for this many seconds",
     "offline": "never touch the network for weights: a missing file stops the command at once, naming it "
     "(default: $ODISE_OFFLINE / $HF_HUB_OFFLINE)",
 }
@@ -342,10 +518,20 @@ def build_annotate_parser() -> argparse.ArgumentParser:
 
 
 class _ProgressBar:
-    """tqdm bar over shards, fed by the flow's progress events; ticks every second while labelling."""
+    """tqdm bar over images (images/s and an ETA), fed by the flow's progress events; ticks every second.
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
+    The total comes from the run (``images_total`` of its progress events): exact for folders of images
+    (known when listed) and for tar shards once read; while tar shards are unread it is an estimate from
+    the tars read so far, and the bar says so ("total estimated"). Before the first tar is read the bar
+    counts without a total. The postfix shows committed shards and errors.
+    """
+
+    FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
+    FORMAT_OPEN = "{desc}: {n_fmt} images [{elapsed}, {rate_noinv_fmt}{postfix}]"
+    """tqdm formats with and without a total; the rate is always images/s (tqdm would turn it into s/img)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
         self.bar = None
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
@@ -355,22 +541,41 @@ class _ProgressBar:
             return
         from tqdm import tqdm
 
-        if event.get("event") == "start" and self.bar is None:
+        kind = event.get("event")
+        if kind == "start" and self.bar is None:
             self.bar = tqdm(
-                total=self.total, unit="shard", desc="labelling", dynamic_ncols=True, file=sys.stderr
+                total=None,
+                unit="img",
+                desc="labelling",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                smoothing=0.1,
+                bar_format=self.FORMAT_OPEN,
             )
             self._ticker = threading.Thread(target=self._tick, daemon=True)
             self._ticker.start()
-        elif event.get("event") == "shard" and self.bar is not None:
-            self.bar.n = event["shards_done"]
-            self.bar.set_postfix(
-                images=event["images"], errors=event["errors"], segments=event["segments"], refresh=False
-            )
-            self.bar.refresh()
-        elif event.get("event") == "images" and self.bar is not None:
-            self.bar.set_postfix(images=event.get("images_staged", 0), errors=event["errors"], refresh=True)
-        elif event.get("event") == "done":
+        elif kind in ("images", "shard") and self.bar is not None:
+            self._update(event)
+        elif kind == "done":
             self.close()
+
+    def _update(self, event: dict[str, Any]) -> None:
+        bar = self.bar
+        total = event.get("images_total")
+        estimated = bool(event.get("images_total_estimated"))
+        if total is not None and total != bar.total:
+            bar.total = max(int(total), bar.n)
+            bar.bar_format = self.FORMAT
+        bar.set_description_str("labelling (total estimated)" if estimated else "labelling", refresh=False)
+        staged = int(event.get("images_staged", 0))
+        bar.set_postfix(
+            shards=f"{event.get('shards_done', 0)}/{event.get('shards_total', '?')}",
+            errors=event.get("errors", 0),
+            refresh=False,
+        )
+        if staged > bar.n:
+            bar.update(staged - bar.n)  # the rate (images/s) and the ETA follow the updates
+        bar.refresh()
 
     def _tick(self) -> None:
         while not self._stop.wait(1.0):
@@ -407,6 +612,12 @@ def _print_summary(summary: Any, output: str) -> None:
     print(f"  provenance:  {join('provenance.json')}, totals: {join('summary.json')}")
     for reason, n in list(summary.error_reasons.items())[:5]:
         print(f"  errors:      {n} x {reason}")
+    taken = getattr(summary, "lease_takeover", None)
+    if taken:
+        print(
+            f"  lease:       took over the stale lease of run {taken['run_id']} on host {taken['host']} "
+            f"(pid {taken['pid']}), not renewed since {taken['renewed_at']}"
+        )
 
 
 def annotate_main(argv: Sequence[str] | None = None) -> int:
@@ -432,14 +643,16 @@ def annotate_main(argv: Sequence[str] | None = None) -> int:
         )
         checked = _precheck(config, ns.storage_block)
         print(
-            f"inputs OK: {len(checked['shards'])} shard(s), {len(checked['vocabulary'])} categories; "
+            f"inputs OK: {len(checked.shards)} shard(s), {len(checked.vocabulary)} categories; "
             "starting the annotate flow (Prefect, local Ray) ...",
             file=sys.stderr,
         )
-        # 2. the flow (check -> label -> report), with a progress bar fed by its progress events
+        # 2. the flow (check -> label -> report), with a progress bar fed by its progress events; the flow
+        #    uses the inputs checked above (handed over in this process), so nothing is checked twice
         from .annotate import annotate, progress_listener
 
-        bar = _ProgressBar(len(checked["shards"]), enabled=not ns.no_progress)
+        _quiet_logs(ns.verbose, ray_data=True)
+        bar = _ProgressBar(enabled=not ns.no_progress)
         try:
             with progress_listener(bar):
                 summary = annotate(**params, storage_block=ns.storage_block)
@@ -453,14 +666,18 @@ def annotate_main(argv: Sequence[str] | None = None) -> int:
     return _run_guarded(prog, body)
 
 
-def _precheck(config: Any, storage_block: str | None) -> dict[str, Any]:
-    from pipeline.annotate.checks import check_inputs
+def _precheck(config: Any, storage_block: str | None) -> Any:
+    """``check_inputs`` (with the block's credentials), handed over to the flow's ``check`` task."""
+    from pipeline.annotate.checks import check_inputs, hand_over
 
+    checked_config = config
     if storage_block:
         from ._prefect import with_credentials
 
-        config = with_credentials(config, storage_block)
-    return check_inputs(config)
+        checked_config = with_credentials(config, storage_block)
+    checked = check_inputs(checked_config)
+    hand_over(config, checked, storage_block)
+    return checked
 
 
 # --------------------------------------------------------------------------------------------------
@@ -521,6 +738,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         evaluate_config(params)  # validate before Prefect starts
         from .evaluate import evaluate, headline_rows, per_class_lines
 
+        _quiet_logs(ns.verbose)
         metrics = evaluate(**params, storage_block=ns.storage_block)
         for row in headline_rows(metrics):
             print(f"{row['metric']:>16s}  {row['value']}")
@@ -603,6 +821,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         train_config(given)  # validate before Prefect starts
         from .train import train_flow
 
+        _quiet_logs(ns.verbose)
         names = set(inspect.signature(train_flow.fn).parameters) - {"options", "storage_block"}
         params = {k: v for k, v in given.items() if k in names}
         options = {k: v for k, v in given.items() if k not in names}

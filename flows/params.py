@@ -237,10 +237,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from odise_model.vocabulary import VocabularyError
     from pipeline.annotate.checks import OutputError
     from pipeline.annotate.commit import ProvenanceMismatchError
+    from pipeline.annotate.lease import LeaseHeldError
     from pipeline.shards import InputError
 
     return (
         ParameterError,
+        LeaseHeldError,
         VocabularyError,
         ConfigError,
         CheckpointError,

@@ -2,8 +2,8 @@
 
 One long-running process registers ``annotate/nightly`` (cron ``0 2 * * *`` UTC), ``annotate/adhoc``,
 ``train/finetune`` and ``evaluate/score`` with the Prefect API (``PREFECT_API_URL``) and runs their flow
-runs itself, as subprocesses. The deployments (names, parameters, schedules, tags, descriptions) are
-read from ``prefect.yaml`` so both ways of deploying stay the same; work-pool settings and pull steps
+runs itself, as subprocesses. The deployments (names, parameters, schedules, tags, descriptions and
+concurrency limits) are read from ``prefect.yaml`` so both ways of deploying stay the same; work-pool settings and pull steps
 are ignored: the process ``chdir``s into ``--workdir`` (default: ``examples/`` next to ``prefect.yaml``,
 the pull step's directory), so relative paths in parameters resolve as they do for a worker.
 
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_deployment_specs", "build_deployments", "main", "DEFAULT_PREFECT_YAML"]
+__all__ = ["load_deployment_specs", "build_deployments", "concurrency_limit", "main", "DEFAULT_PREFECT_YAML"]
 
 DEFAULT_PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
 """``prefect.yaml`` of the source checkout this package runs from."""
@@ -68,10 +68,22 @@ def build_deployments(specs: Sequence[dict[str, Any]], only: Sequence[str] | Non
                 description=spec.get("description"),
                 tags=spec.get("tags"),
                 schedules=schedules or None,
+                concurrency_limit=concurrency_limit(spec),
                 entrypoint_type=EntrypointType.MODULE_PATH,
             )
         )
     return out
+
+
+def concurrency_limit(spec: dict[str, Any]) -> Any:
+    """A deployment's ``concurrency_limit`` as ``flow.to_deployment`` takes it: an int, or (the form
+    ``{limit, collision_strategy, grace_period_seconds}`` of ``prefect.yaml``) a ``ConcurrencyLimitConfig``."""
+    value = spec.get("concurrency_limit")
+    if not isinstance(value, dict):
+        return value
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+
+    return ConcurrencyLimitConfig(**{k: v for k, v in value.items() if v is not None})
 
 
 def _flow_name(spec: dict[str, Any]) -> str:

@@ -161,6 +161,15 @@ class AnnotateConfig(WeightsSettings):
     ray_address: str | None = Field(None, description="existing Ray cluster address ('auto', 'ray://host:10001'); empty: start a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all)")
     no_progress_timeout_s: float = Field(1800.0, gt=0, description="fail if the pipeline makes no progress for this long")
+    shared_filesystem: bool = Field(
+        False,
+        description="local input/output paths are on a filesystem every Ray node mounts at the same path (NFS ...); "
+        "without it a local path is refused when the Ray cluster has nodes on other hosts",
+    )
+    lease_ttl_s: float = Field(
+        300.0, ge=2, description="seconds without renewal after which another run may take over the output's lease"
+    )
+    lease_renew_s: float = Field(30.0, gt=0, description="seconds between renewals of the output's lease (< lease_ttl_s / 2)")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the input (e.g. S3 endpoint)")
     output_storage_options: dict[str, Any] | None = Field(None, description="fsspec options for the output (default: storage_options)")
     allow_provenance_mismatch: bool = Field(False, description="allow adding labels to an output written with other settings")
@@ -221,6 +230,14 @@ class AnnotateConfig(WeightsSettings):
     def _vocab_given(self):
         if not (self.vocab_file or self.vocab or self.caption or self.merge_vocab or self.preset == "demo"):
             raise ValueError("give vocab_file, vocab, caption, merge_vocab or preset='demo'")
+        return self
+
+    @model_validator(mode="after")
+    def _lease_timing(self):
+        if self.lease_renew_s >= self.lease_ttl_s / 2:
+            raise ValueError(
+                f"lease_renew_s ({self.lease_renew_s}) must be below half of lease_ttl_s ({self.lease_ttl_s})"
+            )
         return self
 
     @property
@@ -432,6 +449,8 @@ class RunSummary:
     error_reasons: dict[str, int] = field(default_factory=dict)
     overlays: list[str] = field(default_factory=list)
     coco: dict[str, str] = field(default_factory=dict)
+    lease_takeover: dict[str, Any] | None = None
+    """The stale lease this run took over (``LeaseRecord`` fields: run_id, host, pid, since, renewed_at ...)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

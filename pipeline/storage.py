@@ -26,6 +26,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 __all__ = [
+    "create_exclusive",
     "delete",
     "fs_root",
     "is_local",
@@ -75,6 +76,53 @@ def write_bytes(fs, path: str, data: bytes, *, durable: bool = True) -> None:
             raise
     else:
         fs.pipe_file(path, data)
+
+
+def create_exclusive(fs, path: str, data: bytes) -> bool:
+    """Create ``path`` with ``data`` unless it exists; True when created, False when it already existed.
+
+    Atomic and never overwriting: locally a complete, fsync'ed hidden temp file hard-linked to ``path``
+    (``os.link`` fails on an existing name); on S3 one ``PUT`` with ``If-None-Match: *`` (s3fs
+    ``mode="create"``; only stores that honour it, see :func:`pipeline.annotate.lease.honours_conditional_writes`).
+
+    Raises:
+        NotImplementedError: another store (callers fall back to read-compare-write).
+    """
+    if is_local(fs):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links on this filesystem: O_EXCL create (content written right after)
+                try:
+                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    return False
+                try:
+                    os.write(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            return True
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+    if not any(p in ("s3", "s3a") for p in protocols):
+        raise NotImplementedError(f"exclusive create is not available on {protocols[0]}://")
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    return True
 
 
 def write_many(fs, files: dict[str, bytes]) -> None:

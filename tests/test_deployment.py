@@ -3,8 +3,9 @@
 A fixture starts ``prefect server start --host 127.0.0.1 --port <free port>`` (SQLite in a temporary
 PREFECT_HOME). The test then runs, from the repository root: ``prefect work-pool create``, ``prefect
 --no-prompt deploy --all``, ``prefect deployment run annotate/nightly --param vocab_file=classes.txt`` (plus
-an output folder in tmp and the tiny model) and ``prefect worker start --pool local-process --run-once``,
-and checks the flow run's state and the outputs. The worker is stopped before the server (SIGINT).
+an output folder in tmp and the tiny model) twice and ``prefect worker start --pool local-process --run-once``,
+and checks the flow runs' states (one completed, the other cancelled by the deployment's concurrency limit of
+1 with ``CANCEL_NEW``) and the outputs. The worker is stopped before the server (SIGINT).
 Fast tests check ``prefect.yaml`` itself and the deployments ``python -m flows.serve`` builds from it.
 """
 
@@ -119,6 +120,13 @@ def test_readme_commands_label_the_examples_through_a_worker(prefect_server, tmp
         env,
     )
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", ran).group(1)
+    # a second run of the same deployment while the first is active is cancelled (concurrency 1, CANCEL_NEW)
+    again = _cli(
+        ["deployment", "run", "annotate/nightly", "--param", "vocab_file=classes.txt", "--param", f"output={out}",
+         "--param", "model=tiny", "--param", "num_cpus=2"],
+        env,
+    )  # fmt: skip
+    second_run_id = re.search(r"UUID: ([0-9a-f-]{36})", again).group(1)
 
     worker_log = tmp_path / "worker.log"
     with open(worker_log, "w") as log:
@@ -136,8 +144,10 @@ def test_readme_commands_label_the_examples_through_a_worker(prefect_server, tmp
         finally:
             _stop(worker)  # before the server (fixture teardown)
 
-    run = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=10).json()
-    assert run["state"]["type"] == "COMPLETED", f"{run['state']}\n{worker_log.read_text()[-4000:]}"
+    runs = {rid: httpx.get(f"{api}/flow_runs/{rid}", timeout=10).json() for rid in (flow_run_id, second_run_id)}
+    states = sorted(r["state"]["type"] for r in runs.values())
+    assert states == ["CANCELLED", "COMPLETED"], f"{states}\n{worker_log.read_text()[-4000:]}"
+    run = next(r for r in runs.values() if r["state"]["type"] == "COMPLETED")
     assert run["parameters"]["vocab_file"] == "classes.txt"
 
     summary = json.loads((out / "summary.json").read_text())
@@ -156,6 +166,8 @@ def test_readme_commands_label_the_examples_through_a_worker(prefect_server, tmp
     assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 2 * * *"]
     assert dep["schedules"][0]["schedule"]["timezone"] == "UTC"
     assert dep["work_pool_name"] == POOL and dep["entrypoint"] == "flows.annotate:annotate"
+    limit = dep.get("concurrency_limit") or (dep.get("global_concurrency_limit") or {}).get("limit")
+    assert limit == 1 and dep["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,6 +196,8 @@ def test_prefect_yaml_deployments():
     assert (EXAMPLES / params["input"]).is_dir() and (EXAMPLES / params["vocab_file"]).is_file()
     assert params["vocab_file"] == "classes.txt" and params["model"] == "tiny"
     assert not specs["annotate", "adhoc"]["schedules"]
+    for spec in specs.values():  # one run per deployment at a time; a run started meanwhile is cancelled
+        assert spec["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}, spec["name"]
     for spec in specs.values():  # every parameter a deployment sets is a parameter of its flow
         flow = import_object(spec["entrypoint"])
         assert set(spec.get("parameters") or {}) <= set(flow.parameters.properties)
@@ -205,5 +219,7 @@ def test_serve_builds_the_same_deployments():
     assert nightly.parameters["vocab_file"] == "classes.txt"
     assert nightly.entrypoint == "flows.annotate.annotate"
     assert not deps["annotate", "adhoc"].schedules
+    for dep in deps.values():
+        assert dep.concurrency_limit == 1 and dep.concurrency_options.collision_strategy.value == "CANCEL_NEW"
     only = build_deployments(load_deployment_specs(REPO / "prefect.yaml"), only=["annotate/adhoc"])
     assert [(d.flow_name, d.name) for d in only] == [("annotate", "adhoc")]

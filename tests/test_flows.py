@@ -414,6 +414,81 @@ def test_unknown_storage_block_is_a_clear_parameter_error(prefect_api, tmp_path)
 
 
 # --------------------------------------------------------------------------------------------------
+# odise-annotate -> flow -> run_annotation checks the inputs once
+# --------------------------------------------------------------------------------------------------
+class _Calls(list):
+    """``(operation, path)`` of the calls made through :class:`_CountingLocalFileSystem` in this process."""
+
+
+def _counting_filesystem(calls: _Calls):
+    """A real local filesystem (fsspec's) that records listings, writes and whole-file reads."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    class _CountingLocalFileSystem(LocalFileSystem):
+        def find(self, path, *args, **kwargs):
+            calls.append(("find", self._strip_protocol(path)))
+            return super().find(path, *args, **kwargs)
+
+        def glob(self, path, *args, **kwargs):
+            calls.append(("glob", self._strip_protocol(path)))
+            return super().glob(path, *args, **kwargs)
+
+        def pipe_file(self, path, value, *args, **kwargs):
+            calls.append(("pipe_file", self._strip_protocol(path)))
+            return super().pipe_file(path, value, *args, **kwargs)
+
+        def cat_file(self, path, *args, **kwargs):
+            calls.append(("cat_file", self._strip_protocol(path)))
+            return super().cat_file(path, *args, **kwargs)
+
+    return _CountingLocalFileSystem
+
+
+@pytest.mark.slow
+def test_one_command_lists_probes_and_reads_provenance_once(prefect_api, local_ray, tmp_path, monkeypatch):
+    """``odise-annotate`` (in this process, through the real flow and pipeline) lists the input once, writes one
+    probe object and reads the output's provenance once: the CLI's check is handed to the flow's ``check``
+    task, which hands it to ``label`` and ``run_annotation`` (before: three times each).
+
+    The driver's local filesystem is fsspec's own ``LocalFileSystem`` with counters, registered for ``file``
+    in this process only (Ray's workers read and write through the plain one)."""
+    import shutil
+    import signal
+
+    import fsspec
+    import pyarrow.dataset as pads
+    from fsspec.implementations.local import LocalFileSystem
+
+    from flows.cli import annotate_main
+
+    images = tmp_path / "images"
+    shutil.copytree(EXAMPLES / "images", images)
+    out = tmp_path / "out"
+    for name, value in (("PREFECT_LOGGING_LEVEL", "WARNING"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+                        ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"), ("RAY_USAGE_STATS_ENABLED", "0")):
+        monkeypatch.setenv(name, os.environ.get(name, value))  # the command sets these; restored afterwards
+    calls = _Calls()
+    saved_sigint = signal.getsignal(signal.SIGINT)
+    fsspec.register_implementation("file", _counting_filesystem(calls), clobber=True)
+    try:
+        code = annotate_main(
+            ["--input", str(images), "--output", str(out), "--vocab-file", str(EXAMPLES / "classes.txt"),
+             "--model", "tiny", "--overlays", "0", "--no-progress", "-v"]
+        )  # fmt: skip
+    finally:
+        fsspec.register_implementation("file", LocalFileSystem, clobber=True)
+        signal.signal(signal.SIGINT, saved_sigint)
+    assert code == 0
+    listings = [p for op, p in calls if op in ("find", "glob") and p.startswith(str(images))]
+    probes = [p for op, p in calls if op == "pipe_file" and "/.write-probe-" in p]
+    provenance_reads = [p for op, p in calls if op == "cat_file" and p == f"{out}/provenance.json"]
+    assert (len(listings), len(probes), len(provenance_reads)) == (1, 1, 1), calls
+    keys = pads.dataset(str(out / "parquet"), format="parquet").to_table(columns=["key"]).column("key").to_pylist()
+    assert sorted(keys) == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"]
+    assert json.loads((out / "provenance.json").read_text())["model_variant"] == "tiny"
+
+
+# --------------------------------------------------------------------------------------------------
 # pure functions (no Prefect server)
 # --------------------------------------------------------------------------------------------------
 def test_annotate_parameters_cover_every_config_field_with_the_same_defaults():

@@ -87,6 +87,15 @@ def config(inp, out, **kw) -> pipeline.AnnotateConfig:
     return pipeline.AnnotateConfig(**base)
 
 
+def _foreign_lease(run_id: str, *, renewed_s_ago: float, ttl_s: float):
+    """A lease record of a run on another machine, last renewed ``renewed_s_ago`` seconds ago."""
+    from pipeline.annotate.lease import LeaseRecord
+
+    now = time.time()
+    rec = LeaseRecord.new(run_id, ttl_s=ttl_s, renew_s=ttl_s / 10, now=now - renewed_s_ago - 60).renewed(now - renewed_s_ago)
+    return LeaseRecord(**{**rec.to_dict(), "host": "other-host", "pid": 4242, "process_ns": "elsewhere"})
+
+
 def check_coco(out_dir: Path, rows):
     from pycocotools.coco import COCO
 
@@ -147,10 +156,15 @@ def test_end_to_end_local_with_faulty_samples(tmp_path, photos, ray_local):
     ds = datasets.load_dataset("parquet", data_files=str(out / "parquet" / "*.parquet"), split="train")
     assert ds.num_rows == len(rows)
 
-    # a rerun labels nothing and duplicates nothing
+    # a rerun labels nothing and duplicates nothing; it takes over the lease a crashed run on another host left
+    (out / "_lease.json").write_bytes(_foreign_lease("run-crashed", renewed_s_ago=400, ttl_s=300).to_json())
     again = pipeline.run_annotation(config(str(shards / "shard-{000000..000001}.tar"), str(out)))
     assert again.shards_skipped == 2 and again.images == 0
     assert len(read_rows(str(out))) == len(rows)
+    assert again.lease_takeover["run_id"] == "run-crashed" and again.lease_takeover["host"] == "other-host"
+    last_run = json.loads((out / "summary.json").read_text())["last_run"]
+    assert last_run["lease_takeover"]["run_id"] == "run-crashed"
+    assert not (out / "_lease.json").exists()  # released at the end
 
 
 def test_end_to_end_on_s3(tmp_path, photos, ray_local, s3_bucket, s3_storage_options):
@@ -325,3 +339,97 @@ def test_output_of_another_vocabulary_is_refused_before_the_run(tmp_path, photos
     with pytest.raises(ProvenanceMismatchError, match=r"vocabulary_sha256.*provenance.json"):
         check_inputs(other)
     check_inputs(config(str(tmp_path / "s.tar"), out, vocab_file="ade20k_150", allow_provenance_mismatch=True))
+
+
+# --- one writer per output -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_second_run_into_a_busy_output_exits_2_naming_the_holder_and_nothing_is_lost(
+    where, tmp_path, photos, ray_local, s3_endpoint, s3_bucket, s3_storage_options
+):
+    """Two runs into one output: the first (in this process) holds the lease and waits inside labelling while
+    ``odise-annotate`` is started into the same output; that second run exits 2 before labelling, naming the
+    holder (host, pid, run id, since when); then the first run completes with one row per key."""
+    import subprocess
+    import sys
+
+    import s3fs
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    keys = []
+    for i in range(2):
+        samples = good_samples(photos, f"w{i}", 2)
+        write_shard(shards / f"part-{i}.tar", samples)
+        keys += [k for k, _ in samples]
+    if where == "local":
+        out, out_opts, cli_opts = str(tmp_path / "out"), None, []
+    else:  # credentials reach the command through the environment (tests/conftest.py), never through options
+        out, out_opts = f"s3://{s3_bucket}/labels", s3_storage_options
+        cli_opts = ["--output-storage-options", json.dumps({"client_kwargs": {"endpoint_url": s3_endpoint}})]
+    first_config = config(str(shards), out, overlays=0, output_storage_options=out_opts)
+    inside, resume, result = threading.Event(), threading.Event(), {}
+
+    def hold(progress):
+        inside.set()
+        resume.wait(timeout=300)
+
+    def first_run():
+        try:
+            result["summary"] = pipeline.run_annotation(first_config, on_progress=hold)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertions below
+            result["error"] = exc
+
+    thread = threading.Thread(target=first_run, daemon=True)
+    thread.start()
+    try:
+        assert inside.wait(timeout=300), result
+        if where == "local":
+            holder = json.loads((Path(out) / "_lease.json").read_text())
+        else:
+            holder = json.loads(s3fs.S3FileSystem(**s3_storage_options).cat(f"{s3_bucket}/labels/_lease.json"))
+        script = str(Path(sys.executable).parent / "odise-annotate")
+        second = subprocess.run(
+            [script, "--input", str(shards), "--output", out, "--vocab-file", "coco_panoptic", "--model", "tiny",
+             "--num-cpus", "2", *cli_opts],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+    finally:
+        resume.set()
+        thread.join(timeout=600)
+    assert second.returncode == 2, second.stdout + second.stderr
+    err = second.stderr
+    assert "is being written by another run" in err and "Traceback" not in err
+    for part in (f"run {holder['run_id']}", f"host {holder['host']}", f"pid {holder['pid']}", holder["since"]):
+        assert part in err, part
+    assert "error" not in result, result.get("error")
+    summary = result["summary"]
+    assert summary.images == len(keys) and summary.errors == 0 and summary.shards_committed == 2
+    rows = read_rows(out, out_opts)
+    assert sorted(r["key"] for r in rows) == sorted(keys)  # one row per key: nothing lost, nothing twice
+
+
+def test_a_run_that_loses_its_lease_commits_nothing_more(tmp_path, photos, ray_local):
+    """Another run takes the lease over while this one labels (as after a network partition longer than the
+    TTL): the heartbeat finds it out and the run stops before its next commit."""
+    from pipeline.annotate.run import PipelineError
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(2):
+        write_shard(shards / f"part-{i}.tar", good_samples(photos, f"l{i}", 2))
+    out = tmp_path / "out"
+    stolen = []
+
+    def steal(progress):
+        if not stolen:  # before the first commit: another run writes its own lease over this one's
+            thief = _foreign_lease("run-thief", renewed_s_ago=0, ttl_s=300)
+            (out / "_lease.json").write_bytes(thief.to_json())
+            stolen.append(thief)
+            time.sleep(3)  # a few heartbeats (every 0.5 s) notice it
+
+    cfg = config(str(shards), str(out), overlays=0, lease_ttl_s=5, lease_renew_s=0.5)
+    with pytest.raises(PipelineError, match="lost the output lease.*run-thief"):
+        pipeline.run_annotation(cfg, on_progress=steal)
+    assert stolen
+    assert not list((out / "_commits").glob("*.json")) if (out / "_commits").exists() else True
+    assert json.loads((out / "_lease.json").read_text())["run_id"] == "run-thief"  # the thief's lease is kept

@@ -4,14 +4,19 @@ Steps:
 
 1. check inputs before anything heavy: vocabulary parses, shards exist and are readable, the output is
    writable and not inside the input, the model config loads and the weights are reachable (downloaded
-   into the cache if allowed): every problem is reported here, before Ray starts or a model is built;
-2. provenance (model, weights sha256, vocabulary and its hash, thresholds, versions, licences) is written
-   to ``<output>/provenance.json`` (a rerun into the same output must use the same settings); leftovers of
-   interrupted runs are cleaned and already-committed shards are skipped;
+   into the cache if allowed), no other run writes the output: every problem is reported here, before Ray
+   starts or a model is built (skipped when the caller passes what it checked: ``checked=``);
+2. the output's lease is taken (:mod:`pipeline.annotate.lease`: one writer per output, renewed by a
+   heartbeat, released at the end, also on Ctrl-C and errors; a stale one is taken over and the summary
+   says so); under it, provenance (model, weights sha256, vocabulary and its hash, thresholds, versions,
+   licences) is written to ``<output>/provenance.json`` (a rerun into the same output must use the same
+   settings), leftovers of interrupted runs are cleaned and already-committed shards are skipped;
 3. Ray Data streaming: one read task per shard (stream the tar, decode, resize; CPU) -> an actor pool
    with one model per GPU (built once per actor) -> encode (RLE, PNG) and write staging files (CPU); the
    driver only sees small records (keys written per shard) and commits a shard (atomically, marker last)
-   as soon as all of its keys are staged;
+   as soon as all of its keys are staged, and only while it still holds the lease; model replicas are
+   spread over the cluster's nodes; local paths are refused on a cluster with nodes on other hosts unless
+   ``shared_filesystem``;
 4. COCO exports are merged from the committed shards; ``summary.json`` is written.
 
 No Prefect import here: flows call this function.
@@ -25,14 +30,16 @@ import posixpath
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
-from pipeline.annotate.checks import check_inputs, provenance_for
+from pipeline.annotate.checks import CheckedInputs, check_cluster_paths, check_inputs
+from pipeline.annotate.lease import LeaseMode, OutputLease
 from pipeline.annotate.stages import Annotator, overlay_plan
 from pipeline.config import AnnotateConfig, RunSummary
+from pipeline.shards import ShardRef
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +67,43 @@ class PipelineError(RuntimeError):
 # 3. Ray
 # --------------------------------------------------------------------------------------------------------
 def _start_ray(config: AnnotateConfig) -> bool:
-    """Connect to ``ray_address`` or start a local Ray; returns True when this call started it."""
+    """Connect to ``ray_address`` or start a local Ray; returns True when this call started it.
+
+    Then refuses local input/output paths when the cluster has nodes on other hosts (unless
+    ``shared_filesystem``; :func:`pipeline.annotate.checks.check_cluster_paths`).
+    """
     import ray
 
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
-    if config.ray_address:
-        ray.init(address=config.ray_address, **kwargs)
-    else:
-        ray.init(num_cpus=config.num_cpus, **kwargs)
-    return True
+    started = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
+        if config.ray_address:
+            ray.init(address=config.ray_address, **kwargs)
+        else:
+            ray.init(num_cpus=config.num_cpus, **kwargs)
+        started = True
+    try:
+        _check_cluster(config)
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+    return started
+
+
+def _check_cluster(config: AnnotateConfig) -> None:
+    """:func:`check_cluster_paths` with the connected cluster's nodes and this driver's host names / IPs."""
+    import socket
+
+    import ray
+
+    host = socket.gethostname()
+    addresses = {ray.util.get_node_ip_address()}
+    try:
+        addresses.update(socket.gethostbyname_ex(host)[2])
+    except OSError:
+        pass
+    check_cluster_paths(config, ray.nodes(), driver_host=host, driver_addresses=addresses)
 
 
 def _resources(config: AnnotateConfig) -> tuple[str, float, int]:
@@ -117,11 +150,11 @@ class _TableAnnotator(Annotator):
         return pa.Table.from_pydict(super().__call__(batch.to_pydict()))
 
 
-def _build_dataset(config: AnnotateConfig, todo, checked, provenance, device, gpus_per_actor, actors):
+def _build_dataset(config: AnnotateConfig, todo, checked: CheckedInputs, provenance, device, gpus_per_actor, actors):
     import ray
 
-    model_cfg = checked["model_config"]
-    sources = checked["sources"]
+    model_cfg = checked.model_config
+    sources = checked.sources
     items = [{"shard": json.dumps(asdict(s))} for s in todo]
     shard_index = {s.shard_id: i for i, s in enumerate(todo)}
     per_shard = overlay_plan(len(todo), config.overlays)
@@ -131,7 +164,7 @@ def _build_dataset(config: AnnotateConfig, todo, checked, provenance, device, gp
         "checkpoint": sources.checkpoint,
         "sd_weights": sources.sd,
         "clip_weights": sources.clip,
-        "offline": True if checked["located"].any() else config.offline,  # files were fetched in step 1
+        "offline": True if checked.located.any() else config.offline,  # files were fetched in step 1
         "cache_dir": config.cache_dir,
         "storage_options": config.storage_options,
         "dtype": None if dtype == "fp32" else dtype,
@@ -157,7 +190,7 @@ def _build_dataset(config: AnnotateConfig, todo, checked, provenance, device, gp
         _TableAnnotator,
         fn_constructor_kwargs={
             "model_kwargs": model_kwargs,
-            "vocabulary_text": checked["vocabulary"].to_text(),
+            "vocabulary_text": checked.vocabulary.to_text(),
             "predictor_kwargs": {"batch_size": config.batch_size, "tile_batch_size": config.tile_batch_size},
             "overrides": {
                 "object_mask_threshold": config.object_mask_threshold,
@@ -172,7 +205,8 @@ def _build_dataset(config: AnnotateConfig, todo, checked, provenance, device, gp
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=gpus_per_actor if device == "cuda" else 0,
         num_cpus=config.cpus_per_actor,
-    )  # Ray Data restarts a dead actor and retries its batches (max_restarts / max_task_retries -1 by default)
+    )  # Ray Data spreads the replicas over the nodes (its default strategy, SPREAD), restarts a dead actor and
+    # retries its batches (max_restarts / max_task_retries -1 by default)
     ds = ds.map_batches(
         _to_table(_encode_stage),
         fn_kwargs={
@@ -216,35 +250,132 @@ def _category_counts(out_url: str, storage_options: dict, parquet_rel: str) -> C
     return counts
 
 
-def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
+class ImageTotals:
+    """How many images the shards being labelled hold: exact for image folders (listed), exact for tar shards
+    once read (their ``end`` record), estimated for unread tars from the mean of the tars read so far.
+
+    O(1) per update and per query, so the driver can call it on every progress event.
+    """
+
+    def __init__(self, todo: Sequence[ShardRef]) -> None:
+        self._tars = {s.shard_id for s in todo if s.kind != "images"}
+        self._known = sum(len(s.members) for s in todo if s.kind == "images")
+        self._tar_images = 0
+        self._tars_read: set[str] = set()
+
+    def shard_ended(self, shard_id: str, count: int) -> None:
+        """A shard's ``end`` record arrived with ``count`` samples."""
+        if shard_id in self._tars and shard_id not in self._tars_read:
+            self._tars_read.add(shard_id)
+            self._tar_images += int(count)
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"images_total": int | None, "images_total_estimated": bool}`` (None: no tar read yet)."""
+        unread = len(self._tars) - len(self._tars_read)
+        if unread == 0:
+            return {"images_total": self._known + self._tar_images, "images_total_estimated": False}
+        if not self._tars_read:
+            return {"images_total": None, "images_total_estimated": True}
+        mean = self._tar_images / len(self._tars_read)
+        return {"images_total": self._known + self._tar_images + round(mean * unread), "images_total_estimated": True}
+
+
+def run_annotation(
+    config: AnnotateConfig,
+    *,
+    checked: CheckedInputs | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> RunSummary:
     """Label every image of ``config.input`` into ``config.output`` (see the module doc for the steps).
 
+    ``checked`` is what :func:`~pipeline.annotate.checks.check_inputs` returned for this config (the CLI
+    and the flow pass it, so the inputs are checked once); None: check here.
+
     ``on_progress`` is called with ``{"event", "shards_done", "shards_total", "images", "images_staged",
-    "errors", "segments", "elapsed_s"}``: ``event="shard"`` after each committed shard (``images`` /
-    ``errors`` / ``segments`` count committed shards), ``event="images"`` whenever newly labelled images are
-    staged (``images_staged``, so progress moves within a large shard). The Prefect flow and the CLI turn it
-    into a progress artifact / bar.
+    "images_total", "images_total_estimated", "errors", "segments", "elapsed_s"}``: ``event="shard"`` after
+    each committed shard (``images`` / ``errors`` / ``segments`` count committed shards), ``event="images"``
+    when labelling starts and whenever newly labelled images are staged (``images_staged``, so progress
+    moves within a large shard). ``images_total`` is the number of images in the shards labelled now
+    (:class:`ImageTotals`: estimated while tar shards are unread, None before the first tar is read). The
+    Prefect flow and the CLI turn it into a progress artifact / bar.
+
+    Raises:
+        LeaseHeldError: another live run holds the output's lease (checked before anything is written).
+        LeaseLostError: this run lost the lease while running (it stopped before committing anything else).
     """
+    started = time.perf_counter()
+    # 1. checks (once: the caller's, when given)
+    if checked is None:
+        checked = check_inputs(config)
+    elif checked.output != config.output:
+        raise ValueError(f"checked inputs are for output {checked.output}, not {config.output}")
+    run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    if config.is_plumbing_check:
+        log.warning("PLUMBING CHECK: model %r with random weights; the labels are meaningless", config.model)
+    # 2. one writer per output: everything below (provenance, cleanup, labelling, commits) runs under the lease
+    lease = OutputLease(
+        config.output,
+        config.out_storage_options,
+        run_id=run_id,
+        ttl_s=config.lease_ttl_s,
+        renew_s=config.lease_renew_s,
+        mode=lease_mode_for(config.output, checked.conditional_writes),
+    )
+    with lease:
+        return _label_under_lease(config, checked, lease, run_id, started, on_progress)
+
+
+def lease_mode_for(output: str, conditional_writes: bool) -> LeaseMode:
+    """The lease mode of ``output`` given the checked store capability (:mod:`pipeline.annotate.lease`)."""
+    if "://" not in output or output.startswith("file://"):
+        return "local"
+    return "conditional" if conditional_writes else "claims"
+
+
+def _settle_provenance(config: AnnotateConfig, checked: CheckedInputs):
+    """The output's provenance for this run, read at most once per run (in the checks).
+
+    An existing compatible ``provenance.json`` was read by the checks; a new one is created here, under the
+    lease, without overwriting one that appeared since the checks (local: hard link; S3 with conditional
+    writes: ``If-None-Match: *``); when one did appear (or the store has no conditional writes) it is read
+    and compared as usual (:func:`pipeline.annotate.commit.write_provenance`).
+    """
+    from pipeline.annotate.commit import write_provenance
+    from pipeline.storage import create_exclusive, fs_root
+
+    out, out_opts = config.output, config.out_storage_options
+    provenance = checked.new_provenance
+    if checked.provenance is not None:
+        return checked.provenance
+    if not config.allow_provenance_mismatch and checked.conditional_writes:
+        fs, root = fs_root(out, out_opts)
+        if create_exclusive(fs, posixpath.join(root, "provenance.json"), (provenance.to_json() + "\n").encode()):
+            return provenance
+    return write_provenance(out, out_opts, provenance, allow_mismatch=config.allow_provenance_mismatch)
+
+
+def _label_under_lease(
+    config: AnnotateConfig,
+    checked: CheckedInputs,
+    lease: OutputLease,
+    run_id: str,
+    started: float,
+    on_progress: Callable[[dict[str, Any]], None] | None,
+) -> RunSummary:
+    """Steps 2-4 of :func:`run_annotation`, while ``lease`` is held."""
     from pipeline.annotate.commit import (
         clean_uncommitted,
         commit_shard,
         committed_shards,
         finalize_coco,
-        write_provenance,
         write_run_summary,
     )
-    from pipeline.shards import ShardRef, exclude_labelled_images
+    from pipeline.shards import exclude_labelled_images
 
-    started = time.perf_counter()
-    # 1. checks
-    checked = check_inputs(config)
-    shards: list[ShardRef] = checked["shards"]
+    shards: list[ShardRef] = list(checked.shards)
     out, out_opts = config.output, config.out_storage_options
-    run_id = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-    if config.is_plumbing_check:
-        log.warning("PLUMBING CHECK: model %r with random weights; the labels are meaningless", config.model)
     # 2. provenance, cleanup, resume
-    provenance = write_provenance(out, out_opts, provenance_for(config, checked, run_id), allow_mismatch=config.allow_provenance_mismatch)
+    provenance = _settle_provenance(config, checked)
     provenance = type(provenance)(**{**provenance.to_dict(), "run_id": run_id})
     cleaned = clean_uncommitted(out, out_opts)
     if cleaned:
@@ -268,8 +399,9 @@ def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, A
         shards_skipped=len(shards) - len(todo),
         plumbing_check=config.is_plumbing_check,
     )
+    summary.lease_takeover = lease.taken_over.to_dict() if lease.taken_over is not None else None
     log.info("%d shard(s): %d to label, %d already committed", len(shards), len(todo), summary.shards_skipped)
-    categories = checked["vocabulary"].coco_categories()
+    categories = checked.vocabulary.coco_categories()
     counts: Counter = Counter()
 
     # 3. Ray pipeline
@@ -290,11 +422,13 @@ def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, A
             by_id = {s.shard_id: s for s in todo}
             keys: dict[str, set[str]] = {s.shard_id: set() for s in todo}
             totals: dict[str, int] = {}
+            image_totals = ImageTotals(todo)
             committing: dict[str, Future] = {}  # submitted commits
             harvested: set[str] = set()  # commits whose result is counted
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="commit") as pool:
 
                 def commit(sid: str):
+                    lease.ensure_held()  # a run that lost the output's lease commits nothing more
                     info = commit_shard(
                         out,
                         out_opts,
@@ -332,17 +466,21 @@ def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, A
                         "shards_total": summary.shards_total,
                         "images": summary.images,
                         "images_staged": sum(len(k) for k in keys.values()),
+                        **image_totals.as_dict(),
                         "errors": summary.errors,
                         "segments": summary.segments,
                         "elapsed_s": round(time.perf_counter() - started, 1),
                     }
 
+                if on_progress is not None:
+                    on_progress(progress("images"))  # labelling starts: totals known so far
                 try:
                     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                         for rec in batch.to_pylist():
                             sid = rec["shard_id"]
                             if rec["type"] == "end":
                                 totals[sid] = rec["count"]
+                                image_totals.shard_ended(sid, rec["count"])
                             elif rec["type"] == "staged":
                                 keys[sid].update(rec["keys"])
                                 summary.overlays.extend(posixpath.join(out, o) for o in rec["overlays"])
@@ -366,6 +504,7 @@ def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, A
                 ray.shutdown()
 
     # 4. exports and summary
+    lease.ensure_held()
     if config.write_coco:
         summary.coco = dict(finalize_coco(out, out_opts, categories))
     summary.elapsed_s = round(time.perf_counter() - started, 3)
