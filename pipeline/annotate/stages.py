@@ -158,7 +158,7 @@ class Annotator:
         model_kwargs: keyword arguments of :func:`odise_model.build_odise` (variant and weight sources).
         vocabulary_text: the vocabulary in canonical ``classes.txt`` form (parsed again here).
         predictor_kwargs: :class:`odise_model.Predictor` settings.
-        postprocess: threshold overrides (``object_mask_threshold``, ``overlap_threshold``) and fusion
+        overrides: threshold overrides (``object_mask_threshold``, ``overlap_threshold``) and fusion
             exponent overrides (``alpha``, ``beta``).
         device: ``"cuda"`` or ``"cpu"``.
     """
