@@ -109,6 +109,8 @@ def check_inputs(config: AnnotateConfig) -> dict[str, Any]:
 # 2. provenance
 # --------------------------------------------------------------------------------------------------------
 def provenance_for(config: AnnotateConfig, checked: dict[str, Any], run_id: str):
+    """The run's :class:`~pipeline.schema.RunProvenance`; URLs in it are redacted (no user-info, signatures, tokens)."""
+    from pipeline.redact import redact_url, url_identity
     from pipeline.schema import RunProvenance
 
     model_cfg = checked["model_config"]
@@ -129,13 +131,13 @@ def provenance_for(config: AnnotateConfig, checked: dict[str, Any], run_id: str)
         run_id=run_id,
         model_variant=model_cfg.name,
         weights_sha256={k: (None if w is None else w["sha256"]) for k, w in weights.items()},
-        vocabulary_source=str(config.vocab_file or "+".join(config.merge_vocab)),
+        vocabulary_source=redact_url(url_identity(str(config.vocab_file or "+".join(config.merge_vocab)))),
         vocabulary_sha256=vocab.sha256(),
         categories=vocab.coco_categories(),
         thresholds=thresholds,
         weights_licences="; ".join(licences),
         settings={
-            "weights": {k: (None if w is None else w["source"]) for k, w in weights.items()},
+            "weights": {k: (None if w is None else redact_url(url_identity(str(w["source"])))) for k, w in weights.items()},
             "plumbing_check": config.is_plumbing_check,
             "input_resize": {"short_side": model_cfg.input.short_side, "max_size": model_cfg.input.max_size},
             "include_png": config.include_png,

@@ -33,6 +33,7 @@ from typing import Any
 from pipeline.annotate.checks import check_inputs, provenance_for
 from pipeline.annotate.stages import Annotator, overlay_plan
 from pipeline.config import AnnotateConfig, RunSummary
+from pipeline.redact import install_log_redaction, redact, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,7 @@ def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, A
     from pipeline.shards import ShardRef, exclude_labelled_images
 
     started = time.perf_counter()
+    install_log_redaction()  # no credential in any log record of this process (pipeline.redact)
     # 1. checks
     checked = check_inputs(config)
     shards: list[ShardRef] = checked["shards"]
@@ -352,7 +354,8 @@ def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, A
                             maybe_commit(sid)
                         harvest(block=False)
                 except Exception as exc:
-                    raise PipelineError(f"annotation pipeline failed: {type(exc).__name__}: {exc}") from exc
+                    message = redact_text(f"annotation pipeline failed: {type(exc).__name__}: {exc}")
+                    raise PipelineError(message) from exc
                 harvest(block=True)
             missing = sorted(sid for sid in by_id if sid not in committing)
             if missing:
@@ -376,7 +379,7 @@ def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, A
         provenance=None,
         shards=[*shards, *covering],
         # (errors by reason are the file's top-level "errors_by_reason", over every committed shard)
-        extra={"last_run": {k: v for k, v in summary.to_dict().items() if k != "error_reasons"}},
+        extra={"last_run": redact({k: v for k, v in summary.to_dict().items() if k != "error_reasons"}, keys=False)},
     )
     summary.error_reasons = dict(totals_file.get("errors_by_reason", {}))
     return summary

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.redact import redact_text
+
 log = logging.getLogger(__name__)
 
 __all__ = ["ReadShard", "Annotator", "EncodeAndStage", "overlay_plan"]
@@ -44,7 +46,7 @@ def _empty_sample_row(shard: dict, key: str, *, error: str | None, ext: str | No
         "shard_id": shard["shard_id"],
         "key": key,
         "image_ext": ext or "",
-        "error": error or "",
+        "error": redact_text(error) if error else "",  # a reader's message may quote a signed URL
         "image": b"",
         "rh": 0,
         "rw": 0,
@@ -131,6 +133,7 @@ class ReadShard:
                 kind=shard["kind"],
                 members=tuple(shard.get("members", ())),
                 root=shard.get("root", ""),
+                access_urls=tuple(shard.get("access_urls", ())),  # signed URLs: opened, never recorded
             )
             rows: list[dict[str, Any]] = []
             total = 0
