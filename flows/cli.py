@@ -590,7 +590,11 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         from .train import train_config
 
         given = _options_from(ns, TrainConfig)
-        train_config(given)  # validate before Prefect starts
+        config = train_config(given)  # validate before Prefect starts
+        if not ns.storage_block:  # (with a block, the flow's task checks it with the block's credentials)
+            from pipeline.train.run import check_output
+
+            check_output(config)  # an existing run without --resume: refused before Prefect starts
         from .train import train_flow
 
         names = set(inspect.signature(train_flow.fn).parameters) - {"options", "storage_block"}
