@@ -60,7 +60,9 @@ def _json_dict(text: str) -> dict[str, Any]:
 
 
 def _fail(prog: str, message: str, code: int) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    from pipeline.redact import redact_text  # no URL user-info, signature or token on the terminal
+
+    print(f"{prog}: error: {redact_text(message)}", file=sys.stderr)
     return code
 
 

@@ -78,7 +78,7 @@ from typing import Any, Literal
 import fsspec
 from fsspec.core import url_to_fs
 
-from pipeline.redact import url_identity
+from pipeline.redact import redact_text, url_identity
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -265,7 +265,7 @@ def _input_error(url: str, exc: BaseException, storage_options: dict[str, Any]) 
     if isinstance(exc, InputError):
         return exc
     name = type(exc).__name__
-    text = f"{name}: {exc}"
+    text = redact_text(f"{name}: {exc}")  # library messages quote the URL they opened, signature included
     if isinstance(exc, FileNotFoundError):
         hint = "not found; check the path, the bucket name and the pattern"
     elif (
@@ -773,6 +773,22 @@ def _iter_tar(shard: ShardRef, storage_options: dict[str, Any], max_member_bytes
         yield from _TarReader(shard, max_member_bytes).read(fileobj)
 
 
+def _without_signatures(shard: ShardRef, samples: Iterator[RawSample]) -> Iterator[RawSample]:
+    """For signed URLs: an error raised while reading is re-raised with its message redacted and without
+    its chain (library errors quote the URL they opened, signature included; Ray would print them in its
+    worker logs): ``InputError`` stays ``InputError``, anything else becomes ``OSError`` (a failed read,
+    retried as I/O)."""
+    if not shard.access_urls:
+        yield from samples
+        return
+    try:
+        yield from samples
+    except InputError as exc:
+        raise InputError(redact_text(str(exc))) from None
+    except Exception as exc:
+        raise OSError(f"{shard.url}: {redact_text(f'{type(exc).__name__}: {exc}')}") from None
+
+
 def _relative_key(url: str, root: str) -> str:
     prefix = root.rstrip("/") + "/"
     return url[len(prefix) :] if root and url.startswith(prefix) else posixpath.basename(url)
@@ -818,9 +834,9 @@ def iter_samples(
         raise TypeError(f"expected a ShardRef (from list_shards), got {type(shard).__name__}: {shard!r:.200}")
     options = dict(storage_options or {})
     if shard.kind == "tar":
-        yield from _iter_tar(shard, options, max_member_bytes)
+        yield from _without_signatures(shard, _iter_tar(shard, options, max_member_bytes))
     elif shard.kind == "images":
-        yield from _iter_images(shard, options)
+        yield from _without_signatures(shard, _iter_images(shard, options))
     else:
         raise ValueError(f"unknown shard kind {shard.kind!r} for {shard.url}")
 

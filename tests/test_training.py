@@ -595,25 +595,5 @@ def test_config_validation(data, tmp_path):
     )
 
 
-@pytest.mark.slow
-def test_ray_train_torchtrainer_one_cpu_worker(data, tmp_path):
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        cfg = _cfg(
-            data,
-            tmp_path / "ray",
-            max_steps=2,
-            use_ray=True,
-            num_workers=1,
-            cpus_per_worker=0.5,
-            ray_storage_path=str(tmp_path / "ray_results"),
-        )
-        summary = run_training(cfg)
-    finally:
-        ray.shutdown()
-    assert summary.steps == 2 and summary.num_workers == 1
-    assert last_checkpoint(str(tmp_path / "ray")).endswith("model_0000002.pth")
-    assert [r["step"] for r in _metrics(tmp_path / "ray") if r["type"] == "train"] == [1, 2]
+# The Ray Train path (TorchTrainer, one CPU worker, through the train flow with a Secret block) is run by
+# tests/test_credentials_canary.py::test_ray_train_run_state_holds_no_block_credentials.
