@@ -332,8 +332,10 @@ def install_log_redaction() -> None:
     """Pass every log record of this process through :func:`redact_text` when it is created.
 
     The message (``msg % args``) and the formatted traceback of records that carry credentials are replaced
-    by their redacted text, before any handler (console, file, Prefect's API handler, pytest's capture)
-    sees them. Idempotent; cheap for records without ``://``, ``=`` or ``authorization``.
+    by their redacted text (and the logged exception is redacted in place, for handlers that render it
+    themselves), before any handler (console, file, Prefect's API handler, pytest's capture) sees them.
+    Idempotent; installed by the pipeline's entry points (``run_annotation``, ``run_training``) and by the
+    flows.
     """
     global _installed
     if _installed:
@@ -351,7 +353,10 @@ def install_log_redaction() -> None:
             record.msg, record.args = clean, None
         if record.exc_info and record.exc_info[1] is not None:
             text = logging.Formatter().formatException(record.exc_info)
-            record.exc_text = redact_text(text)
+            clean = redact_text(text)
+            if clean != text:
+                record.exc_text = clean
+                redact_exception(record.exc_info[1])  # for handlers that render exc_info themselves (rich)
         return record
 
     logging.setLogRecordFactory(factory)
