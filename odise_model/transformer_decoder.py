@@ -57,6 +57,27 @@ class MaskGeneratorOutput:
         """A copy with ``pred_logits`` set (the aux outputs are kept as they are)."""
         return dataclasses.replace(self, pred_logits=pred_logits)
 
+    # Read-only key access, as diffusers' ``BaseOutput``: ``out["pred_masks"]`` and ``"pred_logits" in out``
+    # keep code written against the former dict working; a field that is None (or an empty ``aux_outputs``)
+    # counts as absent, as the dict had no such key. Attribute access is the interface.
+    def __getitem__(self, key: str) -> torch.Tensor | tuple[MaskGeneratorOutput, ...]:
+        if key not in self:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str) or key not in _OUTPUT_FIELDS:
+            return False
+        value = getattr(self, key)
+        return value is not None and not (isinstance(value, tuple) and not value)
+
+    def keys(self) -> list[str]:
+        """Names of the fields that are set, in declaration order."""
+        return [name for name in _OUTPUT_FIELDS if name in self]
+
+
+_OUTPUT_FIELDS = tuple(f.name for f in dataclasses.fields(MaskGeneratorOutput))
+
 
 def mask_pooling(features: torch.Tensor, mask_logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Average of ``features`` (``BxCxHxW``) inside each hard mask ``sigmoid(mask_logits) > threshold``.

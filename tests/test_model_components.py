@@ -361,3 +361,9 @@ def test_mask_generator_returns_a_typed_frozen_output_with_documented_shapes(var
     with_logits = out.with_logits(logits)
     assert with_logits.pred_logits is logits and with_logits.aux_outputs == out.aux_outputs
     assert out.pred_logits is not logits  # the original is unchanged
+    # read-only key access as diffusers' BaseOutput (code written against the former dict keeps working)
+    assert out["pred_masks"] is out.pred_masks and "mask_embed" in out and "nothing" not in out
+    assert ("pred_logits" in out) == (variant == "tiny_caption") and "aux_outputs" not in out.aux_outputs[0]
+    assert out.keys()[:3] == ["pred_masks", "mask_embed", "logit_scale"]
+    with pytest.raises(KeyError):
+        out.aux_outputs[0]["aux_outputs"]
