@@ -54,18 +54,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
-import json
 import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -76,177 +72,32 @@ import numpy as np
 START = time.perf_counter()
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, when not installed
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/measure.py, also when imported from elsewhere
+from measure import (  # noqa: E402
+    Report,
+    SmiSampler,
+    count_flops,
+    gib,
+    has,
+    profiled_busy,
+    run_section,
+    sync,
+)
+
 PAPER = {"images_per_s": 1.26, "gpu": "V100", "resolution": "1024x1024", "memory_gb": 11.9}
 TARGETS = {"production_images_per_s_min": 15.0, "speedup_vs_official_min": 8.0, "batch1_memory_gb_max": 10.0}
 
 
 # --------------------------------------------------------------------------------------------------
-# Small helpers
+# Small helpers (the measurement kit itself is bench/measure.py)
 # --------------------------------------------------------------------------------------------------
 def remaining(args) -> float:
     return args.budget_s - (time.perf_counter() - START)
 
 
-def sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def gib(n_bytes: float | None) -> float | None:
-    return None if n_bytes is None else round(n_bytes / 2**30, 3)
-
-
-def has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
-class Report:
-    """The JSON document, written after every section."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data: dict[str, Any] = {}
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.data[key] = value
-        self.write()
-
-    def write(self) -> None:
-        self.data["elapsed_s"] = round(time.perf_counter() - START, 1)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=_json_default) + "\n")
-        os.replace(tmp, self.path)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    return str(obj)
-
-
 def section(report: Report, name: str, fn, cfg) -> Any:
-    """Run one section; record its result (or error) and duration; never raise."""
-    t0 = time.perf_counter()
-    print(f"\n== {name} (budget left {remaining(cfg):.0f} s)", flush=True)
-    try:
-        out = fn(cfg)
-    except Exception as exc:  # noqa: BLE001 - a failed section must not lose the others
-        out = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
-        print(out["traceback"], flush=True)
-    if isinstance(out, dict):
-        out["section_seconds"] = round(time.perf_counter() - t0, 1)
-    report[name] = out
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# GPU activity
-# --------------------------------------------------------------------------------------------------
-class SmiSampler:
-    """``nvidia-smi`` GPU utilisation (% of time a kernel ran) and memory, sampled every 200 ms."""
-
-    def __init__(self, device) -> None:
-        self.samples: list[tuple[float, float, float]] = []  # (time, util %, memory MiB)
-        self.proc = None
-        if device.type == "cuda" and shutil.which("nvidia-smi"):
-            index = device.index if device.index is not None else 0
-            cmd = [
-                "nvidia-smi",
-                f"--id={index}",
-                "--query-gpu=utilization.gpu,memory.used",
-                "--format=csv,noheader,nounits",
-                "-lms",
-                "200",
-            ]
-            try:
-                self.proc = subprocess.Popen(
-                    cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-                )
-            except OSError:
-                self.proc = None
-        if self.proc is not None:
-            self.thread = threading.Thread(target=self._read, daemon=True)
-            self.thread.start()
-
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                util, mem = (float(v) for v in line.strip().split(","))
-            except ValueError:
-                continue
-            self.samples.append((time.perf_counter(), util, mem))
-
-    def mean_util(self, t0: float, t1: float) -> float | None:
-        vals = [u for t, u, _ in self.samples if t0 <= t <= t1]
-        return round(sum(vals) / len(vals) / 100.0, 3) if vals else None
-
-    def max_mem_gib(self, t0: float, t1: float) -> float | None:
-        vals = [m for t, _, m in self.samples if t0 <= t <= t1]
-        return round(max(vals) / 1024.0, 2) if vals else None
-
-    def close(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            with contextlib.suppress(Exception):
-                self.proc.wait(timeout=5)
-
-
-def profiled_busy(fn, device) -> dict[str, Any] | None:
-    """Run ``fn`` once under ``torch.profiler`` (CUDA activity only): union of device intervals / wall."""
-    if device.type != "cuda":
-        return None
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        wall = time.perf_counter() - t0
-    intervals: list[tuple[float, float]] = []
-    try:  # kineto events, ns or us depending on the torch version
-        for e in prof.profiler.kineto_results.events():
-            if str(e.device_type()).endswith("CUDA"):
-                if hasattr(e, "start_ns"):
-                    intervals.append((e.start_ns() / 1e9, (e.start_ns() + e.duration_ns()) / 1e9))
-                else:
-                    intervals.append((e.start_us() / 1e6, (e.start_us() + e.duration_us()) / 1e6))
-    except Exception:  # noqa: BLE001 - fall back to FunctionEvents
-        intervals = [
-            (e.time_range.start / 1e6, e.time_range.end / 1e6)
-            for e in prof.events()
-            if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
-        ]
-    if not intervals:
-        return {"gpu_busy": None, "wall_s": round(wall, 3), "note": "profiler reported no device events"}
-    intervals.sort()
-    busy, cur_s, cur_e = 0.0, intervals[0][0], intervals[0][1]
-    for s, e in intervals[1:]:
-        if s > cur_e:
-            busy += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    busy += cur_e - cur_s
-    return {
-        "gpu_busy": round(min(1.0, busy / wall), 3),
-        "kernel_s": round(busy, 3),
-        "wall_s": round(wall, 3),
-        "device_events": len(intervals),
-    }
-
-
-def count_flops(fn) -> float | None:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
+    """Run one section with the remaining budget shown; record its result (or error); never raise."""
+    return run_section(report, name, fn, cfg, budget_left_s=remaining(cfg))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1029,7 +880,7 @@ def main() -> int:
     cfg.official_ips = cfg.production_ips = None
 
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS_DIR
-    report = Report(out_dir / f"{cfg.name}.json")
+    report = Report(out_dir / f"{cfg.name}.json", start=START)
     report["command"] = "python " + " ".join(sys.argv)
     settings = {
         k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool, list, type(None)))

@@ -1,19 +1,28 @@
 """Prefect helpers shared by the flows: retry rule, credentials from blocks, log forwarding, artifact keys.
 
 Nothing here does pipeline work; it only adapts Prefect to the rules in :mod:`flows.params`.
+
+Importing this module installs :func:`pipeline.redact.install_log_redaction` (every log record of the process
+is redacted before a handler sees it: Prefect's API handler, the console, files); the tasks wrap their
+bodies in :func:`redacted_errors` so a failed task's message and traceback (which Prefect stores) carry no
+credentials either.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 from prefect.tasks import Task
+
+from pipeline.redact import install_log_redaction, redact_exception
 
 from .params import ParameterError, is_transient_io_error
 
@@ -22,10 +31,15 @@ __all__ = [
     "load_storage_credentials",
     "with_credentials",
     "forward_logs",
+    "redacted_errors",
+    "BlockCredentials",
     "PLUMBING_NOTICE",
 ]
 
 log = logging.getLogger(__name__)
+install_log_redaction()
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 PLUMBING_NOTICE = (
     "PLUMBING CHECK: model {model!r} has random weights (no checkpoint); every label it writes is meaningless. "
@@ -106,6 +120,61 @@ def with_credentials(config: Any, storage_block: str | None) -> Any:
         )
         update["output_storage_options"] = {**base_out, **(out or {})}
     return config.model_copy(update=update)
+
+
+def redacted_errors(fn: F) -> F:
+    """Decorator (under ``@task``): an exception leaving ``fn`` has its messages redacted in place
+    (:func:`pipeline.redact.redact_exception`: URL user-info, signatures, tokens -> ``***``; type and chain
+    kept, so :func:`retry_on_io_error` still classifies it) before Prefect records the failure."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as exc:
+            redact_exception(exc)
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockCredentials:
+    """A picklable pointer to storage credentials in a Prefect block, resolved where it is used.
+
+    Ray Train keeps ``train_loop_config`` in its run state, so the ``train`` flow hands the training
+    workers this object (the block's name and the Prefect API URL, no secret) instead of the block's
+    values; each worker calls :meth:`load`. Workers need access to the Prefect API (and, for Prefect Cloud,
+    ``PREFECT_API_KEY`` in their environment).
+
+    Attributes:
+        block: the ``storage_block`` parameter (``"<name>"``, ``"secret/<name>"`` or ``"json/<name>"``).
+        api_url: the Prefect API the flow used (None: the worker's own setting).
+    """
+
+    block: str
+    api_url: str | None = None
+
+    @classmethod
+    def for_block(cls, storage_block: str | None) -> BlockCredentials | None:
+        """The pointer for ``storage_block`` and the current Prefect API, or None without a block."""
+        if not storage_block:
+            return None
+        from prefect.settings import PREFECT_API_URL
+
+        return cls(block=storage_block, api_url=PREFECT_API_URL.value() or None)
+
+    def load(self) -> dict[str, Any]:
+        """The block's fsspec options for a config with one ``storage_options`` (the input part of a split
+        block, as :func:`with_credentials`)."""
+        context = contextlib.nullcontext()
+        if self.api_url:
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            context = temporary_settings(updates={PREFECT_API_URL: self.api_url})
+        with context:
+            creds = load_storage_credentials(self.block)
+        return split_credentials(creds)[0] if creds else {}
 
 
 @contextlib.contextmanager

@@ -46,8 +46,9 @@ from prefect.artifacts import (
 )
 
 from pipeline.config import AnnotateConfig, RunSummary
+from pipeline.redact import redact, redact_text
 
-from ._prefect import PLUMBING_NOTICE, forward_logs, retry_on_io_error, with_credentials
+from ._prefect import PLUMBING_NOTICE, forward_logs, redacted_errors, retry_on_io_error, with_credentials
 from .params import annotate_config, config_default, is_url
 
 __all__ = ["annotate", "check", "label", "report", "CheckReport", "progress_listener", "ARTIFACT_KEYS"]
@@ -108,6 +109,7 @@ class CheckReport:
 
 
 @task(name="check", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_on_io_error)
+@redacted_errors
 def check(config: AnnotateConfig, storage_block: str | None = None) -> CheckReport:
     """Fail fast: vocabulary, shards, output, model config, weights and the output's lease
     (:func:`pipeline.annotate.checks.check_inputs`), unless this process checked ``config`` just before
@@ -148,6 +150,7 @@ def check(config: AnnotateConfig, storage_block: str | None = None) -> CheckRepo
 
 
 @task(name="label", retries=2, retry_delay_seconds=30, retry_condition_fn=retry_on_io_error)
+@redacted_errors
 def label(
     config: AnnotateConfig, storage_block: str | None = None, progress_artifact: UUID | None = None
 ) -> RunSummary:
@@ -240,6 +243,7 @@ def _existing_overlays(config: AnnotateConfig, storage_block: str | None, limit:
 
 
 @task(name="report", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_io_error)
+@redacted_errors
 def report(
     summary: RunSummary,
     checked: CheckReport,
@@ -287,7 +291,7 @@ def report(
     ids: dict[str, str] = {}
     ids["summary"] = str(
         create_table_artifact(
-            table=rows, key=ARTIFACT_KEYS["summary"], description=f"{flag}annotation run summary"
+            table=redact(rows), key=ARTIFACT_KEYS["summary"], description=f"{flag}annotation run summary"
         )
     )
     cats = [{"category": name, "segments": n} for name, n in summary.category_counts.items()] or [
@@ -334,13 +338,13 @@ def report(
         md += [f"![{posixpath.basename(u)}]({_as_link(u)})" for u in overlays]
     ids["report"] = str(
         create_markdown_artifact(
-            markdown="\n".join(md), key=ARTIFACT_KEYS["report"], description=f"{flag}annotation report"
+            markdown=redact_text("\n".join(md)), key=ARTIFACT_KEYS["report"], description=f"{flag}annotation report"
         )
     )
     ids["output"] = str(
         create_link_artifact(
-            link=link,
-            link_text=summary.output,
+            link=redact_text(link),
+            link_text=redact_text(summary.output),
             key=ARTIFACT_KEYS["output"],
             description=f"{flag}annotation outputs",
         )

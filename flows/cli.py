@@ -201,7 +201,9 @@ def _json_dict(text: str) -> dict[str, Any]:
 
 
 def _fail(prog: str, message: str, code: int) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    from pipeline.redact import redact_text  # no URL user-info, signature or token on the terminal
+
+    print(f"{prog}: error: {redact_text(message)}", file=sys.stderr)
     return code
 
 
@@ -818,7 +820,11 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         from .train import train_config
 
         given = _options_from(ns, TrainConfig)
-        train_config(given)  # validate before Prefect starts
+        config = train_config(given)  # validate before Prefect starts
+        if not ns.storage_block:  # (with a block, the flow's task checks it with the block's credentials)
+            from pipeline.train.run import check_output
+
+            check_output(config)  # an existing run without --resume: refused before Prefect starts
         from .train import train_flow
 
         _quiet_logs(ns.verbose)

@@ -18,10 +18,10 @@ from prefect.artifacts import create_table_artifact
 
 from pipeline.config import EvaluateConfig
 
-from ._prefect import retry_on_io_error, with_credentials
+from ._prefect import redacted_errors, retry_on_io_error, with_credentials
 from .params import (
     build_model,
-    check_no_credentials,
+    check_parameters,
     resolve_path,
     result_dict,
 )
@@ -38,7 +38,7 @@ def evaluate_config(params: dict[str, Any], cwd: str | os.PathLike | None = None
         ParameterError: naming the bad parameter.
     """
     values = {k: v for k, v in params.items() if v is not None}
-    check_no_credentials("storage_options", values.get("storage_options") or {})
+    check_parameters(values)
     for name in _PATH_FIELDS:
         if isinstance(values.get(name), str):
             values[name] = resolve_path(values[name], cwd)
@@ -105,6 +105,7 @@ def per_class_lines(metrics: dict[str, Any]) -> list[str]:
 
 
 @task(name="score", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_on_io_error)
+@redacted_errors
 def score(config: Any, storage_block: str | None = None) -> dict[str, Any]:
     """Call ``pipeline.evaluate.run.run_evaluation``; returns ``EvaluationResult.to_dict()`` (also written to ``json_output``)."""
     from pipeline.evaluate.run import run_evaluation

@@ -15,10 +15,16 @@ Rules
   and ``caption`` are text, checked when the config is built (errors name the class position).
 * Credentials never travel as flow parameters (Prefect stores parameters and shows them in its UI):
   ``storage_options`` may hold endpoints, regions and similar settings only; keys that look like
-  credentials (``key``, ``secret``, ``token``, ``password``, ...) are refused with a message that says
-  where credentials go instead: the environment (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``,
-  ``~/.aws``, fsspec config files) or a Prefect Secret / JSON block named by ``storage_block``, which
-  is read inside the tasks (:func:`flows._prefect.with_credentials`) and never logged.
+  credentials (``key``, ``secret``, ``token``, ``password``, ...), credential headers
+  (``headers.Authorization`` anywhere) and URLs with a ``user:password@`` are refused with a message that
+  names the option path (never the value) and says where credentials go instead: the environment
+  (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, ``~/.aws``, fsspec config files) or a Prefect Secret /
+  JSON block named by ``storage_block``, which is read inside the tasks
+  (:func:`flows._prefect.with_credentials`) and never logged (headers are allowed there).
+* Every other parameter (input, output, vocabulary, weights URLs ...) is checked the same way: a URL with
+  user-info or a presigned / token query (``X-Amz-Signature``, ``sig``, ``token`` ...) is refused; presigned
+  inputs go in a manifest file instead (the pipeline records them without their signatures, see
+  :mod:`pipeline.redact`).
 """
 
 from __future__ import annotations
@@ -32,12 +38,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from pipeline.config import AnnotateConfig
+from pipeline.redact import CREDENTIAL_KEYS, credential_findings
 
 __all__ = [
     "ParameterError",
     "CREDENTIAL_KEYS",
     "annotate_config",
     "check_no_credentials",
+    "check_parameters",
     "config_default",
     "credential_paths",
     "is_url",
@@ -48,40 +56,17 @@ __all__ = [
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
-CREDENTIAL_KEYS = frozenset(
-    {
-        "key",
-        "secret",
-        "token",
-        "password",
-        "passwd",
-        "access_key",
-        "secret_key",
-        "access_key_id",
-        "secret_access_key",
-        "aws_access_key_id",
-        "aws_secret_access_key",
-        "aws_session_token",
-        "session_token",
-        "security_token",
-        "sas_token",
-        "account_key",
-        "client_secret",
-        "connection_string",
-        "credentials",
-        "api_key",
-        "private_key",
-    }
-)
-"""Keys refused in ``storage_options`` parameters (compared lower-case, ``-`` read as ``_``).
-Keys ending in ``_secret``, ``_token`` or ``_password`` are refused too."""
-
-_CREDENTIAL_SUFFIXES = ("_secret", "_token", "_password")
-
 CREDENTIALS_HELP = (
     "credentials must not be passed as flow parameters (Prefect stores parameters and shows them in its UI); "
     "use the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws, fsspec config) "
     "or save them in a Prefect Secret block and pass its name as storage_block"
+)
+
+URL_CREDENTIALS_HELP = (
+    "URLs with a user:password, a token or a signature are refused as parameters (Prefect stores parameters "
+    "and shows them in its UI): list presigned input URLs in a manifest file (.txt, one URL per line) and "
+    "pass the manifest as input, download signed weights or vocabulary files first, and give storage "
+    "credentials through the environment or storage_block"
 )
 
 
@@ -146,29 +131,48 @@ def _maybe_local_file(value: str | None, cwd: str | os.PathLike | None) -> str |
 
 
 def credential_paths(options: Any, prefix: str = "") -> list[str]:
-    """Dotted paths of keys in ``options`` (nested dicts included) that look like credentials."""
-    found: list[str] = []
-    if isinstance(options, Mapping):
-        for key, value in options.items():
-            norm = str(key).lower().replace("-", "_")
-            path = f"{prefix}[{key!r}]"
-            if norm in CREDENTIAL_KEYS or norm.endswith(_CREDENTIAL_SUFFIXES):
-                found.append(path)
-            else:
-                found += credential_paths(value, path)
-    elif isinstance(options, list | tuple):
-        for i, value in enumerate(options):
-            found += credential_paths(value, f"{prefix}[{i}]")
-    return found
+    """Paths of the credentials in ``options`` (nested dicts included): credential keys, credential headers
+    (``Authorization`` ...), URLs with user-info or credential query parameters (:mod:`pipeline.redact`)."""
+    return [path for path, _ in credential_findings(options, prefix)]
+
+
+def _describe(path: str, what: str) -> str:
+    if what == "credential key":
+        return f"{path} looks like a credential"
+    if what == "header":
+        return f"{path} is a credential header"
+    if what == "user-info":
+        return f"{path} is a URL with a user name / password (user-info)"
+    return f"{path} is a URL with a credential ({what})"
 
 
 def check_no_credentials(name: str, options: Any) -> None:
-    """Refuse credential-like keys in a ``storage_options`` parameter; the message names keys, never values."""
-    found = credential_paths(options)
-    if found:
-        raise ParameterError(
-            f"invalid parameter {name}: {', '.join(name + p for p in found)} looks like a credential; {CREDENTIALS_HELP}"
-        )
+    """Refuse credentials in parameter ``name`` (options, a URL or a list of URLs): credential keys, headers
+    such as ``Authorization``, user-info or credential query parameters in URLs. The message names where
+    they are (``storage_options['client_kwargs']['endpoint_url']``), never their values."""
+    check_parameters({name: options})
+
+
+def check_parameters(values: Mapping[str, Any]) -> None:
+    """:func:`check_no_credentials` on every parameter (paths, URLs, options) at once, before anything uses
+    them; one error names every place a credential was found.
+
+    Raises:
+        ParameterError: ``invalid parameter <names>: <where and what>; <where credentials go instead>``.
+    """
+    found = [(name, path, what) for name, value in values.items() for path, what in credential_findings(value)]
+    if not found:
+        return
+    names = list(dict.fromkeys(name for name, _, _ in found))
+    described = ", ".join(_describe(name + path, what) for name, path, what in found)
+    urls_in_params = any(
+        what not in ("credential key", "header") and "storage_options" not in name for name, _, what in found
+    )
+    options = any("storage_options" in name for name, _, _ in found)
+    helps = ([CREDENTIALS_HELP] if options or not urls_in_params else []) + (
+        [URL_CREDENTIALS_HELP] if urls_in_params else []
+    )
+    raise ParameterError(f"invalid parameter {', '.join(names)}: {described}; {'; '.join(helps)}")
 
 
 def _validation_message(exc: ValidationError, params: Mapping[str, Any]) -> str:
@@ -199,9 +203,7 @@ def annotate_config(params: Mapping[str, Any], *, cwd: str | os.PathLike | None 
     unknown = sorted(set(values) - set(AnnotateConfig.model_fields))
     if unknown:
         raise ParameterError(f"unknown parameter(s) {unknown}; known: {sorted(AnnotateConfig.model_fields)}")
-    for name in ("storage_options", "output_storage_options"):
-        if name in values:
-            check_no_credentials(name, values[name])
+    check_parameters(values)
     try:
         if isinstance(values.get("input"), str):
             values["input"] = (
@@ -239,10 +241,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.annotate.commit import ProvenanceMismatchError
     from pipeline.annotate.lease import LeaseHeldError
     from pipeline.shards import InputError
+    from pipeline.train.run import TrainOutputError, TrainStateError
 
     return (
         ParameterError,
         LeaseHeldError,
+        TrainOutputError,
+        TrainStateError,
         VocabularyError,
         ConfigError,
         CheckpointError,

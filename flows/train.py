@@ -4,7 +4,8 @@ Orchestration only. The flow's parameters are the commonly set fields of ``pipel
 (same names as the ``odise-train`` flags); ``options`` passes any other ``TrainConfig`` field by name.
 ``None`` means "TrainConfig's default". The training code (torch) is imported when the task runs. A table artifact
 (``train-result``) holds the ``TrainSummary``. Retrying is safe: the task resumes from the last
-checkpoint under ``output`` (``resume=True`` on a retry).
+checkpoint under ``output`` (``resume=True`` on a retry). A first attempt into an output that already holds
+a training run without ``resume`` is refused (``pipeline.train.run.TrainOutputError``), never overwritten.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from prefect.runtime import task_run
 
 from pipeline.config import TrainConfig
 
-from ._prefect import retry_on_io_error, with_credentials
+from ._prefect import BlockCredentials, redacted_errors, retry_on_io_error
 from .params import (
     ParameterError,
     build_model,
-    check_no_credentials,
+    check_parameters,
     replace_fields,
     resolve_path,
     result_dict,
@@ -46,7 +47,7 @@ def train_config(params: dict[str, Any], cwd: str | os.PathLike | None = None) -
     if overlap:
         raise ParameterError(f"invalid parameter options: {overlap} are flow parameters, set them directly")
     values.update(extra)
-    check_no_credentials("storage_options", values.get("storage_options") or {})
+    check_parameters(values)
     for name in ("train", "val"):
         if isinstance(values.get(name), str):
             values[name] = resolve_path(values[name], cwd)
@@ -64,13 +65,19 @@ def train_config(params: dict[str, Any], cwd: str | os.PathLike | None = None) -
 
 
 @task(name="train", retries=1, retry_delay_seconds=30, retry_condition_fn=retry_on_io_error)
+@redacted_errors
 def run_train(config: TrainConfig, storage_block: str | None = None) -> dict[str, Any]:
-    """Call ``pipeline.train.run.run_training`` (resuming on a retry); returns the ``TrainSummary`` as a dict."""
+    """Call ``pipeline.train.run.run_training`` (resuming on a retry); returns the ``TrainSummary`` as a dict.
+
+    The block's credentials reach the training code as a :class:`~flows._prefect.BlockCredentials` pointer,
+    loaded where the files are opened (this process, or each Ray Train worker): never as values in the
+    config that Ray Train stores with its run.
+    """
     from pipeline.train.run import run_training
-    config = with_credentials(config, storage_block)
+
     if task_run.run_count > 1 and not config.resume:
         config = replace_fields(config, resume=True)
-    return result_dict(run_training(config))
+    return result_dict(run_training(config, credentials=BlockCredentials.for_block(storage_block)))
 
 
 @flow(name="train", description="Fine-tune ODISE on labeled WebDataset shards.")

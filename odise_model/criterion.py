@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .matcher import HungarianMatcher, point_sample, random_points
+from .transformer_decoder import MaskGeneratorOutput
 
 __all__ = [
     "sigmoid_ce_loss",
@@ -208,22 +209,29 @@ class SetCriterion(nn.Module):
 
     # --- everything --------------------------------------------------------------------------------------
     def single_output(
-        self, outputs: dict, targets: Sequence[dict], num_masks: float, *, generator: torch.Generator | None
+        self,
+        outputs: MaskGeneratorOutput,
+        targets: Sequence[dict],
+        num_masks: float,
+        *,
+        generator: torch.Generator | None,
     ) -> dict[str, torch.Tensor]:
-        """Unweighted ``loss_ce``, ``loss_mask``, ``loss_dice`` of one decoder output."""
-        indices = self.matcher(outputs["pred_logits"], outputs["pred_masks"], targets, generator=generator)
+        """Unweighted ``loss_ce``, ``loss_mask``, ``loss_dice`` of one decoder output (``pred_logits`` set)."""
+        if outputs.pred_logits is None:
+            raise ValueError("the set criterion needs class logits: outputs.pred_logits is None")
+        indices = self.matcher(outputs.pred_logits, outputs.pred_masks, targets, generator=generator)
         loss_mask, loss_dice = self.loss_masks(
-            outputs["pred_masks"], targets, indices, num_masks, generator=generator
+            outputs.pred_masks, targets, indices, num_masks, generator=generator
         )
         return {
-            "loss_ce": self.loss_labels(outputs["pred_logits"], targets, indices),
+            "loss_ce": self.loss_labels(outputs.pred_logits, targets, indices),
             "loss_mask": loss_mask,
             "loss_dice": loss_dice,
         }
 
     def forward(
         self,
-        outputs: dict,
+        outputs: MaskGeneratorOutput,
         targets: Sequence[dict[str, torch.Tensor]],
         *,
         generator: torch.Generator | None = None,
@@ -231,19 +239,19 @@ class SetCriterion(nn.Module):
         """Weighted losses of the final output and of every aux output.
 
         Args:
-            outputs: ``pred_logits`` (``BxQx(K+1)``), ``pred_masks`` (``BxQxhxw``) and ``aux_outputs`` (a list
-                of dicts with the same keys).
+            outputs: the mask generator's output with ``pred_logits`` (``BxQx(K+1)``) set, ``pred_masks``
+                (``BxQxhxw``) and ``aux_outputs`` (the same for earlier layers, ``pred_logits`` set too).
             targets: per image ``{"labels": T long in [0, K), "masks": TxHxW}``.
             generator: RNG of the sampled points.
         Returns:
             ``{"loss_ce": ..., "loss_mask": ..., "loss_dice": ..., "loss_ce_0": ..., ...}`` (weighted, float32).
         """
-        with torch.autocast(device_type=outputs["pred_masks"].device.type, enabled=False):
-            num_masks = self.num_masks(targets, outputs["pred_masks"].device)
+        with torch.autocast(device_type=outputs.pred_masks.device.type, enabled=False):
+            num_masks = self.num_masks(targets, outputs.pred_masks.device)
             losses = {}
             for name, value in self.single_output(outputs, targets, num_masks, generator=generator).items():
                 losses[name] = value * self.weights[name]
-            for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            for i, aux in enumerate(outputs.aux_outputs):
                 for name, value in self.single_output(aux, targets, num_masks, generator=generator).items():
                     losses[f"{name}_{i}"] = value * self.weights[name]
             return losses
@@ -378,18 +386,18 @@ class MaskGroundingCriterion(nn.Module):
         self.gather = gather
 
     def forward(
-        self, outputs: dict, word_embed: torch.Tensor, word_valid: torch.Tensor
+        self, outputs: MaskGeneratorOutput, word_embed: torch.Tensor, word_valid: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """``outputs``: ``mask_embed`` ``BxQxC``, ``logit_scale`` and ``aux_outputs``; ``word_embed`` ``BxKxC``."""
         with torch.autocast(device_type=word_embed.device.type, enabled=False):
             losses = {
                 "loss_mask_word": self.loss_weight
                 * grounding_loss(
-                    outputs["mask_embed"], word_embed, word_valid, outputs["logit_scale"], gather=self.gather
+                    outputs.mask_embed, word_embed, word_valid, outputs.logit_scale, gather=self.gather
                 )
             }
-            for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            for i, aux in enumerate(outputs.aux_outputs):
                 losses[f"loss_mask_word_{i}"] = self.loss_weight * grounding_loss(
-                    aux["mask_embed"], word_embed, word_valid, aux["logit_scale"], gather=self.gather
+                    aux.mask_embed, word_embed, word_valid, aux.logit_scale, gather=self.gather
                 )
             return losses

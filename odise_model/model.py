@@ -30,7 +30,7 @@ from .config import ODISEConfig
 from .feature_extractor import FeatureProjections, StableDiffusionTaps, crop_tiles, stitch_tiles, tile_boxes
 from .implicit_captioner import ImplicitCaptioner
 from .pixel_decoder import PixelDecoder
-from .transformer_decoder import TransformerDecoder
+from .transformer_decoder import MaskGeneratorOutput, TransformerDecoder
 from .vocabulary import Vocabulary, load_vocabulary
 
 __all__ = ["ODISE"]
@@ -186,15 +186,20 @@ class ODISE(nn.Module):
         return out
 
     # --- 3. mask generator --------------------------------------------------------------------------
-    def mask_generator(self, features: dict[str, torch.Tensor]) -> dict:
-        """Pixel decoder + transformer decoder on ``BxCxhxw`` maps of equal size (see ``TransformerDecoder``)."""
+    def mask_generator(self, features: dict[str, torch.Tensor]) -> MaskGeneratorOutput:
+        """Pixel decoder + transformer decoder on ``BxCxhxw`` maps of equal size (see ``TransformerDecoder``).
+
+        Returns the last layer's :class:`~odise_model.transformer_decoder.MaskGeneratorOutput` (masks
+        ``BxQxh/4xw/4``, mask embeddings ``BxQxP``, temperature; the caption variant's ``BxQx2`` logits), with
+        the earlier layers' in ``aux_outputs``.
+        """
         mask_features, multi_scale = self.pixel_decoder(features)
         return self.decoder(multi_scale, mask_features)
 
     # --- 4. classification ----------------------------------------------------------------------------
-    def open_logits(self, outputs: dict, vocab: VocabularyEmbedding) -> torch.Tensor:
+    def open_logits(self, outputs: MaskGeneratorOutput, vocab: VocabularyEmbedding) -> torch.Tensor:
         """Diffusion-branch logits ``BxQx(K+1)`` (label) or ``BxQxK`` (caption) of one decoder output."""
-        return self.head.logits(outputs["mask_embed"], vocab, outputs["logit_scale"])
+        return self.head.logits(outputs.mask_embed, vocab, outputs.logit_scale)
 
     def clip_logits(self, images: Sequence[torch.Tensor], mask_logits: torch.Tensor, vocab: VocabularyEmbedding) -> torch.Tensor:
         """MaskCLIP logits ``BxQxK``.
@@ -220,7 +225,7 @@ class ODISE(nn.Module):
         return ensemble_max(logits, vocab.class_index, vocab.num_classes)
 
     def class_log_probs(
-        self, outputs: dict, vocab: VocabularyEmbedding, images: Sequence[torch.Tensor] | None
+        self, outputs: MaskGeneratorOutput, vocab: VocabularyEmbedding, images: Sequence[torch.Tensor] | None
     ) -> torch.Tensor:
         """Final ``BxQx(K+1)`` class log-probabilities (fused with MaskCLIP unless ``images`` is None)."""
         cfg = self.config.classifier
@@ -229,10 +234,10 @@ class ODISE(nn.Module):
             p_background = F.softmax(open_logits, dim=-1)[..., -1]
             open_logits = open_logits[..., :-1]
         else:
-            p_background = F.softmax(outputs["pred_logits"].float(), dim=-1)[..., -1]
+            p_background = F.softmax(outputs.pred_logits.float(), dim=-1)[..., -1]
         clip_logits = None
         if images is not None:
-            clip_logits = self.clip_logits(images, outputs["pred_masks"], vocab)
+            clip_logits = self.clip_logits(images, outputs.pred_masks, vocab)
         return fuse_probabilities(open_logits, clip_logits, vocab.seen, alpha=cfg.alpha, beta=cfg.beta, p_background=p_background)
 
     # --- everything ---------------------------------------------------------------------------------
@@ -267,5 +272,5 @@ class ODISE(nn.Module):
                 clip_images = [images[i][:, : unpadded_sizes[i][0], : unpadded_sizes[i][1]] for i in indices]
             log_probs = self.class_log_probs(outputs, vocab, clip_images)
             for k, i in enumerate(indices):
-                results[i] = (log_probs[k], outputs["pred_masks"][k].float())
+                results[i] = (log_probs[k], outputs.pred_masks[k].float())
         return results  # type: ignore[return-value]

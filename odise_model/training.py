@@ -24,6 +24,7 @@ The frozen CLIP text embeddings of the vocabulary and of caption words are compu
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from .classifier import apply_prompt
 from .criterion import MaskGroundingCriterion, SetCriterion
 from .matcher import HungarianMatcher
 from .model import ODISE
+from .transformer_decoder import MaskGeneratorOutput
 from .vocabulary import Vocabulary
 
 __all__ = ["LossConfig", "TrainingModule", "optimizer_param_groups", "NORM_MODULE_TYPES"]
@@ -240,12 +242,16 @@ class TrainingModule(nn.Module):
         batch = {name: torch.cat([f[name] for f in features]) for name in features[0]}
         # 2. mask generator: final + aux predictions
         outputs = self.model.mask_generator(batch)
-        predictions = [outputs, *outputs["aux_outputs"]]
         # 3. classification logits
         if self.kind == "label":
             vocab = self.model.vocabulary_embedding(self.vocabulary)
-            for pred in predictions:
-                pred["pred_logits"] = self.model.head.logits(pred["mask_embed"], vocab, pred["logit_scale"])
+
+            def with_vocab_logits(pred: MaskGeneratorOutput) -> MaskGeneratorOutput:
+                return pred.with_logits(self.model.head.logits(pred.mask_embed, vocab, pred.logit_scale))
+
+            outputs = dataclasses.replace(
+                with_vocab_logits(outputs), aux_outputs=tuple(with_vocab_logits(a) for a in outputs.aux_outputs)
+            )
             loss_targets = list(targets)
         else:
             loss_targets = [{"labels": torch.zeros_like(t["labels"]), "masks": t["masks"]} for t in targets]

@@ -15,7 +15,9 @@ Parameter names follow the official ``sem_seg_head.predictor.*``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,57 @@ from torch import nn
 from .config import TransformerDecoderConfig
 from .layers import MLP, sine_position_encoding
 
-__all__ = ["TransformerDecoder", "PooledMaskEmbed", "mask_pooling"]
+__all__ = ["TransformerDecoder", "PooledMaskEmbed", "MaskGeneratorOutput", "mask_pooling"]
+
+
+@dataclass(frozen=True)
+class MaskGeneratorOutput:
+    """Predictions of the mask generator (pixel decoder + transformer decoder) for one decoder stage.
+
+    ``B`` images, ``Q`` queries, masks at stride 4 of the padded input (``h = H/4``, ``w = W/4``).
+
+    Attributes:
+        pred_masks: ``BxQxhxw`` mask logits.
+        mask_embed: ``BxQxP`` mask embeddings (not normalised; ``P`` = the text projection width), matched
+            against text embeddings for open-vocabulary classification.
+        logit_scale: 0-dim temperature ``min(exp(logit_scale), 100)`` of that matching.
+        pred_logits: class logits: ``BxQx2`` object / no-object of the caption variant's binary head; ``None``
+            for the label variant until training adds its ``BxQx(K+1)`` vocabulary logits
+            (:meth:`with_logits`).
+        aux_outputs: the same predictions for the learned queries and layers ``1..L-1`` (deep
+            supervision), oldest first; empty for those entries themselves.
+    """
+
+    pred_masks: torch.Tensor
+    mask_embed: torch.Tensor
+    logit_scale: torch.Tensor
+    pred_logits: torch.Tensor | None = None
+    aux_outputs: tuple[MaskGeneratorOutput, ...] = ()
+
+    def with_logits(self, pred_logits: torch.Tensor) -> MaskGeneratorOutput:
+        """A copy with ``pred_logits`` set (the aux outputs are kept as they are)."""
+        return dataclasses.replace(self, pred_logits=pred_logits)
+
+    # Read-only key access, as diffusers' ``BaseOutput``: ``out["pred_masks"]`` and ``"pred_logits" in out``
+    # keep code written against the former dict working; a field that is None (or an empty ``aux_outputs``)
+    # counts as absent, as the dict had no such key. Attribute access is the interface.
+    def __getitem__(self, key: str) -> torch.Tensor | tuple[MaskGeneratorOutput, ...]:
+        if key not in self:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str) or key not in _OUTPUT_FIELDS:
+            return False
+        value = getattr(self, key)
+        return value is not None and not (isinstance(value, tuple) and not value)
+
+    def keys(self) -> list[str]:
+        """Names of the fields that are set, in declaration order."""
+        return [name for name in _OUTPUT_FIELDS if name in self]
+
+
+_OUTPUT_FIELDS = tuple(f.name for f in dataclasses.fields(MaskGeneratorOutput))
 
 
 def mask_pooling(features: torch.Tensor, mask_logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -147,16 +199,16 @@ class TransformerDecoder(nn.Module):
         attn = attn.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5
         return pred, attn.detach()
 
-    def forward(self, features: list[torch.Tensor], mask_features: torch.Tensor) -> dict:
+    def forward(self, features: list[torch.Tensor], mask_features: torch.Tensor) -> MaskGeneratorOutput:
         """Run the decoder.
 
         Args:
             features: 3 maps ``BxCxH_lxW_l`` from the pixel decoder, low to high resolution.
             mask_features: ``BxCxH/4xW/4``.
         Returns:
-            dict with ``pred_masks`` (``BxQxH/4xW/4`` logits), ``mask_embed`` (``BxQxP``), ``logit_scale``
-            (0-dim), ``pred_logits`` (``BxQx2``, caption variant only) for the last layer and
-            ``aux_outputs``: the same keys for the learned queries and layers 1..L-1 (deep supervision).
+            :class:`MaskGeneratorOutput` of the last layer: ``pred_masks`` (``BxQxH/4xW/4`` logits),
+            ``mask_embed`` (``BxQxP``), ``logit_scale`` (0-dim), ``pred_logits`` (``BxQx2``, caption variant
+            only; else None) and ``aux_outputs``: the same for the learned queries and layers 1..L-1.
         """
         # 1. flatten the levels: HW x B x C, with sine position encodings and level embeddings
         src, pos, sizes = [], [], []
@@ -183,8 +235,5 @@ class TransformerDecoder(nn.Module):
             pred, attn_mask = self._heads(output, mask_features, sizes[(i + 1) % self.num_feature_levels])
             predictions.append(pred)
         logit_scale = self.post_mask_embed.scale()
-        for pred in predictions:
-            pred["logit_scale"] = logit_scale
-        out = dict(predictions[-1])
-        out["aux_outputs"] = predictions[:-1]
-        return out
+        stages = [MaskGeneratorOutput(logit_scale=logit_scale, **pred) for pred in predictions]
+        return dataclasses.replace(stages[-1], aux_outputs=tuple(stages[:-1]))

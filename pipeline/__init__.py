@@ -5,7 +5,8 @@ Layout, by job, over a few shared modules:
 * shared: :mod:`pipeline.config` (every run's settings), :mod:`pipeline.storage` (fsspec I/O),
   :mod:`pipeline.shards` (the one shard lister and tar reader), :mod:`pipeline.images` (the one image
   decoder), :mod:`pipeline.schema` (the output's Arrow schema), :mod:`pipeline.encode` (masks <-> RLE / PNG),
-  :mod:`pipeline.groundtruth` (labeled shards and COCO panoptic ground truth);
+  :mod:`pipeline.groundtruth` (labeled shards and COCO panoptic ground truth), :mod:`pipeline.redact` (what a
+  credential looks like; nothing recorded carries one);
 * :mod:`pipeline.annotate`: label a dataset (``run_annotation``): checks, Ray stages, commits, COCO export;
 * :mod:`pipeline.evaluate`: score an output against ground truth (``run_evaluation``);
 * :mod:`pipeline.train`: fine-tune on labeled shards (``run_training``).

@@ -50,6 +50,13 @@ Guarantee: *every sample that exists yields exactly one record*, either with ima
 For virtual image shards each file is one sample with key = its path relative to the folder,
 extension included (``cats/001.jpg``), so two files ``a.jpg`` and ``a.png`` never collide; a file that
 vanished after listing gives an error record.
+
+Signed URLs (``https://.../x.tar?X-Amz-Signature=...``, e.g. lines of a manifest): a :class:`ShardRef`'s
+``url`` and ``members`` hold the URL *without* its user-info and signing parameters
+(:func:`pipeline.redact.url_identity`), which is what outputs record and what shard ids and keys derive
+from (re-signed URLs name the same shards); the URLs to open, signatures included, travel separately in
+``access_urls`` and are never recorded. The suffix of an http(s) URL (``.tar``, ``.jpg``) is read from its
+path, ignoring the query, and ``?`` in an http(s) query is not a wildcard.
 """
 
 from __future__ import annotations
@@ -70,6 +77,8 @@ from typing import Any, Literal
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from pipeline.redact import redact_text, url_identity
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -117,6 +126,8 @@ class ShardRef:
         kind: ``"tar"`` or ``"images"``.
         members: for virtual shards, the image URLs in order; empty for tars.
         root: for virtual shards, the folder URL that keys are relative to.
+        access_urls: only for signed URLs: what to open instead of ``url`` (a tar: one URL) or of
+            ``members`` (images: one per member, same order); empty otherwise. Never recorded or shown.
     """
 
     url: str
@@ -124,6 +135,7 @@ class ShardRef:
     kind: Literal["tar", "images"] = "tar"
     members: tuple[str, ...] = ()
     root: str = ""
+    access_urls: tuple[str, ...] = dataclasses.field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -168,8 +180,15 @@ def _safe_stem(name: str, fallback: str) -> str:
     return stem or fallback
 
 
+def _path_part(path: str) -> str:
+    """An http(s) URL without its query and fragment (where suffixes and wildcards are looked for)."""
+    if path.startswith(("http://", "https://")):
+        return path.split("#", 1)[0].split("?", 1)[0]
+    return path
+
+
 def _tar_stem(path: str) -> str:
-    base = posixpath.basename(path.rstrip("/"))
+    base = posixpath.basename(_path_part(path).rstrip("/"))
     for suffix in TAR_SUFFIXES:
         if base.lower().endswith(suffix):
             return base[: -len(suffix)]
@@ -177,12 +196,12 @@ def _tar_stem(path: str) -> str:
 
 
 def _ext(path: str) -> str:
-    base = posixpath.basename(path)
+    base = posixpath.basename(_path_part(path))
     return base.rsplit(".", 1)[-1].lower() if "." in base else ""
 
 
 def _is_tar(path: str) -> bool:
-    return path.lower().endswith(TAR_SUFFIXES)
+    return _path_part(path).lower().endswith(TAR_SUFFIXES)
 
 
 def _is_image(path: str) -> bool:
@@ -190,7 +209,7 @@ def _is_image(path: str) -> bool:
 
 
 def _is_manifest(path: str) -> bool:
-    return path.lower().endswith(MANIFEST_SUFFIXES)
+    return _path_part(path).lower().endswith(MANIFEST_SUFFIXES)
 
 
 def _has_protocol(url: str) -> bool:
@@ -246,7 +265,7 @@ def _input_error(url: str, exc: BaseException, storage_options: dict[str, Any]) 
     if isinstance(exc, InputError):
         return exc
     name = type(exc).__name__
-    text = f"{name}: {exc}"
+    text = redact_text(f"{name}: {exc}")  # library messages quote the URL they opened, signature included
     if isinstance(exc, FileNotFoundError):
         hint = "not found; check the path, the bucket name and the pattern"
     elif (
@@ -276,16 +295,20 @@ class _Found:
 
     tars: dict[str, None] = dataclasses.field(default_factory=dict)
     images: dict[str, str] = dataclasses.field(default_factory=dict)  # image url -> group root url
+    access: dict[str, str] = dataclasses.field(default_factory=dict)  # url -> signed url (only if different)
 
     def add_file(self, fs, path: str, root: str) -> bool:
-        url = fs.unstrip_protocol(path)
+        signed = fs.unstrip_protocol(path)
+        url = url_identity(signed)
         if _is_tar(path):
             self.tars.setdefault(url, None)
-            return True
-        if _is_image(path):
-            self.images.setdefault(url, fs.unstrip_protocol(root.rstrip("/")) if root else "")
-            return True
-        return False
+        elif _is_image(path):
+            self.images.setdefault(url, url_identity(fs.unstrip_protocol(root.rstrip("/"))) if root else "")
+        else:
+            return False
+        if signed != url:
+            self.access.setdefault(url, signed)
+        return True
 
 
 def _glob_base(path: str) -> str:
@@ -364,7 +387,7 @@ def _resolve_explicit(fs, paths: list[str], origin: str, found: _Found) -> None:
     simple = [p for p in paths if _is_tar(p) or _is_image(p)]
     _check_files_exist(fs, simple, origin)
     for p in simple:
-        found.add_file(fs, p, posixpath.dirname(p))
+        found.add_file(fs, p, posixpath.dirname(_path_part(p)))
     for p in paths:
         if p not in simple:
             _resolve_one(fs, p, fs.unstrip_protocol(p), found, allow_manifest=False)
@@ -392,7 +415,8 @@ def _read_manifest(fs, path: str, url: str, found: _Found, storage_options: dict
             line_fs = fs
             line_path = line if line.startswith("/") else posixpath.normpath(posixpath.join(folder, line))
         origin = f"{url} line {lineno}"
-        if line_fs is fs and not _BRACE.search(line_path) and not _GLOB_CHARS.search(line_path):
+        pattern = _path_part(line_path)
+        if line_fs is fs and not _BRACE.search(pattern) and not _GLOB_CHARS.search(pattern):
             plain.append(line_path)
             continue
         try:
@@ -409,7 +433,7 @@ def _resolve_one(
     fs, path: str, url: str, found: _Found, *, allow_manifest: bool, storage_options=None
 ) -> None:
     """Resolve one spec (stripped path on ``fs``) into ``found``."""
-    if _BRACE.search(path):
+    if _BRACE.search(_path_part(path)):
         from braceexpand import braceexpand
 
         expanded = list(braceexpand(path))
@@ -418,7 +442,7 @@ def _resolve_one(
             _resolve_glob(fs, g, url, found)
         _resolve_explicit(fs, [p for p in expanded if p not in globs], url, found)
         return
-    if _GLOB_CHARS.search(path):
+    if _GLOB_CHARS.search(_path_part(path)):
         _resolve_glob(fs, path, url, found)
         return
     info = fs.info(path)
@@ -428,14 +452,16 @@ def _resolve_one(
         if not allow_manifest:
             raise InputError(f"{url}: manifests cannot list other manifests")
         _read_manifest(fs, path, url, found, storage_options or {})
-    elif not found.add_file(fs, path, posixpath.dirname(path)):
+    elif not found.add_file(fs, path, posixpath.dirname(_path_part(path))):
         raise InputError(
             f"{url}: unsupported input file; expected a .tar shard, an image ({', '.join(IMAGE_EXTENSIONS)}), "
             f"a manifest ({', '.join(MANIFEST_SUFFIXES)}) or a folder"
         )
 
 
-def _virtual_shards(images: dict[str, str], per_shard: int, label: str = "images") -> list[ShardRef]:
+def _virtual_shards(
+    images: dict[str, str], per_shard: int, label: str = "images", access: Mapping[str, str] | None = None
+) -> list[ShardRef]:
     groups: dict[str, list[str]] = {}
     for url, root in images.items():
         groups.setdefault(root, []).append(url)
@@ -448,7 +474,17 @@ def _virtual_shards(images: dict[str, str], per_shard: int, label: str = "images
             url = f"{root}#{label}-{index:06d}"
             digest = _short_hash(url + "\n" + "\n".join(members))
             shard_id = f"{folder}-{label}-{index:06d}-{digest}"
-            shards.append(ShardRef(url=url, shard_id=shard_id, kind="images", members=members, root=root))
+            signed = tuple((access or {}).get(m, m) for m in members)
+            shards.append(
+                ShardRef(
+                    url=url,
+                    shard_id=shard_id,
+                    kind="images",
+                    members=members,
+                    root=root,
+                    access_urls=signed if signed != members else (),
+                )
+            )
     return shards
 
 
@@ -469,6 +505,7 @@ def exclude_labelled_images(
         return list(shards)
     out: list[ShardRef] = []
     pending: dict[str, list[ShardRef]] = {}
+    access = {m: a for shard in shards for m, a in zip(shard.members, shard.access_urls)}
     for shard in shards:
         if shard.kind == "images" and shard.shard_id not in committed:
             pending.setdefault(shard.root, []).append(shard)
@@ -482,7 +519,7 @@ def exclude_labelled_images(
         rest = {m: root for m in members if m not in covered}
         skipped = len(members) - len(rest)
         log.info("%s: %d image(s) already labelled by committed shards; %d left to label", root, skipped, len(rest))
-        out.extend(_virtual_shards(rest, per_shard, label="rest"))
+        out.extend(_virtual_shards(rest, per_shard, label="rest", access=access))
     return sorted(out, key=lambda s: (s.url, s.shard_id))
 
 
@@ -524,9 +561,14 @@ def list_shards(
             raise _input_error(spec, exc, options) from exc
 
     shards = [
-        ShardRef(url=u, shard_id=f"{_safe_stem(_tar_stem(u), 'shard')}-{_short_hash(u)}") for u in found.tars
+        ShardRef(
+            url=u,
+            shard_id=f"{_safe_stem(_tar_stem(u), 'shard')}-{_short_hash(u)}",
+            access_urls=(found.access[u],) if u in found.access else (),
+        )
+        for u in found.tars
     ]
-    shards += _virtual_shards(found.images, images_per_virtual_shard)
+    shards += _virtual_shards(found.images, images_per_virtual_shard, access=found.access)
     shards.sort(key=lambda s: s.url)
     ids = [s.shard_id for s in shards]
     if len(set(ids)) != len(ids):  # 32-bit hash collision of two equal stems: vanishingly rare
@@ -722,13 +764,29 @@ class _TarReader:
 
 
 def _iter_tar(shard: ShardRef, storage_options: dict[str, Any], max_member_bytes: int) -> Iterator[RawSample]:
-    fs, path = _filesystem(shard.url, storage_options)
+    fs, path = _filesystem(shard.access_urls[0] if shard.access_urls else shard.url, storage_options)
     try:
         fileobj = fs.open(path, "rb")
     except FileNotFoundError as exc:
         raise InputError(f"{shard.url}: shard vanished after listing; check the path") from exc
     with fileobj:
         yield from _TarReader(shard, max_member_bytes).read(fileobj)
+
+
+def _without_signatures(shard: ShardRef, samples: Iterator[RawSample]) -> Iterator[RawSample]:
+    """For signed URLs: an error raised while reading is re-raised with its message redacted and without
+    its chain (library errors quote the URL they opened, signature included; Ray would print them in its
+    worker logs): ``InputError`` stays ``InputError``, anything else becomes ``OSError`` (a failed read,
+    retried as I/O)."""
+    if not shard.access_urls:
+        yield from samples
+        return
+    try:
+        yield from samples
+    except InputError as exc:
+        raise InputError(redact_text(str(exc))) from None
+    except Exception as exc:
+        raise OSError(f"{shard.url}: {redact_text(f'{type(exc).__name__}: {exc}')}") from None
 
 
 def _relative_key(url: str, root: str) -> str:
@@ -739,10 +797,11 @@ def _relative_key(url: str, root: str) -> str:
 def _iter_images(shard: ShardRef, storage_options: dict[str, Any], chunk: int = 32) -> Iterator[RawSample]:
     if not shard.members:
         return
-    fs, _ = _filesystem(shard.members[0], storage_options)
+    opened = shard.access_urls or shard.members
+    fs, _ = _filesystem(opened[0], storage_options)
     for start in range(0, len(shard.members), chunk):
         urls = shard.members[start : start + chunk]
-        paths = [fs._strip_protocol(u) for u in urls]
+        paths = [fs._strip_protocol(u) for u in opened[start : start + chunk]]
         data = fs.cat(paths, on_error="return")
         for url, path in zip(urls, paths, strict=True):
             key = _relative_key(url, shard.root)
@@ -775,9 +834,9 @@ def iter_samples(
         raise TypeError(f"expected a ShardRef (from list_shards), got {type(shard).__name__}: {shard!r:.200}")
     options = dict(storage_options or {})
     if shard.kind == "tar":
-        yield from _iter_tar(shard, options, max_member_bytes)
+        yield from _without_signatures(shard, _iter_tar(shard, options, max_member_bytes))
     elif shard.kind == "images":
-        yield from _iter_images(shard, options)
+        yield from _without_signatures(shard, _iter_images(shard, options))
     else:
         raise ValueError(f"unknown shard kind {shard.kind!r} for {shard.url}")
 

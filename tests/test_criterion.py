@@ -18,6 +18,7 @@ from odise_model.criterion import (
     uncertain_point_coords,
 )
 from odise_model.matcher import HungarianMatcher, point_sample
+from odise_model.transformer_decoder import MaskGeneratorOutput
 
 LN2 = math.log(2)
 
@@ -69,8 +70,16 @@ def test_uncertain_points_prefer_uncertain_regions():
     assert float(scores[chosen].min()) >= float(scores[rest].max())
 
 
-def _outputs(logits, masks):
-    return {"pred_logits": logits, "pred_masks": masks}
+def _outputs(logits, masks, aux=()):
+    """A mask generator output with class logits; the embeddings are unused by the set criterion."""
+    batch, queries = masks.shape[:2]
+    return MaskGeneratorOutput(
+        pred_masks=masks,
+        mask_embed=torch.zeros(batch, queries, 2),
+        logit_scale=torch.tensor(1.0),
+        pred_logits=logits,
+        aux_outputs=tuple(aux),
+    )
 
 
 def test_set_criterion_end_to_end_by_hand():
@@ -84,8 +93,7 @@ def test_set_criterion_end_to_end_by_hand():
     )
     logits = torch.tensor([[[2.0, 0.0], [0.0, 0.0]]], requires_grad=True)
     masks = torch.zeros(1, 2, 4, 4, requires_grad=True)
-    outputs = _outputs(logits, masks)
-    outputs["aux_outputs"] = [_outputs(logits, masks)]
+    outputs = _outputs(logits, masks, aux=[_outputs(logits, masks)])
     targets = [{"labels": torch.tensor([0]), "masks": torch.zeros(1, 16, 16, dtype=torch.bool)}]
     losses = criterion(outputs, targets, generator=torch.Generator().manual_seed(0))
     # CE: q0 -> class 0: -log(0.880797) = 0.126928 (w 1); q1 -> no-object: -log 0.5 = 0.693147 (w 0.1)

@@ -324,3 +324,46 @@ def test_a_copied_builtin_config_finds_the_shipped_sd_configs(tmp_path):
     local.write_text("[not json")
     with pytest.raises(ConfigError):
         load_config(path)
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny_caption"])
+def test_mask_generator_returns_a_typed_frozen_output_with_documented_shapes(variant):
+    """``ODISE.mask_generator`` returns a :class:`MaskGeneratorOutput` (not a dict): masks at stride 4,
+    one embedding per query, the shared temperature, the caption head's 2 logits (label: None), and one aux
+    output per decoder layer (plus the learned queries), each of the same type without aux outputs."""
+    import dataclasses
+
+    import odise_model
+    from odise_model.transformer_decoder import MaskGeneratorOutput
+
+    torch.manual_seed(0)
+    model = odise_model.build_odise(variant, seed=0).eval()
+    cfg = model.config
+    q, layers = cfg.transformer_decoder.num_queries, cfg.transformer_decoder.num_layers
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = model.backbone_features([image])
+        batch = {name: value for name, value in features[0].items()}
+        out = model.mask_generator(batch)
+    assert isinstance(out, MaskGeneratorOutput)
+    assert out.pred_masks.shape == (1, q, 16, 16)
+    assert out.mask_embed.shape[:2] == (1, q) and out.logit_scale.dim() == 0
+    if variant == "tiny":
+        assert out.pred_logits is None
+    else:
+        assert out.pred_logits.shape == (1, q, 2)
+    assert len(out.aux_outputs) == layers
+    assert all(isinstance(a, MaskGeneratorOutput) and a.aux_outputs == () for a in out.aux_outputs)
+    assert all(a.pred_masks.shape == out.pred_masks.shape for a in out.aux_outputs)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        out.pred_masks = out.pred_masks  # type: ignore[misc]
+    logits = torch.zeros(1, q, 3)
+    with_logits = out.with_logits(logits)
+    assert with_logits.pred_logits is logits and with_logits.aux_outputs == out.aux_outputs
+    assert out.pred_logits is not logits  # the original is unchanged
+    # read-only key access as diffusers' BaseOutput (code written against the former dict keeps working)
+    assert out["pred_masks"] is out.pred_masks and "mask_embed" in out and "nothing" not in out
+    assert ("pred_logits" in out) == (variant == "tiny_caption") and "aux_outputs" not in out.aux_outputs[0]
+    assert out.keys()[:3] == ["pred_masks", "mask_embed", "logit_scale"]
+    with pytest.raises(KeyError):
+        out.aux_outputs[0]["aux_outputs"]

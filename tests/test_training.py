@@ -31,7 +31,13 @@ from pipeline.train.data import (
     vocabulary_from_categories,
     write_synthetic_shapes_dataset,
 )
-from pipeline.train.run import last_checkpoint, lr_multiplier, run_training
+from pipeline.train.run import (
+    TrainOutputError,
+    TrainStateError,
+    last_checkpoint,
+    lr_multiplier,
+    run_training,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -445,6 +451,130 @@ def test_resume_gives_exactly_the_uninterrupted_next_steps(data, full_run, tmp_p
     assert load_vocabulary(["x"]) is not None and "circle" in trainer["vocabulary"]
 
 
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_new_run_into_an_existing_output_is_refused_and_changes_nothing(data, full_run, tmp_path, capsys):
+    """Without resume, an output holding a run (metrics, summary or checkpoints) is refused, naming it; its files
+    stay byte for byte. ``odise-train`` says so with exit code 2, before Prefect or Ray start."""
+    full, _ = full_run
+    before = _tree(full)
+    with pytest.raises(TrainOutputError, match=rf"output {full} already holds a training run.*--resume"):
+        run_training(_cfg(data, full))
+    assert _tree(full) == before
+    # checkpoints alone (metrics and summary gone) are still a run
+    partial = tmp_path / "partial"
+    shutil.copytree(full / "checkpoints", partial / "checkpoints")
+    with pytest.raises(TrainOutputError, match="checkpoints/"):
+        run_training(_cfg(data, partial))
+    # an empty existing folder is fine to start in (checked only, not run here)
+    from pipeline.train.run import check_output
+
+    (tmp_path / "empty").mkdir()
+    check_output(_cfg(data, tmp_path / "empty"))
+
+    from flows.cli import train_main
+
+    argv = ["--train", data["train"], "--output", str(full), "--model", "tiny", "--max-steps", "4"]
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"odise-train: error: output {full} already holds a training run" in err and "--resume" in err
+    assert _tree(full) == before
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (b"  \n", "is empty"),
+        (b"model_00000", "does not name a checkpoint file"),  # torn mid-name
+        (b"model_0000006.pth", "names model_0000006.pth, which is not in"),
+        (b"../../etc/passwd.pth", "does not name a checkpoint file"),
+        (None, "is missing but"),
+    ],
+)
+def test_a_damaged_last_checkpoint_fails_loudly_naming_the_file(data, full_run, tmp_path, content, message):
+    """An empty, torn or dangling ``last_checkpoint`` (or checkpoints without one) never restarts at step 0."""
+    full, _ = full_run
+    out = tmp_path / "run"
+    shutil.copytree(full / "checkpoints", out / "checkpoints")
+    shutil.copy(full / "metrics.jsonl", out / "metrics.jsonl")
+    pointer = out / "checkpoints" / "last_checkpoint"
+    if content is None:
+        pointer.unlink()
+    else:
+        pointer.write_bytes(content)
+    before = _tree(out)
+    with pytest.raises(TrainStateError, match=rf"{pointer}.*{message}"):
+        last_checkpoint(str(out))
+    with pytest.raises(TrainStateError, match=rf"{pointer}.*{message}"):
+        run_training(_cfg(data, out, resume=True, val=None))
+    assert _tree(out) == before  # nothing was trained, nothing rewritten (metrics.jsonl included)
+
+
+def test_resume_into_an_output_without_checkpoints_starts_at_step_0(data, tmp_path):
+    assert last_checkpoint(str(tmp_path / "nothing")) is None
+    (tmp_path / "nothing" / "checkpoints").mkdir(parents=True)
+    assert last_checkpoint(str(tmp_path / "nothing")) is None
+
+
+def test_checkpoints_are_fsynced_before_last_checkpoint_names_them(data, tmp_path, monkeypatch):
+    """Order of durable writes in a run (os.fsync / os.replace observed, then called as usual): each checkpoint's
+    bytes are fsync'ed and renamed into place, and its folder fsync'ed, before ``last_checkpoint`` is replaced;
+    ``last_checkpoint`` is itself written to a temp file, fsync'ed and renamed (never truncated in place)."""
+    import os
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        events.append(("replace", os.fspath(dst)))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "run"
+    run_training(_cfg(data, out, max_steps=2, checkpoint_every=1, val=None))
+    monkeypatch.undo()
+    ckpt_dir = str(out / "checkpoints")
+    pointer = f"{ckpt_dir}/last_checkpoint"
+    for step in (1, 2):
+        ckpt = f"{ckpt_dir}/model_{step:07d}.pth"
+        renamed = events.index(("replace", ckpt))
+        fsynced = max(i for i, (kind, path) in enumerate(events[:renamed]) if kind == "fsync" and "model_" in path)
+        dir_synced = events.index(("fsync", ckpt_dir), renamed)
+        pointed = [i for i, e in enumerate(events) if e == ("replace", pointer)][step - 1]
+        assert fsynced < renamed < dir_synced < pointed
+        assert events[pointed - 1][0] == "fsync" and ".last_checkpoint.tmp-" in events[pointed - 1][1]
+    assert pointer not in [path for kind, path in events if kind == "fsync"]  # never written in place
+    assert (out / "checkpoints" / "last_checkpoint").read_text() == "model_0000002.pth"
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_ray_runs_refuse_credentials_in_storage_options_before_ray_starts(data, tmp_path):
+    """Ray Train keeps train_loop_config in its run state: credential values never go there."""
+    import ray
+
+    was_running = ray.is_initialized()
+    cfg = _cfg(
+        data,
+        tmp_path / "r",
+        use_ray=True,
+        storage_options={"client_kwargs": {"endpoint_url": "http://u:CANARYpw@127.0.0.1:9"}},
+    )
+    with pytest.raises(ValueError, match=r"storage_options\['client_kwargs'\]\['endpoint_url'\]") as info:
+        run_training(cfg)
+    assert "CANARYpw" not in str(info.value)
+    with pytest.raises(ValueError, match=r"storage_options\['secret'\]"):
+        run_training(_cfg(data, tmp_path / "r", use_ray=True, storage_options={"secret": "s"}))
+    assert ray.is_initialized() == was_running
+
+
 def test_trained_checkpoint_runs_through_the_predictor(data, full_run):
     model = odise_model.build_odise("tiny", checkpoint=last_checkpoint(str(full_run[0])))
     vocab = vocabulary_from_categories(read_categories(data["val"]))
@@ -466,25 +596,5 @@ def test_config_validation(data, tmp_path):
     )
 
 
-@pytest.mark.slow
-def test_ray_train_torchtrainer_one_cpu_worker(data, tmp_path):
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        cfg = _cfg(
-            data,
-            tmp_path / "ray",
-            max_steps=2,
-            use_ray=True,
-            num_workers=1,
-            cpus_per_worker=0.5,
-            ray_storage_path=str(tmp_path / "ray_results"),
-        )
-        summary = run_training(cfg)
-    finally:
-        ray.shutdown()
-    assert summary.steps == 2 and summary.num_workers == 1
-    assert last_checkpoint(str(tmp_path / "ray")).endswith("model_0000002.pth")
-    assert [r["step"] for r in _metrics(tmp_path / "ray") if r["type"] == "train"] == [1, 2]
+# The Ray Train path (TorchTrainer, one CPU worker, through the train flow with a Secret block) is run by
+# tests/test_credentials_canary.py::test_ray_train_run_state_holds_no_block_credentials.

@@ -326,7 +326,9 @@ def check_cluster_paths(
 # 2. provenance
 # --------------------------------------------------------------------------------------------------------
 def provenance_for(config: AnnotateConfig, checked: CheckedInputs | Mapping[str, Any], run_id: str) -> RunProvenance:
-    """The provenance record of a run of ``config`` over ``checked`` inputs, with id ``run_id``."""
+    """The provenance record of a run of ``config`` over ``checked`` inputs, with id ``run_id``; URLs in it are
+    redacted (no user-info, signatures, tokens)."""
+    from pipeline.redact import redact_text, redact_url, url_identity
     from pipeline.schema import RunProvenance
 
     model_cfg = checked["model_config"]
@@ -347,13 +349,13 @@ def provenance_for(config: AnnotateConfig, checked: CheckedInputs | Mapping[str,
         run_id=run_id,
         model_variant=model_cfg.name,
         weights_sha256={k: (None if w is None else w["sha256"]) for k, w in weights.items()},
-        vocabulary_source=config.vocabulary_spec,
+        vocabulary_source=redact_text(config.vocabulary_spec),
         vocabulary_sha256=vocab.sha256(),
         categories=vocab.coco_categories(),
         thresholds=thresholds,
         weights_licences="; ".join(licences),
         settings={
-            "weights": {k: (None if w is None else w["source"]) for k, w in weights.items()},
+            "weights": {k: (None if w is None else redact_url(url_identity(str(w["source"])))) for k, w in weights.items()},
             "plumbing_check": config.is_plumbing_check,
             "input_resize": {"short_side": model_cfg.input.short_side, "max_size": model_cfg.input.max_size},
             "include_png": config.include_png,

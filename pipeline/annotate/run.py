@@ -39,6 +39,7 @@ from pipeline.annotate.checks import CheckedInputs, check_cluster_paths, check_i
 from pipeline.annotate.lease import LeaseMode, OutputLease
 from pipeline.annotate.stages import Annotator, overlay_plan
 from pipeline.config import AnnotateConfig, RunSummary
+from pipeline.redact import install_log_redaction, redact, redact_text
 from pipeline.shards import ShardRef
 
 log = logging.getLogger(__name__)
@@ -304,6 +305,7 @@ def run_annotation(
         LeaseLostError: this run lost the lease while running (it stopped before committing anything else).
     """
     started = time.perf_counter()
+    install_log_redaction()  # no credential in any log record of this process (pipeline.redact)
     # 1. checks (once: the caller's, when given)
     if checked is None:
         checked = check_inputs(config)
@@ -491,7 +493,8 @@ def _label_under_lease(
                             maybe_commit(sid)
                         harvest(block=False)
                 except Exception as exc:
-                    raise PipelineError(f"annotation pipeline failed: {type(exc).__name__}: {exc}") from exc
+                    message = redact_text(f"annotation pipeline failed: {type(exc).__name__}: {exc}")
+                    raise PipelineError(message) from exc
                 harvest(block=True)
             missing = sorted(sid for sid in by_id if sid not in committing)
             if missing:
@@ -516,7 +519,7 @@ def _label_under_lease(
         provenance=None,
         shards=[*shards, *covering],
         # (errors by reason are the file's top-level "errors_by_reason", over every committed shard)
-        extra={"last_run": {k: v for k, v in summary.to_dict().items() if k != "error_reasons"}},
+        extra={"last_run": redact({k: v for k, v in summary.to_dict().items() if k != "error_reasons"}, keys=False)},
     )
     summary.error_reasons = dict(totals_file.get("errors_by_reason", {}))
     return summary

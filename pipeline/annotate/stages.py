@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.redact import redact_text
+
 log = logging.getLogger(__name__)
 
 __all__ = ["ReadShard", "Annotator", "EncodeAndStage", "overlay_plan"]
@@ -44,7 +46,7 @@ def _empty_sample_row(shard: dict, key: str, *, error: str | None, ext: str | No
         "shard_id": shard["shard_id"],
         "key": key,
         "image_ext": ext or "",
-        "error": error or "",
+        "error": redact_text(error) if error else "",  # a reader's message may quote a signed URL
         "image": b"",
         "rh": 0,
         "rw": 0,
@@ -131,6 +133,7 @@ class ReadShard:
                 kind=shard["kind"],
                 members=tuple(shard.get("members", ())),
                 root=shard.get("root", ""),
+                access_urls=tuple(shard.get("access_urls", ())),  # signed URLs: opened, never recorded
             )
             rows: list[dict[str, Any]] = []
             total = 0
@@ -158,7 +161,7 @@ class Annotator:
         model_kwargs: keyword arguments of :func:`odise_model.build_odise` (variant and weight sources).
         vocabulary_text: the vocabulary in canonical ``classes.txt`` form (parsed again here).
         predictor_kwargs: :class:`odise_model.Predictor` settings.
-        postprocess: threshold overrides (``object_mask_threshold``, ``overlap_threshold``) and fusion
+        overrides: threshold overrides (``object_mask_threshold``, ``overlap_threshold``) and fusion
             exponent overrides (``alpha``, ``beta``).
         device: ``"cuda"`` or ``"cpu"``.
     """

@@ -30,28 +30,55 @@ Outputs under ``output`` (any fsspec URL)::
 
 ``resume=True`` continues from ``last_checkpoint`` (model, optimizer, schedule step, data position, RNG);
 the next steps are exactly those an uninterrupted run would take (tested).
+
+Output safety:
+
+* an output that already holds a training run (``metrics.jsonl``, ``train_summary.json`` or anything
+  under ``checkpoints/``) is refused without ``resume=True`` (:class:`TrainOutputError`, exit code 2 of
+  ``odise-train``): a new run never empties another run's metrics or overwrites its checkpoints;
+* every file is written whole through :func:`pipeline.storage.write_bytes` (locally: temp file, fsync,
+  ``os.replace``; object stores: one PUT); a checkpoint is fsync'ed (and its folder, locally) before
+  ``last_checkpoint`` names it, and ``last_checkpoint`` itself is replaced atomically;
+* an empty or torn ``last_checkpoint``, one naming a missing file, or checkpoints without a
+  ``last_checkpoint`` stop a resume with :class:`TrainStateError` naming the file (never a silent restart
+  at step 0).
+
+Credentials: ``run_training(cfg, credentials=...)`` takes a picklable loader (``.load() -> dict`` of fsspec
+options, e.g. ``flows._prefect.BlockCredentials``) that is called where files are opened. Ray Train keeps
+``train_loop_config`` in its run state, so only the loader (a block name) goes there, never values; a
+``TrainConfig`` whose ``storage_options`` hold credentials is refused for Ray runs
+(:mod:`pipeline.redact` decides what a credential is).
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import io
 import json
 import logging
 import os
+import posixpath
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pipeline.config import TrainConfig
+from pipeline.redact import credential_findings, install_log_redaction
+from pipeline.storage import fs_root, is_local, list_files, read_bytes, write_bytes
 
 __all__ = [
     "TrainSummary",
+    "TrainOutputError",
+    "TrainStateError",
+    "CredentialsLoader",
     "run_training",
     "lr_multiplier",
     "evaluate_on_shards",
     "last_checkpoint",
+    "check_output",
 ]
 
 logger = logging.getLogger(__name__)
@@ -121,50 +148,138 @@ def lr_multiplier(step: int, max_steps: int, *, warmup_factor: float = 0.067) ->
 # --------------------------------------------------------------------------------------------------
 
 
-def _fs(url: str, storage_options: dict):
-    import fsspec.core
-
-    return fsspec.core.url_to_fs(url, **storage_options)
+class TrainOutputError(ValueError):
+    """The output already holds a training run and ``resume`` is not set (the message names the output)."""
 
 
-def _write_bytes(url: str, data: bytes, storage_options: dict) -> None:
-    """Write a whole file: atomically (temp + rename) locally, one PUT on object stores."""
-    fs, path = _fs(url, storage_options)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or "."
-        )
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
+class TrainStateError(ValueError):
+    """The checkpoint state under an output is damaged (empty / torn ``last_checkpoint``, missing file)."""
+
+
+class CredentialsLoader(Protocol):
+    """A picklable source of fsspec credentials, resolved where files are opened (e.g. a Ray Train worker)."""
+
+    def load(self) -> dict[str, Any]: ...
+
+
+_CHECKPOINT_NAME = re.compile(r"^model_\d+\.pth$")
+_RUN_FILES = ("metrics.jsonl", "train_summary.json")
 
 
 def _read_text(url: str, storage_options: dict) -> str | None:
-    fs, path = _fs(url, storage_options)
-    if not fs.exists(path):
-        return None
-    return fs.cat_file(path).decode("utf-8")
+    fs, path = fs_root(url, storage_options)
+    data = read_bytes(fs, path)
+    return None if data is None else data.decode("utf-8")
+
+
+def _write(url: str, data: bytes, storage_options: dict) -> None:
+    """Write a whole file atomically and durably (:func:`pipeline.storage.write_bytes`)."""
+    fs, path = fs_root(url, storage_options)
+    write_bytes(fs, path, data, durable=True)
+
+
+def _fsync_dir(fs, folder: str) -> None:
+    """Make a local rename in ``folder`` durable (no-op on object stores and where directories can't sync)."""
+    if not is_local(fs):
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _checkpoints(output: str, storage_options: dict) -> list[str]:
+    """Names of the files under ``<output>/checkpoints`` (hidden temp files excluded)."""
+    fs, root = fs_root(f"{output.rstrip('/')}/checkpoints", storage_options)
+    return [posixpath.relpath(p, root) for p in list_files(fs, root)]
+
+
+def check_output(cfg: TrainConfig, storage_options: dict | None = None) -> None:
+    """Refuse to start a new run (``resume`` not set) into an output that holds a training run.
+
+    Raises:
+        TrainOutputError: naming the output and the files found there.
+    """
+    if cfg.resume:
+        return
+    options = dict(cfg.storage_options if storage_options is None else storage_options)
+    base = cfg.output.rstrip("/")
+    found = [name for name in _RUN_FILES if _read_text(f"{base}/{name}", options) is not None]
+    found += [f"checkpoints/{name}" for name in _checkpoints(base, options)[:3]]
+    if found:
+        raise TrainOutputError(
+            f"output {cfg.output} already holds a training run ({', '.join(found)}); a new run would empty its "
+            "metrics.jsonl and overwrite its checkpoints. Continue it with --resume (resume=True), or choose a "
+            "new output folder"
+        )
 
 
 def last_checkpoint(output: str, storage_options: dict | None = None) -> str | None:
-    """URL of the newest checkpoint under ``output`` (from ``checkpoints/last_checkpoint``), or None."""
+    """URL of the newest checkpoint under ``output`` (named by ``checkpoints/last_checkpoint``), or None when
+    the output has no checkpoint yet.
+
+    Raises:
+        TrainStateError: ``last_checkpoint`` is empty or torn, names something that is not a checkpoint file
+            of this folder or a file that does not exist, or is missing while checkpoints exist.
+    """
     options = dict(storage_options or {})
-    name = _read_text(f"{output.rstrip('/')}/checkpoints/last_checkpoint", options)
-    if not name or not name.strip():
+    folder = f"{output.rstrip('/')}/checkpoints"
+    pointer = f"{folder}/last_checkpoint"
+    text = _read_text(pointer, options)
+    existing = [n for n in _checkpoints(output, options) if _CHECKPOINT_NAME.match(n)]
+    if text is None:
+        if existing:
+            raise TrainStateError(
+                f"{pointer} is missing but {folder} holds checkpoints ({', '.join(sorted(existing)[-3:])}); "
+                "refusing to restart at step 0. Write the name of the checkpoint to resume from into that file "
+                "(e.g. the newest one), or choose a new output folder"
+            )
         return None
-    return f"{output.rstrip('/')}/checkpoints/{name.strip()}"
+    name = text.strip()
+    if not name:
+        raise TrainStateError(
+            f"{pointer} is empty (a torn write?); refusing to restart at step 0. It must name the checkpoint to "
+            f"resume from ({', '.join(sorted(existing)[-3:]) or 'no checkpoint files found'})"
+        )
+    if not _CHECKPOINT_NAME.match(name) or len(text.splitlines()) > 1:
+        raise TrainStateError(
+            f"{pointer} does not name a checkpoint file (expected one line like model_0004500.pth, got "
+            f"{name[:80]!r}); refusing to guess"
+        )
+    if name not in existing:
+        raise TrainStateError(
+            f"{pointer} names {name}, which is not in {folder}; refusing to restart at step 0 "
+            f"(found: {', '.join(sorted(existing)[-3:]) or 'no checkpoint files'})"
+        )
+    return f"{folder}/{name}"
 
 
 def _local_copy(url: str, folder: str, storage_options: dict) -> str:
-    fs, path = _fs(url, storage_options)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    fs, path = fs_root(url, storage_options)
+    if is_local(fs):
         return path
     local = os.path.join(folder, os.path.basename(path))
     fs.get_file(path, local)
     return local
+
+
+def _save_checkpoint(model, url: str, trainer_state: dict[str, Any], storage_options: dict) -> None:
+    """Write ``{"model": official layout, "trainer": state}`` whole and durably (fsync'ed file and folder)."""
+    import torch
+
+    from odise_model.checkpoint import official_state_dict
+
+    buffer = io.BytesIO()
+    torch.save({"model": official_state_dict(model), "trainer": trainer_state}, buffer)
+    fs, path = fs_root(url, storage_options)
+    write_bytes(fs, path, buffer.getvalue(), durable=True)
+    _fsync_dir(fs, posixpath.dirname(path))
 
 
 class _MetricsLog:
@@ -191,7 +306,7 @@ class _MetricsLog:
         self.flush()
 
     def flush(self) -> None:
-        _write_bytes(
+        _write(
             self.url,
             ("\n".join(self.lines) + ("\n" if self.lines else "")).encode("utf-8"),
             self.storage_options,
@@ -318,7 +433,6 @@ def _train_worker(
     import torch
 
     import odise_model
-    from odise_model.checkpoint import save_checkpoint
     from odise_model.training import LossConfig, TrainingModule, optimizer_param_groups
     from pipeline.groundtruth import read_categories
     from pipeline.train.data import (
@@ -453,8 +567,8 @@ def _train_worker(
             "config": cfg.model_dump(mode="json", exclude={"storage_options"}),
             "vocabulary": vocabulary.to_text(),
         }
-        save_checkpoint(model, url, extra={"trainer": state}, storage_options=options)
-        _write_bytes(f"{ckpt_dir}/last_checkpoint", name.encode("utf-8"), options)
+        _save_checkpoint(model, url, state, options)  # fsync'ed before last_checkpoint names it
+        _write(f"{ckpt_dir}/last_checkpoint", name.encode("utf-8"), options)
         return url
 
     def evaluate(step_done: int) -> dict[str, Any]:
@@ -563,9 +677,7 @@ def _train_worker(
         device=str(device),
         losses=last_losses,
     )
-    _write_bytes(
-        f"{cfg.output}/train_summary.json", json.dumps(summary.to_dict(), indent=2).encode("utf-8"), options
-    )
+    _write(f"{cfg.output}/train_summary.json", json.dumps(summary.to_dict(), indent=2).encode("utf-8"), options)
     return summary.to_dict()
 
 
@@ -583,12 +695,20 @@ def _use_gpu(cfg: TrainConfig) -> bool:
 
 
 def _ray_train_loop(config: dict[str, Any]) -> None:
-    """``train_loop_per_worker`` of the ``TorchTrainer``: the process group is already set up by Ray Train."""
+    """``train_loop_per_worker`` of the ``TorchTrainer``: the process group is already set up by Ray Train.
+
+    ``config``: ``{"cfg": TrainConfig as JSON (no credentials), "credentials": CredentialsLoader or None}``;
+    the loader's options are merged into ``storage_options`` here, inside the worker.
+    """
     import ray.train
     import ray.train.torch
     import torch
 
+    install_log_redaction()
     cfg = TrainConfig(**config["cfg"])
+    loader = config.get("credentials")
+    if loader is not None:
+        cfg = cfg.model_copy(update={"storage_options": {**cfg.storage_options, **loader.load()}})
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
@@ -598,11 +718,19 @@ def _ray_train_loop(config: dict[str, Any]) -> None:
     _train_worker(cfg, rank=context.get_world_rank(), world_size=context.get_world_size(), device=device)
 
 
-def _run_with_ray(cfg: TrainConfig) -> None:
+def _run_with_ray(cfg: TrainConfig, credentials: CredentialsLoader | None = None) -> None:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    found = credential_findings(cfg.storage_options)
+    if found:
+        raise ValueError(
+            f"storage_options hold credentials ({', '.join('storage_options' + p for p, _ in found)}); Ray Train "
+            "keeps train_loop_config in its run state, so they are not passed to the training workers: give the "
+            "workers credentials through their environment (AWS_ACCESS_KEY_ID ..., ~/.aws) or pass "
+            "run_training(..., credentials=<loader>) (the train flow's storage_block does this)"
+        )
     started = False
     if not ray.is_initialized():
         ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=True)
@@ -611,7 +739,7 @@ def _run_with_ray(cfg: TrainConfig) -> None:
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else bool(ray.cluster_resources().get("GPU", 0))
         trainer = TorchTrainer(
             _ray_train_loop,
-            train_loop_config={"cfg": cfg.model_dump(mode="json")},
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "credentials": credentials},
             scaling_config=ScalingConfig(
                 num_workers=cfg.num_workers,
                 use_gpu=use_gpu,
@@ -627,18 +755,30 @@ def _run_with_ray(cfg: TrainConfig) -> None:
             ray.shutdown()
 
 
-def run_training(cfg: TrainConfig) -> TrainSummary:
+def run_training(cfg: TrainConfig, *, credentials: CredentialsLoader | None = None) -> TrainSummary:
     """Train (or resume) as configured; returns the summary written to ``<output>/train_summary.json``.
 
     One process by default; Ray Train with ``num_workers`` DDP workers when ``num_workers > 1`` or
-    ``ray_address`` is set (``use_gpu``: one GPU per worker).
+    ``ray_address`` is set (``use_gpu``: one GPU per worker). ``credentials``: a picklable loader of fsspec
+    credentials merged into ``storage_options`` where files are opened (see the module doc).
+
+    Raises:
+        TrainOutputError: ``output`` holds a training run and ``resume`` is not set.
+        TrainStateError: resuming from a damaged ``last_checkpoint``.
+        ValueError: credentials in ``storage_options`` of a Ray Train run.
     """
+    install_log_redaction()
+    options = {**cfg.storage_options, **(credentials.load() if credentials is not None else {})}
+    check_output(cfg, options)
+    if cfg.resume:
+        last_checkpoint(cfg.output, options)  # a damaged state fails here, before any worker starts
     if cfg.uses_ray:
-        _run_with_ray(cfg)
-        text = _read_text(f"{cfg.output}/train_summary.json", dict(cfg.storage_options))
+        _run_with_ray(cfg, credentials)
+        text = _read_text(f"{cfg.output}/train_summary.json", options)
         if text is None:
             raise RuntimeError(f"the Ray Train run wrote no {cfg.output}/train_summary.json")
         return TrainSummary(**json.loads(text))
-    summary = _train_worker(cfg)
+    local = cfg if credentials is None else cfg.model_copy(update={"storage_options": options})
+    summary = _train_worker(local)
     assert summary is not None
     return TrainSummary(**summary)
