@@ -27,10 +27,10 @@ from pipeline.export._io import FileBatch, json_bytes, put_json
 from pipeline.export.base import ExportContext, Writer
 from pipeline.export.config import ExportConfig, ExportSummary
 from pipeline.export.images import GroupSpill, fetch_grouped
-from pipeline.export.reader import SelectionStats, iter_items, open_output
+from pipeline.export.reader import AnnotateOutput, SelectionStats, iter_items, open_output
 from pipeline.storage import fs_root, list_files, read_bytes, utc_now, write_bytes
 
-__all__ = ["ExportOutputError", "WRITERS", "run_export", "writer_class"]
+__all__ = ["ExportOutputError", "WRITERS", "check_export", "run_export", "writer_class"]
 
 log = logging.getLogger(__name__)
 
@@ -66,34 +66,50 @@ def writer_class(target: str) -> type[Writer]:
 WRITERS = ("fiftyone", "labelstudio", "datumaro", "hf")
 
 
-def _prepare_output(config: ExportConfig) -> tuple[Any, str]:
-    """Step 2 of the module doc; returns ``(fs, root)`` of a folder that is ready to be written."""
+def _output_state(config: ExportConfig) -> tuple[Any, str, bool]:
+    """``(fs, root, needs clearing)`` of the export folder; raises :class:`ExportOutputError` when unusable."""
     import json
 
     fs, root = fs_root(config.output, config.out_storage_options)
     existing = list_files(fs, root)
     if not existing:
-        return fs, root
+        return fs, root, False
     raw = read_bytes(fs, posixpath.join(root, MANIFEST))
-    manifest: dict[str, Any] | None = None
-    if raw is not None:
-        try:
-            manifest = json.loads(raw)
-        except ValueError:
-            manifest = {"complete": False}
-    if manifest is None:
+    if raw is None:
         raise ExportOutputError(
             f"export folder {config.output} is not empty and holds no {MANIFEST} (not an earlier export); "
             "choose a new or empty folder"
         )
+    try:
+        manifest = json.loads(raw)
+    except ValueError:
+        manifest = {"complete": False}
     if manifest.get("complete") and not config.overwrite:
         raise ExportOutputError(
             f"export folder {config.output} already holds a finished {manifest.get('format')} export; "
             "pass overwrite (--overwrite) to replace it, or choose a new folder"
         )
-    log.info("clearing %s (%d files of an earlier export)", config.output, len(existing))
-    fs.rm(root, recursive=True)
-    fs.invalidate_cache(root)
+    return fs, root, True
+
+
+def check_export(config: ExportConfig) -> AnnotateOutput:
+    """Steps 1-2 without writing anything: the input opens and the export folder is usable.
+
+    Raises:
+        FileNotFoundError / ValueError: the input (named); ExportOutputError: the export folder.
+    """
+    source = open_output(config.input, config.storage_options)
+    _output_state(config)
+    return source
+
+
+def _prepare_output(config: ExportConfig) -> tuple[Any, str]:
+    """Step 2 of the module doc; returns ``(fs, root)`` of a folder that is ready to be written."""
+    fs, root, clear = _output_state(config)
+    if clear:
+        log.info("clearing %s (an earlier export)", config.output)
+        fs.rm(root, recursive=True)
+        fs.invalidate_cache(root)
     return fs, root
 
 
