@@ -16,18 +16,23 @@ to ``data/``, ``width``, ``height``, ``coco_url`` = the image's source URL, ``od
 ``category_id``, ``bbox`` [x, y, w, h], ``area``, ``segmentation`` {size, counts} compressed RLE,
 ``iscrowd`` 0, ``score``), ``categories`` (all of the vocabulary, with ``isthing``).
 
-Load it (FiftyOne picks ``data/`` or ``data.json`` by itself)::
+Load it (FiftyOne >= 0.23; checked with 1.22's importers)::
 
     import fiftyone as fo
-    ds = fo.Dataset.from_dir(dataset_dir="export/", dataset_type=fo.types.COCODetectionDataset)
-    seg = fo.Dataset.from_dir(dataset_dir="export/", dataset_type=fo.types.ImageSegmentationDirectory)
+    det = fo.Dataset.from_dir(dataset_dir="export/", dataset_type=fo.types.COCODetectionDataset,
+                              label_types="segmentations", label_field="predictions")   # masks + confidence
+    seg = fo.Dataset.from_dir(dataset_dir="export/", dataset_type=fo.types.ImageSegmentationDirectory,
+                              label_field="semantic")
+    seg.default_mask_targets = {int(k): v for k, v in json.load(open("export/mask_targets.json")).items()}
 
-FiftyOne (open source) opens local files only: images in object storage need ``--copy-images``.
+Without ``--copy-images`` add ``data_path="data.json"`` to both calls (FiftyOne's default looks for ``data/``
+only). FiftyOne (open source) opens local files only: images in object storage need ``--copy-images``.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 
 import numpy as np
@@ -39,6 +44,8 @@ from pipeline.export.base import ExportContext, Writer, coco_categories, semanti
 from pipeline.export.reader import ExportItem
 
 __all__ = ["FiftyOneWriter", "local_path_or_url"]
+
+log = logging.getLogger(__name__)
 
 
 def local_path_or_url(url: str) -> str:
@@ -58,6 +65,7 @@ class FiftyOneWriter(Writer):
         self.manifest = JsonObjectSpool(ctx.tmp) if not ctx.config.copy_images else None
         self.next_image_id = 1
         self.next_ann_id = 1
+        self.not_local = 0
 
     def image_path(self, item: ExportItem) -> str | None:
         return f"data/{item.name}"
@@ -98,7 +106,9 @@ class FiftyOneWriter(Writer):
         Image.fromarray(semantic_map(item, self.dtype)).save(buf, format="PNG")
         self.ctx.files.add(f"labels/{item.stem}.png", buf.getvalue())
         if self.manifest is not None:
-            self.manifest.add(item.name, local_path_or_url(item.image_url))
+            target = local_path_or_url(item.image_url)
+            self.not_local += "://" in target
+            self.manifest.add(item.name, target)
 
     def finish(self) -> dict[str, str]:
         ctx = self.ctx
@@ -118,6 +128,12 @@ class FiftyOneWriter(Writer):
             self.manifest.write(local)
             put_local(ctx.fs, ctx.root, "data.json", local)
             files["data"] = "data.json"
+            if self.not_local:
+                log.warning(
+                    "%d image(s) are not local files (object storage or tar members): FiftyOne cannot open them "
+                    "from data.json; export with --copy-images",
+                    self.not_local,
+                )
         else:
             files["data"] = "data/"
         for spool in (self.images, self.annotations, self.manifest):

@@ -92,6 +92,7 @@ class HFWriter(Writer):
         self.in_file = 0
         self.missing: list[str] = []
         self.images_read = 0
+        self.position = 0
         self.spill: GroupSpill[tuple[int, bytes]] | None = GroupSpill(ctx.tmp) if self.include_image else None
 
     def image_path(self, item: ExportItem) -> str | None:
@@ -122,7 +123,10 @@ class HFWriter(Writer):
         if self.spill is None:
             self._write(record)
         else:
-            self.spill.add(item.image_url, (item.seq, pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)))
+            self.spill.add(
+                item.image_url, (self.position, pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
+            )
+        self.position += 1  # export order (rows come back grouped by tar, and are put back in this order)
 
     def _write(self, record: dict[str, Any]) -> None:
         self.batch.append(record)

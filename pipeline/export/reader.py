@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import json
 import logging
 import os
@@ -464,10 +465,7 @@ def iter_items(
     stats = stats if stats is not None else SelectionStats()
     items = _key_order(output, columns, min_score, stats, batch_rows)
     if order == "key":
-        for n, item in enumerate(items):
-            if max_images is not None and n >= max_images:
-                return
-            yield item
+        yield from items if max_images is None else itertools.islice(items, max_images)  # stops reading at N
         return
     if order != "uncertainty":
         raise ValueError(f"order must be 'key' or 'uncertainty', got {order!r}")
