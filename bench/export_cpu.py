@@ -47,10 +47,10 @@ def build_output(root: Path, n_images: int) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
     import torch
+    from _common import sample_photos
     from PIL import Image
 
     import odise_model
-    from _common import sample_photos
     from pipeline.encode import encode_result
     from pipeline.schema import RunProvenance, label_row, rows_to_table
 
