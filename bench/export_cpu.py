@@ -159,6 +159,7 @@ def main() -> int:
     from _common import machine, write_result
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    load_at_start = [round(v, 1) for v in os.getloadavg()]  # the machine is shared: say how busy it was
     with tempfile.TemporaryDirectory(prefix="odise-bench-export-") as tmp:
         root = Path(tmp)
         built = build_output(root, ns.images)
@@ -183,6 +184,8 @@ def main() -> int:
             "results on 8 real photos (reused for every row); half the images in a folder, half in one tar",
             "annotate_output": built,
             "runs": runs,
+            "load_average_1_5_15min_at_end": [round(v, 1) for v in os.getloadavg()],
+            "load_average_at_start": load_at_start,
             "machine": machine(),
         },
     )

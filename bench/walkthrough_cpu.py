@@ -89,6 +89,7 @@ def main() -> int:
     sys.path.insert(0, str(REPO / "bench"))
     from _common import machine, write_result
 
+    load_at_start = [round(v, 1) for v in os.getloadavg()]  # the machine is shared: say how busy it was
     with tempfile.TemporaryDirectory(prefix="odise-walkthrough-") as tmp:
         if ns.here:
             workdir, code = ns.here, REPO
@@ -116,6 +117,8 @@ def main() -> int:
             "steps": [{"command": s["command"], "seconds": s["seconds"]} for s in steps],
             "total_seconds": round(total, 1),
             "evaluate": metrics[0].strip() if metrics else None,
+            "load_average_1_5_15min_at_end": [round(v, 1) for v in os.getloadavg()],
+            "load_average_at_start": load_at_start,
             "machine": machine(),
         },
     )

@@ -100,6 +100,8 @@ def test_export_parameters_cover_every_config_field():
 
     with pytest.raises(ParameterError, match=r"invalid export parameter min_score=2: Input should be less"):
         export_config({"input": "out", "output": "exp", "format": "hf", "min_score": 2})
+    with pytest.raises(ParameterError, match=r"include_image is for format hf \(format labelstudio: use copy_images\)"):
+        export_config({"input": "out", "output": "exp", "format": "labelstudio", "include_image": True})
     with pytest.raises(ParameterError, match=r"subset='a/b': must be letters"):
         export_config({"input": "out", "output": "exp", "format": "datumaro", "subset": "a/b"})
 

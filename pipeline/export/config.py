@@ -84,9 +84,13 @@ class ExportConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _distinct_folders(self) -> ExportConfig:
+    def _consistent(self) -> ExportConfig:
         if self.input.rstrip("/") == self.output.rstrip("/"):
             raise ValueError("output must not be the annotate output folder itself")
+        if self.include_image and self.format != "hf":
+            raise ValueError(f"include_image is for format hf (format {self.format}: use copy_images)")
+        if self.image_url_prefix is not None and self.format != "labelstudio":
+            raise ValueError(f"image_url_prefix is for format labelstudio, not {self.format}")
         return self
 
     @property
