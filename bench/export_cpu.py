@@ -100,7 +100,10 @@ def build_output(root: Path, n_images: int) -> dict:
                 )
             )  # fmt: skip
     provenance = RunProvenance(
-        run_id="bench", model_variant="tiny", categories=vocab.coco_categories(), settings={"plumbing_check": True}
+        run_id="bench",
+        model_variant="tiny",
+        categories=vocab.coco_categories(),
+        settings={"plumbing_check": True},
     )
     (root / "out" / "parquet").mkdir(parents=True)
     for sid, rows in (("images-images-000000-00000000", folder_rows), ("000000-00000000", tar_rows)):

@@ -55,7 +55,12 @@ def run_walkthrough(workdir: Path, code: Path, *, timeout: float = 900) -> list[
     Raises:
         RuntimeError: a step failed (its command, exit code and output tail in the message).
     """
-    env = {**os.environ, "PYTHONPATH": str(code), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(code),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "HF_HUB_OFFLINE": "1",
+    }
     env.setdefault("PREFECT_HOME", str(workdir / ".prefect-home"))
     env.pop("PREFECT_API_URL", None)
     steps = []
@@ -76,7 +81,12 @@ def run_walkthrough(workdir: Path, code: Path, *, timeout: float = 900) -> list[
                 f"step failed ({proc.returncode}): {command_line(argv)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
             )
         steps.append(
-            {"command": command_line(argv), "seconds": round(seconds, 1), "stdout": proc.stdout, "stderr": proc.stderr}
+            {
+                "command": command_line(argv),
+                "seconds": round(seconds, 1),
+                "stdout": proc.stdout,
+                "stderr": proc.stderr,
+            }
         )
         print(f"{seconds:7.1f} s  {command_line(argv)}", flush=True)
     return steps
@@ -99,8 +109,12 @@ def main() -> int:
             where = "this checkout"
         else:
             workdir = code = Path(tmp) / "clone"
-            subprocess.run(["git", "clone", "--quiet", "--depth", "1", f"file://{REPO}", str(workdir)], check=True)
-            head = subprocess.run(["git", "-C", str(workdir), "rev-parse", "HEAD"], capture_output=True, text=True)
+            subprocess.run(
+                ["git", "clone", "--quiet", "--depth", "1", f"file://{REPO}", str(workdir)], check=True
+            )
+            head = subprocess.run(
+                ["git", "-C", str(workdir), "rev-parse", "HEAD"], capture_output=True, text=True
+            )
             where = f"fresh git clone of {head.stdout.strip()}"
         started = time.perf_counter()
         steps = run_walkthrough(workdir, code)

@@ -100,7 +100,9 @@ def test_export_parameters_cover_every_config_field():
 
     with pytest.raises(ParameterError, match=r"invalid export parameter min_score=2: Input should be less"):
         export_config({"input": "out", "output": "exp", "format": "hf", "min_score": 2})
-    with pytest.raises(ParameterError, match=r"include_image is for format hf \(format labelstudio: use copy_images\)"):
+    with pytest.raises(
+        ParameterError, match=r"include_image is for format hf \(format labelstudio: use copy_images\)"
+    ):
         export_config({"input": "out", "output": "exp", "format": "labelstudio", "include_image": True})
     with pytest.raises(ParameterError, match=r"subset='a/b': must be letters"):
         export_config({"input": "out", "output": "exp", "format": "datumaro", "subset": "a/b"})
@@ -130,7 +132,9 @@ def test_odise_export_help_and_one_line_errors(tmp_path):
     assert {"--storage-block", "--verbose", "--no-copy-images"} <= flags
     assert "labelstudio" in proc.stdout and "Exit codes" in proc.stdout
 
-    annotated = write_annotate_output(str(tmp_path / "out"), f"file://{tmp_path}/img", f"file://{tmp_path}/s.tar")
+    annotated = write_annotate_output(
+        str(tmp_path / "out"), f"file://{tmp_path}/img", f"file://{tmp_path}/s.tar"
+    )
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "mine.txt").write_text("x")
     cases = [

@@ -50,7 +50,10 @@ def test_walkthrough_runs_end_to_end(tmp_path):
 
     assert "tasks: 0 reviewed, 4 not reviewed (their predictions used)" in convert["stdout"]
     assert "wrote 4 sample(s)" in convert["stdout"]
-    assert list((tmp_path / "data" / "train").glob("*.tar")) and (tmp_path / "data" / "train" / "categories.json").is_file()
+    assert (
+        list((tmp_path / "data" / "train").glob("*.tar"))
+        and (tmp_path / "data" / "train" / "categories.json").is_file()
+    )
 
     assert re.search(r"steps\s+4", train["stdout"]), train["stdout"]
     assert list((tmp_path / "runs" / "tiny" / "checkpoints").glob("model_*.pth"))
