@@ -212,6 +212,7 @@ def test_labelstudio_without_copy_references_the_source(annotated, tmp_path):
     )
     assert [r["score"] for r in tasks[0]["predictions"][0]["result"]] == [pytest.approx(0.9)]
     assert summary.images_copied == 0 and summary.segments_dropped == 2
+    assert summary.rows_read == 3  # key order with max_images stops reading at the third image
 
 
 # --------------------------------------------------------------------------------------------------

@@ -111,6 +111,7 @@ class ExportSummary:
         format: the target written (``cvat`` reported as ``datumaro``).
         input, output: the annotate output read and the export folder.
         images: images exported.
+        rows_read: Parquet rows read to select them (all rows, except with ``max_images`` in key order).
         error_rows: error rows skipped (of the rows read; with ``max_images`` and ``order=key`` reading stops
             early, so later error rows are not counted).
         segments, instances: segments / instances exported.
@@ -129,6 +130,7 @@ class ExportSummary:
     output: str
     order: str = "key"
     images: int = 0
+    rows_read: int = 0
     error_rows: int = 0
     segments: int = 0
     instances: int = 0

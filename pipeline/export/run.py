@@ -198,6 +198,7 @@ def run_export(config: ExportConfig) -> ExportSummary:
     # 5. provenance and the manifest (last)
     put_json(fs, posixpath.join(root, "provenance.json"), source.provenance)
     files["provenance"] = "provenance.json"
+    summary.rows_read = stats.rows_read
     summary.error_rows = stats.error_rows
     summary.segments_dropped = stats.segments_dropped
     summary.instances_dropped = stats.instances_dropped
