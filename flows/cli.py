@@ -1,4 +1,4 @@
-"""Console scripts: ``odise-annotate``, ``odise-evaluate``, ``odise-train``, ``odise-convert``.
+"""Console scripts: ``odise-annotate``, ``odise-evaluate``, ``odise-train``, ``odise-convert``, ``odise-export``.
 
 Each runs its Prefect flow in this process: local files, a local Ray (unless ``--ray-address``), and
 Prefect without a server (a temporary local API, "ephemeral mode") unless ``PREFECT_API_URL`` points at
@@ -29,7 +29,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["annotate_main", "evaluate_main", "train_main", "convert_main", "build_annotate_parser"]
+__all__ = ["annotate_main", "evaluate_main", "train_main", "convert_main", "export_main", "build_annotate_parser"]
 
 PLUMBING_BANNER = """\
 ============================================================================================
@@ -857,13 +857,24 @@ def build_convert_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     group = parser.add_argument_group("input and output")
-    group.add_argument("--ground-truth", required=True, metavar="JSON", help="COCO panoptic JSON (path or URL)")
+    group.add_argument(
+        "--from",
+        dest="source",
+        choices=["coco", "annotate", "labelstudio"],
+        default="coco",
+        help="what to convert: coco (a COCO panoptic dataset: --ground-truth, --images), annotate (an odise-annotate "
+        "output: --input), labelstudio (a Label Studio JSON export, e.g. after review: --input) (default: coco)",
+    )
+    group.add_argument(
+        "--input", metavar="URL", help="--from annotate: the annotate output; --from labelstudio: the exported JSON"
+    )
+    group.add_argument("--ground-truth", metavar="JSON", help="COCO panoptic JSON (path or URL)")
     group.add_argument(
         "--ground-truth-png",
         metavar="DIR",
         help="folder of the COCO panoptic PNGs (default: the JSON's path without .json)",
     )
-    group.add_argument("--images", required=True, metavar="DIR", help="folder of the images (path or URL)")
+    group.add_argument("--images", metavar="DIR", help="--from coco: folder of the images (path or URL)")
     group.add_argument(
         "--output", required=True, metavar="URL", help="folder for the shards (created; same-named shards overwritten)"
     )
@@ -880,6 +891,26 @@ def build_convert_parser() -> argparse.ArgumentParser:
         help="optional captions: a JSON file (path or URL) mapping image id to a caption or a list of captions, "
         "or a COCO captions file (annotations[].image_id / caption); all captions are kept and training draws "
         "one per use",
+    )
+    loop = parser.add_argument_group("--from annotate / labelstudio (pseudo-labels and reviewed labels)")
+    loop.add_argument(
+        "--min-score",
+        type=float,
+        metavar="X",
+        help="keep only segments scored at least X; every other pixel is void (0) (reviewed Label Studio results "
+        "carry no score and are always kept)",
+    )
+    loop.add_argument("--max-images", type=int, metavar="N", help="--from annotate: convert the first N images only")
+    loop.add_argument(
+        "--categories",
+        metavar="JSON",
+        help="--from labelstudio: categories (categories.json of the export, or an annotate output's provenance.json; "
+        "default: categories.json next to the --input file)",
+    )
+    loop.add_argument(
+        "--reviewed-only",
+        action="store_true",
+        help="--from labelstudio: skip tasks nobody completed (default: they keep the model's predictions)",
     )
     group.add_argument(
         "--storage-options",
@@ -939,6 +970,10 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
         def where(value: str) -> str:
             return value if is_url(value) else resolve_path(value)
 
+        if ns.source != "coco":
+            return _convert_loop(ns, options, where)
+        if not ns.ground_truth or not ns.images:
+            parser.error("--from coco needs --ground-truth and --images")
         json_url = where(ns.ground_truth)
         png_dir = where(ns.ground_truth_png) if ns.ground_truth_png else json_url.removesuffix(".json")
         captions = _read_captions(where(ns.captions), options) if ns.captions else None
@@ -967,5 +1002,140 @@ def convert_main(argv: Sequence[str] | None = None) -> int:
     return _run_guarded(parser.prog, guarded)
 
 
+def _convert_loop(ns: argparse.Namespace, options: dict[str, Any], where: Callable[[str], str]) -> int:
+    """``odise-convert --from annotate|labelstudio``: pseudo-labels or reviewed labels -> labeled shards."""
+    from pipeline.export.loop import annotate_to_shards, labelstudio_to_shards
+
+    if not ns.input:
+        raise ValueError(f"--from {ns.source} needs --input")
+    if ns.min_score is not None and not 0.0 <= ns.min_score <= 1.0:
+        raise ValueError(f"--min-score must be in [0, 1], got {ns.min_score}")
+    common = {"samples_per_shard": ns.samples_per_shard, "storage_options": options, "min_score": ns.min_score}
+    if ns.source == "annotate":
+        summary = annotate_to_shards(where(ns.input), where(ns.output), max_images=ns.max_images, **common)
+    else:
+        categories = where(ns.categories) if ns.categories else None
+        summary = labelstudio_to_shards(
+            where(ns.input), where(ns.output), categories=categories, reviewed_only=ns.reviewed_only, **common
+        )
+        print(
+            f"tasks: {summary.reviewed} reviewed, {summary.unreviewed} not reviewed"
+            + (f" ({summary.skipped_unreviewed} skipped)" if ns.reviewed_only else " (their predictions used)")
+        )
+    print(f"wrote {summary.samples} sample(s) ({summary.segments} segments) in {len(summary.shards)} shard(s)")
+    if summary.shards:
+        print(f"  first shard: {summary.shards[0]}")
+    print(f"  categories:  {summary.categories_url}")
+    skipped = {
+        "error rows": summary.error_rows,
+        "images without segments": summary.skipped_empty,
+        "segments below --min-score": summary.segments_dropped,
+        "unreadable images": summary.images_skipped,
+    }
+    for what, n in skipped.items():
+        if n:
+            print(f"  skipped:     {n} {what}")
+    for reason in summary.skipped[:5]:
+        print(f"    {reason}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# odise-export
+# --------------------------------------------------------------------------------------------------
+_EXPORT_GROUPS = {
+    "input / output": ["input", "output", "format", "overwrite", "storage_options", "output_storage_options"],
+    "selection": ["min_score", "max_images", "order"],
+    "images": ["copy_images", "include_image", "image_url_prefix"],
+    "format options": ["subset", "rows_per_file"],
+}
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    """The ``odise-export`` parser: one option per ``pipeline.export.config.ExportConfig`` field."""
+    from pipeline.export.config import ExportConfig
+
+    parser = argparse.ArgumentParser(
+        prog="odise-export",
+        description="Export an odise-annotate output to the tools people review and train with: FiftyOne "
+        "(COCO detection + segmentation masks), Label Studio (tasks with brush predictions + labeling config), "
+        "Datumaro / CVAT (COCO instances + panoptic) or Hugging Face datasets (Parquet). Runs the Prefect "
+        "'export' flow in this process.",
+        epilog="Examples:\n"
+        "  odise-export --input out/ --output review/ --format labelstudio --order uncertainty --max-images 200 "
+        "--copy-images\n"
+        "  odise-export --input s3://bucket/labels/run1 --output hf/ --format hf --include-image --min-score 0.5\n"
+        "File layouts: docs/output-format.md.\n"
+        "Exit codes: 0 ok, 1 failed, 2 bad options or inputs, 130 interrupted.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_fields(
+        parser, ExportConfig, _EXPORT_GROUPS, input={"metavar": "URL"}, output={"metavar": "URL"}
+    )
+    _add_common(parser)
+    return parser
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """``odise-export``: run the ``export`` flow locally; prints what it wrote."""
+    parser = build_export_parser()
+    ns = parser.parse_args(argv)
+    _prepare_environment("INFO" if ns.verbose else "WARNING")
+
+    def body() -> int:
+        from pipeline.export.config import ExportConfig
+
+        from .export import OPEN_HINTS, export, export_config
+
+        params = _options_from(ns, ExportConfig)
+        config = export_config(params)  # validate and check before Prefect starts: bad input fails at once
+        if ns.storage_block:
+            from ._prefect import with_credentials
+
+            config = with_credentials(config, ns.storage_block)
+        from pipeline.export.run import check_export
+
+        check_export(config)
+        summary = export(**params, storage_block=ns.storage_block)
+        if summary["plumbing_check"]:
+            print("PLUMBING CHECK: these labels come from a model with random weights (--model tiny)", file=sys.stderr)
+        print(
+            f"exported {summary['images']} image(s), {summary['segments']} segment(s) as {summary['format']} in "
+            f"{summary['elapsed_s']:.1f} s ({summary['images_per_s']} images/s)"
+        )
+        skipped = {
+            "error rows": summary["error_rows"],
+            "segments below --min-score": summary["segments_dropped"],
+            "images not found": summary["images_missing"],
+        }
+        for what, n in skipped.items():
+            if n:
+                print(f"  skipped:  {n} {what}")
+        for role, url in summary["files"].items():
+            print(f"  {role + ':':<16s}{url}")
+        print("  open it:        " + OPEN_HINTS[summary["format"]].format(out=summary["output"]))
+        return 0
+
+    def guarded() -> int:
+        try:
+            return body()
+        except ValueError as exc:  # bad input data / unusable output folder: named in the message
+            return _fail(parser.prog, str(exc), 2)
+
+    return _run_guarded(parser.prog, guarded)
+
+
+_COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
+    "annotate": annotate_main,
+    "evaluate": evaluate_main,
+    "train": train_main,
+    "convert": convert_main,
+    "export": export_main,
+}
+
+
 if __name__ == "__main__":  # pragma: no cover
+    # ``python -m flows.cli <command> ...`` runs any console script without installing it; no command: annotate
+    if len(sys.argv) > 1 and sys.argv[1] in _COMMANDS:
+        sys.exit(_COMMANDS[sys.argv[1]](sys.argv[2:]))
     sys.exit(annotate_main())

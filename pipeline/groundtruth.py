@@ -83,6 +83,7 @@ __all__ = [
     "iter_tar_samples",
     "record_from_sample",
     "convert_coco_panoptic_to_shards",
+    "LabeledShardWriter",
 ]
 
 logger = logging.getLogger(__name__)
@@ -638,6 +639,134 @@ class _ShardOutput:
                 self.fs.rm(self.tmp)
 
 
+class LabeledShardWriter:
+    """Write labeled samples into WebDataset shards of ``samples_per_shard`` (format in the module doc).
+
+    Each shard is written to ``<name>.tmp`` and moved to ``<name>`` once complete, so a reader never sees a
+    half-written shard; :meth:`close` commits the last shard and writes ``categories.json``. On an error,
+    :meth:`abort` (or leaving the ``with`` block by an exception) drops the unfinished shard; shards already
+    committed stay. Used by :func:`convert_coco_panoptic_to_shards` and by the exports' loop
+    (:mod:`pipeline.export.loop`: annotate outputs and Label Studio exports -> training shards).
+
+    Args:
+        out_url: output folder (path or URL); created if needed; same-named shards are overwritten.
+        categories: COCO categories (``[{"id", "name", "isthing", ...}]``) written to ``categories.json``;
+            every segment's ``category_id`` must be one of them.
+        samples_per_shard: samples per shard (>= 1).
+        storage_options: fsspec options.
+        shard_name: shard file name pattern with an ``{index}`` field.
+    """
+
+    def __init__(
+        self,
+        out_url: str,
+        *,
+        categories: Iterable[Mapping[str, Any]] | Mapping[int, Mapping[str, Any]],
+        samples_per_shard: int = 1000,
+        storage_options: Mapping[str, Any] | None = None,
+        shard_name: str = "shard-{index:06d}.tar",
+    ) -> None:
+        import fsspec.core
+
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        if "{index" not in shard_name or not shard_name.endswith(".tar"):
+            raise ValueError(f"shard_name must contain '{{index...}}' and end in .tar, got {shard_name!r}")
+        cats = list(categories.values()) if isinstance(categories, Mapping) else list(categories)
+        self.categories = _check_categories(cats, "categories")
+        self.out_url, self.samples_per_shard, self.shard_name = out_url, samples_per_shard, shard_name
+        self.options = dict(storage_options or {})
+        self.fs, self.out_path = fsspec.core.url_to_fs(out_url, **self.options)
+        self.fs.makedirs(self.out_path, exist_ok=True)
+        self.shards: list[str] = []
+        self.count = 0
+        self._keys: dict[str, Any] = {}
+        self._output: _ShardOutput | None = None
+        self._writer: Any = None
+
+    def write(
+        self,
+        *,
+        key: str,
+        image_ext: str,
+        image_bytes: bytes,
+        png_bytes: bytes,
+        segments_json: Mapping[str, Any],
+        where: str = "",
+    ) -> None:
+        """Add one sample: the image bytes as they are, its panoptic PNG and its ``segments.json`` object.
+
+        Raises:
+            ValueError: the key is not a valid sample key or was used already, the extension is not
+                ``jpg`` / ``png``, or a segment has a category that is not in ``categories``.
+        """
+        from webdataset.writer import TarWriter  # heavy import (pulls torch): only here
+
+        where = where or f"sample {key!r}"
+        if sample_key(key) != key:
+            raise ValueError(f"{where}: sample key {key!r} has characters outside [A-Za-z0-9_-]")
+        if key in self._keys:
+            raise ValueError(f"{where}: sample key {key!r} already used by {self._keys[key]}")
+        ext = "jpg" if image_ext.lower() in ("jpg", "jpeg") else image_ext.lower()
+        if ext not in ("jpg", "png"):
+            raise ValueError(f"{where}: image extension must be jpg/jpeg or png, got {image_ext!r}")
+        _parse_segments(list(segments_json.get("segments_info", [])), self.categories, where)
+        self._keys[key] = where
+        if self._writer is None:
+            name = self.shard_name.format(index=len(self.shards))
+            self._output = _ShardOutput(self.fs, _join(self.out_path, name))
+            self._writer = TarWriter(self._output.file, encoder=False, mtime=0.0)
+            self.shards.append(_join(self.out_url, name))
+        self._writer.write(
+            {
+                "__key__": key,
+                ext: image_bytes,
+                "panoptic.png": png_bytes,
+                "segments.json": json.dumps(dict(segments_json)).encode("utf-8"),
+            }
+        )
+        self.count += 1
+        if self.count % self.samples_per_shard == 0:
+            self._commit()
+
+    def _commit(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            assert self._output is not None
+            self._output.commit()
+            self._writer, self._output = None, None
+
+    def close(self) -> ConversionSummary:
+        """Commit the last shard, write ``categories.json``; returns what was written."""
+        self._commit()
+        categories_url = write_categories(
+            list(self.categories.values()), _join(self.out_url, CATEGORIES_FILE), storage_options=self.options
+        )
+        return ConversionSummary(
+            shards=list(self.shards),
+            num_samples=self.count,
+            categories_url=categories_url,
+            samples_per_shard=self.samples_per_shard,
+        )
+
+    def abort(self) -> None:
+        """Drop the unfinished shard (committed shards stay)."""
+        if self._output is not None:
+            try:
+                self._writer.close()
+            except Exception:  # the original error is the one to report
+                logger.debug("closing the unfinished shard failed", exc_info=True)
+            self._output.abort()
+            self._writer, self._output = None, None
+
+    def __enter__(self) -> LabeledShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
 def convert_coco_panoptic_to_shards(
     json_url: str,
     png_dir: str,
@@ -653,7 +782,7 @@ def convert_coco_panoptic_to_shards(
 
     Steps: 1. read the JSON; 2. for each annotation read the image bytes and the panoptic PNG
     (decoded once to check it; both are stored unchanged); 3. write samples with
-    ``webdataset.TarWriter``, ``samples_per_shard`` per shard; 4. write ``categories.json``.
+    :class:`LabeledShardWriter`, ``samples_per_shard`` per shard; 4. write ``categories.json``.
 
     Args:
         json_url, png_dir, image_dir: the COCO panoptic dataset (paths or fsspec URLs).
@@ -669,9 +798,6 @@ def convert_coco_panoptic_to_shards(
     Returns:
         A :class:`ConversionSummary` with the shard URLs, the sample count and the categories URL.
     """
-    import fsspec.core
-    from webdataset.writer import TarWriter  # heavy import (pulls torch): only here
-
     # 1. Inputs.
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -679,19 +805,16 @@ def convert_coco_panoptic_to_shards(
         raise ValueError(f"shard_name must contain '{{index...}}' and end in .tar, got {shard_name!r}")
     options = dict(storage_options or {})
     reader = CocoPanopticReader(json_url, png_dir, image_dir=image_dir, storage_options=options)
-    fs, out_path = fsspec.core.url_to_fs(out_url, **options)
-    fs.makedirs(out_path, exist_ok=True)
 
-    def url_of(name: str) -> str:
-        return _join(out_url, name)
-
-    # 2-3. Samples, rotated into shards.
-    shards: list[str] = []
-    keys: dict[str, Any] = {}
-    output: _ShardOutput | None = None
-    writer: Any = None
-    count = 0
-    try:
+    # 2-4. Samples, rotated into shards; categories.json at the end.
+    with LabeledShardWriter(
+        out_url,
+        categories=reader.categories,
+        samples_per_shard=samples_per_shard,
+        storage_options=options,
+        shard_name=shard_name,
+    ) as writer:
+        keys: dict[str, Any] = {}
         for record, png_bytes in reader._iter_raw(read_images=True):
             where = f"{json_url}: image_id {record.image_id!r}"
             key = sample_key(record.image_id)
@@ -704,41 +827,13 @@ def convert_coco_panoptic_to_shards(
                 texts = [t.strip() for t in texts if str(t).strip()]
                 if texts:
                     record.caption, record.captions = texts[0], texts
-            if writer is None:
-                name = shard_name.format(index=len(shards))
-                output = _ShardOutput(fs, _join(out_path, name))
-                writer = TarWriter(output.file, encoder=False, mtime=0.0)
-                shards.append(url_of(name))
             assert record.image_bytes is not None
             writer.write(
-                {
-                    "__key__": key,
-                    _image_extension(record.file_name, where): record.image_bytes,
-                    "panoptic.png": png_bytes,
-                    "segments.json": json.dumps(record.segments_json()).encode("utf-8"),
-                }
+                key=key,
+                image_ext=_image_extension(record.file_name, where),
+                image_bytes=record.image_bytes,
+                png_bytes=png_bytes,
+                segments_json=record.segments_json(),
+                where=where,
             )
-            count += 1
-            if count % samples_per_shard == 0:
-                writer.close()
-                assert output is not None
-                output.commit()
-                writer, output = None, None
-        if writer is not None:
-            writer.close()
-            assert output is not None
-            output.commit()
-            writer, output = None, None
-    finally:
-        if output is not None:  # an error mid-shard: drop the unfinished shard
-            try:
-                writer.close()
-            except Exception:  # the original error is the one to report
-                logger.debug("closing the unfinished shard failed", exc_info=True)
-            output.abort()
-
-    # 4. Categories sidecar.
-    categories_url = write_categories(reader.categories, url_of(CATEGORIES_FILE), storage_options=options)
-    return ConversionSummary(
-        shards=shards, num_samples=count, categories_url=categories_url, samples_per_shard=samples_per_shard
-    )
+        return writer.close()

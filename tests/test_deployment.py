@@ -187,6 +187,7 @@ def test_prefect_yaml_deployments():
         ("annotate", "adhoc"),
         ("train", "finetune"),
         ("evaluate", "score"),
+        ("export", "adhoc"),
     }
     nightly = specs["annotate", "nightly"]
     assert nightly["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]
@@ -212,6 +213,7 @@ def test_serve_builds_the_same_deployments():
         ("annotate", "adhoc"),
         ("train", "finetune"),
         ("evaluate", "score"),
+        ("export", "adhoc"),
     }
     nightly = deps["annotate", "nightly"]
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]

@@ -1,0 +1,192 @@
+"""Read the images that labels point at, grouped so that every tar shard is streamed once.
+
+Image URLs come from :func:`pipeline.export.reader.image_url_of`: plain file URLs (``file:///x/a.jpg``,
+``s3://b/a.jpg``) or fsspec chained tar URLs (``tar://<member>::<tar URL>``). Reading one tar member at a
+time would read the tar's index (every header) per image; instead:
+
+* :func:`fetch_grouped` reads entries whose tar members are *consecutive* per tar by streaming that tar once
+  (members matched by WebDataset key and extension, so ``./a.JPG`` matches ``a.jpg``), and plain files in
+  concurrent batches (``fs.cat``);
+* :class:`GroupSpill` collects entries in any order on local disk (SQLite) and gives them back grouped by
+  tar (for exports in uncertainty order, Label Studio tasks in review order): memory stays flat.
+
+A missing image never stops the caller: its entry comes back with ``data=None`` and an error naming the URL.
+Transient I/O errors (network) are raised, so a retried task can redo the work.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import sqlite3
+import tarfile
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from pipeline.export.reader import split_tar_url
+
+__all__ = ["Fetched", "GroupSpill", "fetch_grouped", "group_of", "split_member"]
+
+T = TypeVar("T")
+
+
+@dataclass
+class Fetched(Generic[T]):
+    """One entry's result: ``data`` (the image bytes) or ``error`` (why not)."""
+
+    payload: T
+    url: str
+    data: bytes | None
+    error: str | None = None
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """WebDataset ``(key, field)`` of a tar member name (:mod:`pipeline.shards` rules): ``./a/b.JPG`` -> ``("a/b", "jpg")``."""
+    while name.startswith("./"):
+        name = name[2:]
+    folder, _, base = name.rpartition("/")
+    if "." not in base or base.startswith("."):
+        return name, ""
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def group_of(url: str) -> str:
+    """The tar URL an image URL lives in, or ``""`` for a plain file."""
+    tar = split_tar_url(url)
+    return tar[1] if tar else ""
+
+
+def _unsafe(name: str) -> bool:
+    return name.startswith("/") or ".." in name.split("/") or bool(re.match(r"^[A-Za-z]:", name))
+
+
+def _fetch_tar(
+    tar_url: str, entries: list[tuple[str, T]], storage_options: dict[str, Any]
+) -> Iterator[Fetched[T]]:
+    import fsspec
+
+    wanted: dict[tuple[str, str], list[tuple[str, T]]] = {}
+    for url, payload in entries:
+        member = split_tar_url(url)
+        assert member is not None
+        wanted.setdefault(split_member(member[0]), []).append((url, payload))
+    found: set[tuple[str, str]] = set()
+    try:
+        with fsspec.open(tar_url, "rb", **storage_options) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile() or _unsafe(member.name):
+                    continue
+                ident = split_member(member.name)
+                if ident not in wanted or ident in found:
+                    continue
+                extracted = tar.extractfile(member)
+                data = extracted.read() if extracted is not None else b""
+                found.add(ident)
+                for url, payload in wanted[ident]:
+                    yield Fetched(payload, url, data)
+                if len(found) == len(wanted):
+                    break
+    except FileNotFoundError:
+        for group in wanted.values():
+            for url, payload in group:
+                yield Fetched(payload, url, None, f"tar shard {tar_url} not found")
+        return
+    except (tarfile.TarError, EOFError) as exc:
+        reason = f"tar shard {tar_url} is unreadable or truncated ({type(exc).__name__}: {exc})"
+        for ident, group in wanted.items():
+            if ident not in found:
+                for url, payload in group:
+                    yield Fetched(payload, url, None, reason)
+        return
+    for ident, group in wanted.items():
+        if ident not in found:
+            for url, payload in group:
+                yield Fetched(payload, url, None, f"no member {ident[0]}.{ident[1]} in {tar_url}")
+
+
+def _fetch_files(entries: list[tuple[str, T]], storage_options: dict[str, Any]) -> Iterator[Fetched[T]]:
+    from fsspec.core import url_to_fs
+
+    by_protocol: dict[str, list[tuple[str, T]]] = {}
+    for url, payload in entries:
+        by_protocol.setdefault(url.split("://", 1)[0] if "://" in url else "file", []).append((url, payload))
+    for group in by_protocol.values():
+        fs, _ = url_to_fs(group[0][0], **storage_options)
+        paths = [fs._strip_protocol(u) for u, _ in group]
+        data = fs.cat(paths, on_error="return")
+        if not isinstance(data, dict):  # one path: fsspec returns the bytes
+            data = {paths[0]: data}
+        for (url, payload), path in zip(group, paths, strict=True):
+            value = data.get(path, FileNotFoundError(path))
+            if isinstance(value, FileNotFoundError):
+                yield Fetched(payload, url, None, f"image not found: {url}")
+            elif isinstance(value, BaseException):
+                raise value  # transient I/O: let the caller's task be retried
+            else:
+                yield Fetched(payload, url, value)
+
+
+def fetch_grouped(
+    entries: Iterable[tuple[str, T]], storage_options: dict[str, Any] | None = None, *, chunk: int = 32
+) -> Iterator[Fetched[T]]:
+    """Read the image of every ``(url, payload)`` entry, in groups (module doc).
+
+    Entries of one tar must be consecutive (each run of one tar is streamed once); plain files are read
+    ``chunk`` at a time. Results come in group order (within a tar: member order).
+    """
+    options = dict(storage_options or {})
+    run: list[tuple[str, T]] = []
+    run_group: str | None = None
+
+    def flush() -> Iterator[Fetched[T]]:
+        if not run:
+            return
+        if run_group:
+            yield from _fetch_tar(run_group, run, options)
+        else:
+            yield from _fetch_files(run, options)
+
+    for url, payload in entries:
+        group = group_of(url)
+        if run and (group != run_group or (not group and len(run) >= chunk)):
+            yield from flush()
+            run = []
+        run_group = group
+        run.append((url, payload))
+    yield from flush()
+
+
+class GroupSpill(Generic[T]):
+    """``(url, payload)`` entries kept on local disk and given back grouped by tar (then in insertion order).
+
+    Args:
+        folder: a local temp folder (the SQLite file lives there).
+    """
+
+    def __init__(self, folder: str) -> None:
+        handle, path = tempfile.mkstemp(prefix="images-", suffix=".sqlite", dir=folder)
+        os.close(handle)
+        self.db = sqlite3.connect(path)
+        self.db.execute("PRAGMA journal_mode=OFF")
+        self.db.execute("PRAGMA synchronous=OFF")
+        self.db.execute("CREATE TABLE entries (grp TEXT, seq INTEGER PRIMARY KEY, url TEXT, payload BLOB)")
+        self.count = 0
+
+    def add(self, url: str, payload: T) -> None:
+        self.db.execute(
+            "INSERT INTO entries (grp, url, payload) VALUES (?, ?, ?)",
+            (group_of(url), url, pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)),
+        )
+        self.count += 1
+
+    def __iter__(self) -> Iterator[tuple[str, T]]:
+        self.db.commit()
+        for url, blob in self.db.execute("SELECT url, payload FROM entries ORDER BY grp, seq"):
+            yield url, pickle.loads(blob)
+
+    def close(self) -> None:
+        self.db.close()
