@@ -328,7 +328,7 @@ def check_cluster_paths(
 def provenance_for(config: AnnotateConfig, checked: CheckedInputs | Mapping[str, Any], run_id: str) -> RunProvenance:
     """The provenance record of a run of ``config`` over ``checked`` inputs, with id ``run_id``; URLs in it are
     redacted (no user-info, signatures, tokens)."""
-    from pipeline.redact import redact_text, redact_url, url_identity
+    from pipeline.redact import redact, redact_text, redact_url, url_identity
     from pipeline.schema import RunProvenance
 
     model_cfg = checked["model_config"]
@@ -342,6 +342,8 @@ def provenance_for(config: AnnotateConfig, checked: CheckedInputs | Mapping[str,
         "alpha": config.alpha if config.alpha is not None else model_cfg.classifier.alpha,
         "beta": config.beta if config.beta is not None else model_cfg.classifier.beta,
     }
+    # the vocabulary file by its identity (a signed URL without its signature), then any credential masked
+    vocab_config = config.model_copy(update={"vocab_file": url_identity(config.vocab_file)}) if config.vocab_file else config
     licences = sorted({w["license"] for w in weights.values() if w and w.get("license")})
     if config.is_plumbing_check:
         licences = ["none: random weights (plumbing check, labels are meaningless)"]
@@ -349,7 +351,7 @@ def provenance_for(config: AnnotateConfig, checked: CheckedInputs | Mapping[str,
         run_id=run_id,
         model_variant=model_cfg.name,
         weights_sha256={k: (None if w is None else w["sha256"]) for k, w in weights.items()},
-        vocabulary_source=redact_text(config.vocabulary_spec),
+        vocabulary_source=redact_text(vocab_config.vocabulary_spec),
         vocabulary_sha256=vocab.sha256(),
         categories=vocab.coco_categories(),
         thresholds=thresholds,
@@ -359,6 +361,6 @@ def provenance_for(config: AnnotateConfig, checked: CheckedInputs | Mapping[str,
             "plumbing_check": config.is_plumbing_check,
             "input_resize": {"short_side": model_cfg.input.short_side, "max_size": model_cfg.input.max_size},
             "include_png": config.include_png,
-            "vocabulary": config.vocabulary_settings,
+            "vocabulary": redact(vocab_config.vocabulary_settings, keys=False),
         },
     )
