@@ -267,7 +267,10 @@ def instance_inference_chunked(
     chunk: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`instance_inference` computing the mask statistics ``chunk`` distinct queries at a time
-    (out-of-memory fallback); same outputs (per-query sums do not depend on how many rows are summed)."""
+    (out-of-memory fallback). Same classes and queries; the scores average each mask over all its pixels, and
+    torch may split that sum differently (threads, GPU blocks) for a different number of rows, so they can
+    differ in the last bits (relative 1e-7), which can only reorder instances whose scores tie to that
+    precision."""
     num_classes = mask_cls.shape[-1] - 1
     scores = F.softmax(mask_cls.float(), dim=-1)[:, :-1]
     k = min(topk, scores.numel())

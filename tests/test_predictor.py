@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import odise_model
@@ -148,3 +149,83 @@ def test_caption_variant_predicts_and_round_trips(tmp_path, photos):
     odise_model.save_checkpoint(odise_model.build_odise("tiny"), label)
     with pytest.raises(CheckpointError, match="category_head.null_embed|class_embed"):
         odise_model.build_odise("tiny_caption", checkpoint=label)
+
+
+def _raw_equal(a, b) -> None:
+    np.testing.assert_array_equal(a.panoptic, b.panoptic)
+    np.testing.assert_array_equal(a.semantic, b.semantic)
+    assert a.segments == b.segments
+    for name in ("instance_category_ids", "instance_boxes", "instance_masks_packed"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    # instance scores average mask probabilities over all pixels: torch splits that sum across threads
+    # differently for a different number of rows, so the last bits may differ (the order does not)
+    np.testing.assert_allclose(a.instance_scores, b.instance_scores, rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(a.segment_queries, b.segment_queries)
+    assert (a.uncertainty, a.branch_disagreement) == (b.uncertainty, b.branch_disagreement)
+
+
+def test_chunked_postprocessing_is_identical(model, photos):
+    """The out-of-memory fallback (post-processing a few queries at a time, never ``Q x H x W`` at once) gives
+    the same panoptic map, segments, semantic map and instance masks, boxes and classes, bit for bit, as the
+    normal path, and the same instance scores up to float summation order."""
+    vocab = odise_model.load_vocabulary("coco_panoptic")
+    predictor = odise_model.Predictor(model, vocab, batch_size=2)
+    outputs = predictor.infer_prepared([predictor.prepare(p) for p in photos[:2]])
+    for output in outputs:
+        plain = predictor.postprocess_output(output)
+        assert plain.segments and len(plain.instance_scores)  # every part of the output is exercised
+        for chunk in (1, 3, 8, 1000):
+            _raw_equal(predictor.postprocess_output(output, chunk_queries=chunk), plain)
+    # a vocabulary where no query passes the threshold: empty outputs agree as well
+    empty = odise_model.Predictor(model, ["thing a", "thing b"])
+    output = empty.infer_prepared([empty.prepare(photos[3])])[0]
+    output.mask_cls[:, :-1] = -30.0  # every query says "no object"
+    _raw_equal(empty.postprocess_output(output, chunk_queries=4), empty.postprocess_output(output))
+    assert empty.postprocess_output(output).segments == []
+
+
+def test_branch_outputs_do_not_change_the_labels(model, photos):
+    """Asking the model for each branch's top classes (``return_branches``) leaves its outputs untouched."""
+    predictor = odise_model.Predictor(model, "ade20k_150", batch_size=2)
+    prepared = [predictor.prepare(p) for p in photos[:2]]
+    vocab_emb = model.vocabulary_embedding(predictor.vocabulary)
+    args = ([p[0] for p in prepared], [p[1] for p in prepared], vocab_emb)
+    plain = model.infer(*args)
+    with_branches = model.infer(*args, return_branches=True)
+    for (cls_a, masks_a), (cls_b, masks_b, branches) in zip(plain, with_branches, strict=True):
+        assert torch.equal(cls_a, cls_b) and torch.equal(masks_a, masks_b)
+        q = cls_a.shape[0]
+        assert branches["diffusion_top"].shape == (q,) and branches["clip_top"].shape == (q,)
+        assert int(branches["clip_top"].max()) < len(predictor.vocabulary)
+
+
+def test_uncertainty_and_branch_disagreement(model, photos):
+    """``uncertainty`` = mean over segments of 1 - the fused top-1 probability of the segment's query (its
+    segment score); ``branch_disagreement`` = share of segments whose two branches' top classes differ."""
+    vocab = odise_model.load_vocabulary("coco_panoptic")
+    predictor = odise_model.Predictor(model, vocab, batch_size=4)
+    raws = predictor.predict_prepared_raw([predictor.prepare(p) for p in photos])
+    ids = {c.id for c in vocab}
+    for raw in raws:
+        assert raw.segments and len(raw.segment_queries) == len(raw.segments)
+        q = raw.segment_queries
+        for seg, query in zip(raw.segments, q):
+            assert raw.query_top_prob[query] == pytest.approx(seg.score, abs=1e-6)
+            assert raw.query_top_class[query] == seg.category_id
+        assert raw.uncertainty == pytest.approx(float(np.mean([1 - s.score for s in raw.segments])), abs=1e-6)
+        assert 0.0 <= raw.uncertainty <= 1.0
+        assert set(raw.diffusion_top_class.tolist()) <= ids and set(raw.clip_top_class.tolist()) <= ids
+        differ = raw.diffusion_top_class[q] != raw.clip_top_class[q]
+        assert raw.branch_disagreement == pytest.approx(float(differ.mean()))
+        result = raw.to_result()
+        assert (result.uncertainty, result.branch_disagreement) == (raw.uncertainty, raw.branch_disagreement)
+    # the tiny model's random branches disagree somewhere, so the statistic is not trivially 0
+    assert any(r.branch_disagreement > 0 for r in raws)
+    # without the CLIP branch there is nothing to disagree with
+    no_clip = odise_model.Predictor(model, vocab, use_clip=False).predict_prepared_raw([predictor.prepare(photos[0])])
+    assert no_clip[0].branch_disagreement is None and no_clip[0].clip_top_class is None
+    # without segments: no uncertainty either
+    output = predictor.infer_prepared([predictor.prepare(photos[1])])[0]
+    output.mask_cls[:, :-1] = -30.0
+    empty = predictor.postprocess_output(output)
+    assert empty.segments == [] and empty.uncertainty is None and empty.branch_disagreement is None

@@ -1,0 +1,207 @@
+"""No run stops for one sample: faults injected in every stage of a real run (the ``odise-annotate`` console
+script, tiny model, local Ray), names that are not valid UTF-8 in a folder and in a tar, overlay names, and
+error rows with the new columns read by the evaluation."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+from PIL import Image
+
+from pipeline.annotate.stages import overlay_file_name
+from pipeline.errors import FAULT_ENV
+from pipeline.shards import decode_name
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: fault -> (error_kind, retryable) of the row it must produce; None: the sample is labelled anyway
+EXPECTED = {
+    "read": ("read_error", False),
+    "decode": ("decode_error", False),
+    "model": ("model_error", False),
+    "postprocess": ("postprocess_error", False),
+    "encode": ("encode_error", False),
+    "stage": ("staging_error", False),
+    "oom": ("out_of_memory", True),
+    "decode_oom": ("out_of_memory", True),
+    "oom_once": None,  # batch OOM -> alone with chunked post-processing -> labelled
+    "postprocess_oom": None,  # post-processing OOM -> chunked -> labelled
+    "stage_transient": None,  # the staging write is retried -> labelled
+}
+
+
+def _jpeg(arr: np.ndarray, size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).resize(size).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _png(arr: np.ndarray, size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).resize(size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _rows(out: Path) -> list[dict]:
+    return pads.dataset(str(out / "parquet"), format="parquet").to_table().to_pylist()
+
+
+@pytest.mark.slow
+def test_every_stage_fails_for_one_sample_and_the_run_goes_on(tmp_path, photos):
+    """One CLI run over a tar whose marked samples fail in read, decode, model, post-processing, encode and
+    staging, run out of memory (for good, or once), and a folder and a tar holding names that are not valid
+    UTF-8: exit 0, exactly one error row per failing sample with the right kind and flag, every other image
+    labelled (uncertainty filled), keys round-trip, ``image_url`` opens, overlays named by replacing the
+    extension."""
+    import fsspec
+
+    names = sorted(photos)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    tar_path = shards / "faults.tar"
+    bad_member = os.fsdecode(b"caf\xe9-bad")  # latin-1 bytes: not valid UTF-8
+    with tarfile.open(tar_path, "w", format=tarfile.GNU_FORMAT) as tf:
+        for i, fault in enumerate(EXPECTED):
+            arr = photos[names[i % len(names)]]
+            _add(tf, f"{fault}.jpg", _jpeg(arr, (64 + 8 * (i % 3), 48)))
+            _add(tf, f"{fault}.json", json.dumps({"odise_fault": fault}).encode())
+        for i in range(3):
+            _add(tf, f"good-{i}.jpg", _jpeg(photos[names[i]], (56, 48)))
+        _add(tf, f"{bad_member}.jpg", _jpeg(photos[names[0]], (48, 64)))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    bad_file = os.fsdecode(b"bad\xff.jpg")
+    (folder / bad_file).write_bytes(_jpeg(photos[names[1]], (64, 48)))
+    (folder / "astro.png").write_bytes(_png(photos[names[2]], (64, 48)))
+    (folder / "astro.jpg").write_bytes(_jpeg(photos[names[3]], (48, 64)))
+    (folder / "100%.jpg").write_bytes(_jpeg(photos[names[0]], (64, 64)))
+
+    out = tmp_path / "out"
+    env = dict(os.environ)
+    env.update(
+        {
+            FAULT_ENV: "1",
+            "PREFECT_HOME": str(tmp_path / "prefect-home"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "ODISE_CACHE": str(tmp_path / "odise-cache"),
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(REPO),
+            # a fresh local Ray even when a `ray start` cluster runs on this machine (ray.init would join it)
+            "RAY_ADDRESS": "local",
+        }
+    )
+    env.pop("PREFECT_API_URL", None)
+    script = Path(sys.executable).parent / "odise-annotate"
+    if not script.exists():
+        pytest.skip("console script odise-annotate is not installed (pip install -e .)")
+    args = [str(script), "--input", str(tar_path), str(folder), "--vocab-file", "coco_panoptic", "--output", str(out),
+            "--model", "tiny", "--num-cpus", "2", "--batch-size", "4", "--overlays", "20", "--no-progress"]
+    started = time.perf_counter()
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    print(f"fault-injection CLI run: {time.perf_counter() - started:.1f} s")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    rows = _rows(out)
+    keys = [(r["shard_id"], r["key"]) for r in rows]
+    assert len(keys) == len(set(keys)) == len(EXPECTED) + 3 + 1 + 4  # every sample exactly once
+    by_key = {r["key"]: r for r in rows}
+    for fault, expected in EXPECTED.items():
+        row = by_key[fault]
+        if expected is None:
+            assert row["error"] is None and row["segments"], (fault, row["error"])
+            continue
+        assert (row["error_kind"], row["retryable"]) == expected, (fault, row["error"])
+        assert row["segments"] == [] and row["panoptic_png"] is None
+        # the message names the image's own location: the member's chained URL in the tar
+        assert f"tar://{fault}.jpg::file://{tar_path}" in row["error"], row["error"]
+    errors = [r for r in rows if r["error"] is not None]
+    assert len(errors) == sum(e is not None for e in EXPECTED.values())
+    labelled = [r for r in rows if r["error"] is None]
+    for row in labelled:
+        assert row["error_kind"] is None and row["retryable"] is None and row["image_url"]
+        assert 0.0 <= row["uncertainty"] <= 1.0 and 0.0 <= row["branch_disagreement"] <= 1.0
+        with fsspec.open(decode_name(row["image_url"]), "rb") as f:  # the URL points at the image
+            assert Image.open(f).size == (row["width"], row["height"])
+
+    # names that are not valid UTF-8: one row each, labelled, keys stored reversibly
+    tar_row = by_key["caf%E9-bad"]
+    assert decode_name(tar_row["key"]) == bad_member and tar_row["error"] is None
+    assert tar_row["image_url"] == f"tar://caf%E9-bad.jpg::file://{tar_path}"
+    file_row = by_key["bad%FF.jpg"]
+    assert decode_name(file_row["key"]) == bad_file and file_row["error"] is None
+    assert decode_name(file_row["image_url"]) == f"file://{folder}/{bad_file}"
+    assert by_key["100%.jpg"]["image_url"] == f"file://{folder}/100%.jpg"  # ordinary names stay as they are
+
+    # overlays replace the extension; a collision (astro.jpg / astro.png) gets a deterministic name
+    overlays = sorted(p.name for p in (out / "overlays").rglob("*.jpg"))
+    assert "astro.jpg" in overlays and "astro.png.jpg" in overlays and "100%.jpg" not in overlays
+    assert "good-0.jpg" in overlays and not any(n.endswith(".jpg.jpg") and n != "astro.png.jpg" for n in overlays)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_errors"] == len(errors) and summary["n_images"] == len(rows)
+    assert "Traceback" not in proc.stderr
+
+
+def test_overlay_names_replace_the_extension():
+    taken: set[str] = set()
+    assert overlay_file_name("astronaut.png", taken) == "astronaut.jpg"
+    assert overlay_file_name("astronaut.jpg", taken) == "astronaut.jpg.jpg"  # collision: full key
+    assert overlay_file_name("astronaut.jpeg", taken) == "astronaut.jpeg.jpg"
+    taken = {"a.jpg", "a.jpg.jpg"}  # e.g. from keys a.png and a.jpg.png
+    assert overlay_file_name("a.jpg", taken) == "a-2.jpg" and "a-2.jpg" in taken
+    assert overlay_file_name("cats/001", taken) == "cats/001.jpg"  # WebDataset keys have no extension
+    assert overlay_file_name("notes.v2", taken) == "notes.v2.jpg"  # not an image extension: kept
+    unsafe = overlay_file_name("bad%FF.jpg", taken)
+    assert unsafe.endswith(".jpg") and "%" not in unsafe and not unsafe.endswith(".jpg.jpg")
+
+
+def test_error_rows_with_the_new_columns_are_skipped_by_evaluation(tmp_path):
+    """Evaluation reads schema-2 outputs whose error rows carry ``error_kind`` / ``retryable`` / ``image_url``:
+    they count as empty predictions, as before."""
+    from test_scoring import CATEGORIES, evaluate, perfect_items, write_coco_gt
+
+    from pipeline.annotate.commit import commit_shard, write_provenance, write_staging
+    from pipeline.encode import encode_result
+    from pipeline.schema import RunProvenance, error_row, label_row
+
+    json_path, png_dir, _ = write_coco_gt(tmp_path / "gt")
+    items = perfect_items()
+    provenance = RunProvenance(run_id="run-1", model_variant="hand", categories=CATEGORIES)
+    out = tmp_path / "run"
+    write_provenance(str(out), None, provenance)
+    common = {"run_id": "run-1", "shard": "file:///in/shard-a.tar", "shard_id": "shard-a"}
+    rows = []
+    for n, (key, result) in enumerate(items):
+        url = f"tar://{key}::file:///in/shard-a.tar"
+        if n == 0:
+            rows.append(error_row(**common, key=key, error=f"out of memory: MemoryError [{url}]",
+                                  error_kind="out_of_memory", image_url=url))
+        else:
+            rows.append(label_row(**common, key=key, encoded=encode_result(result, include_png=True), image_url=url,
+                                  uncertainty=0.25, branch_disagreement=0.5))
+    assert rows[0]["retryable"] is True  # the kind's flag by default
+    write_staging(rows, str(out), None, provenance)
+    commit_shard(str(out), None, shard={"url": common["shard"], "shard_id": "shard-a"}, expected_keys=len(rows),
+                 provenance=provenance, categories=CATEGORIES, write_coco=False)
+    res = evaluate(json_path, png_dir, out)
+    assert res.details["error_rows"]["count"] == 1
+    assert res.details["error_rows"]["examples"][0]["error"].startswith("out of memory")
+    assert res.num_images == len(items)
+    with pytest.raises(ValueError, match="unknown error_kind 'oops'"):
+        error_row(**common, key="k", error="x", error_kind="oops")
