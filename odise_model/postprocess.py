@@ -166,8 +166,8 @@ def panoptic_inference_chunked(
     best_val: torch.Tensor | None = None
     mask_ids = torch.zeros((height, width), dtype=torch.long, device=mask_cls.device)
     for start, idx in _chunks(kept, chunk):
-        probs = masks_for(idx).float().sigmoid()
-        vals, args = (cur_scores[start : start + len(idx)].view(-1, 1, 1) * probs).max(0)
+        probs = masks_for(idx).float().sigmoid_()
+        vals, args = probs.mul_(cur_scores[start : start + len(idx)].view(-1, 1, 1)).max(0)
         if best_val is None:
             best_val, mask_ids = vals, args
         else:
@@ -201,8 +201,9 @@ def semantic_argmax(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Te
 
 
 def semantic_argmax_chunked(mask_cls: torch.Tensor, masks_for: MasksFor, output_size: tuple[int, int], *, chunk: int = 8) -> torch.Tensor:
-    """:func:`semantic_argmax` in bands of pixels, holding at most about ``chunk`` full-size masks' worth of
-    probabilities at a time (out-of-memory fallback; the masks are recomputed for every band).
+    """:func:`semantic_argmax` in bands of pixels, holding about ``4 * chunk`` full-size masks' worth of
+    probabilities at a time (out-of-memory fallback; the masks are recomputed for every band, so the resize
+    work grows by ``Q / (4 * chunk)``).
 
     Same result as the unchunked matrix product on the same device (verified bit for bit on CPU; row
     bands of one matrix product change no reduction order there).
@@ -210,14 +211,19 @@ def semantic_argmax_chunked(mask_cls: torch.Tensor, masks_for: MasksFor, output_
     probs = F.softmax(mask_cls.float(), dim=-1)[..., :-1]
     num_queries = int(mask_cls.shape[0])
     h, w = output_size
-    band = max(1, (h * w * max(1, chunk)) // max(1, num_queries))
+    band = max(1, (h * w * 4 * max(1, chunk)) // max(1, num_queries))
+    rows = max(1, band // 4)  # pixels per matrix product: bounds the ``pixels x K`` scores as well
     everything = torch.arange(num_queries, device=mask_cls.device)
     out = torch.empty(h * w, dtype=torch.long, device=mask_cls.device)
     for p0 in range(0, h * w, band):
         p1 = min(h * w, p0 + band)
-        parts = [masks_for(idx).float().sigmoid().flatten(1)[:, p0:p1] for _, idx in _chunks(everything, chunk)]
-        out[p0:p1] = (torch.cat(parts).t() @ probs).argmax(-1)
-        del parts
+        sig = torch.empty((num_queries, p1 - p0), dtype=torch.float32, device=mask_cls.device)
+        for start, idx in _chunks(everything, chunk):
+            # the band's sigmoid only (elementwise: the same values); the full-size logits are freed at once
+            sig[start : start + len(idx)] = masks_for(idx).flatten(1)[:, p0:p1].float().sigmoid()
+        for r0 in range(0, p1 - p0, rows):
+            out[p0 + r0 : p0 + min(p1 - p0, r0 + rows)] = (sig[:, r0 : r0 + rows].t() @ probs).argmax(-1)
+        del sig
     return out.view(h, w)
 
 

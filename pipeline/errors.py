@@ -114,10 +114,14 @@ class ErrorKind:
 _KIND_LIST = (
     ErrorKind("network", True, "storage unreachable after retries", "rerun with --retry-errors"),
     ErrorKind("timeout", True, "a storage read timed out", "rerun with --retry-errors"),
-    ErrorKind("vanished", True, "a listed file is gone", "rerun with --retry-errors; remove it from the input"),
+    ErrorKind(
+        "vanished", True, "a listed file is gone", "rerun with --retry-errors; remove it from the input"
+    ),
     ErrorKind("shard_growing", True, "the shard was still being written", "rerun once the upload is done"),
     ErrorKind("io_error", True, "other storage I/O error", "rerun with --retry-errors; check the storage"),
-    ErrorKind("out_of_memory", True, "host or GPU memory ran out", "rerun with a smaller batch / more memory"),
+    ErrorKind(
+        "out_of_memory", True, "host or GPU memory ran out", "rerun with a smaller batch / more memory"
+    ),
     ErrorKind("not_an_image", False, "empty or unknown format", "fix or drop the file"),
     ErrorKind("corrupt_image", False, "the decoder failed on the data", "fix or drop the file"),
     ErrorKind("truncated_image", False, "the image file ends early", "re-export the file"),
@@ -248,7 +252,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if type(exc).__name__ in ("OutOfMemoryError", "OutOfMemory"):
         return True
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text and ("cuda" in text or "hip" in text or "mps" in text))
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text and ("cuda" in text or "hip" in text or "mps" in text)
+    )
 
 
 def _storage_kind(exc: BaseException) -> str | None:
@@ -257,15 +263,28 @@ def _storage_kind(exc: BaseException) -> str | None:
     text = f"{name}: {exc}".lower()
     if isinstance(exc, FileNotFoundError):
         return "vanished"
-    if isinstance(exc, PermissionError) or "accessdenied" in text or "forbidden" in text or "invalidaccesskeyid" in text:
+    if (
+        isinstance(exc, PermissionError)
+        or "accessdenied" in text
+        or "forbidden" in text
+        or "invalidaccesskeyid" in text
+    ):
         return "access_denied"
     if isinstance(exc, TimeoutError) or "timeout" in name.lower() or "timed out" in text:
         return "timeout"
-    if isinstance(exc, ConnectionError) or any(s in name for s in ("Connect", "Endpoint", "ServerDisconnected")):
+    if isinstance(exc, ConnectionError) or any(
+        s in name for s in ("Connect", "Endpoint", "ServerDisconnected")
+    ):
         return "network"
     module = type(exc).__module__ or ""
-    if module.startswith(("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "gcsfs", "fsspec")):
-        return "network" if any(t in text for t in _TRANSIENT_TEXT) or "client" not in name.lower() else "io_error"
+    if module.startswith(
+        ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "gcsfs", "fsspec")
+    ):
+        return (
+            "network"
+            if any(t in text for t in _TRANSIENT_TEXT) or "client" not in name.lower()
+            else "io_error"
+        )
     if isinstance(exc, OSError):
         return "network" if any(t in text for t in _TRANSIENT_TEXT) else "io_error"
     return None

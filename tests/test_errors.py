@@ -251,7 +251,12 @@ def test_labeled_shard_interface(tmp_path):
     """The one tar reader serves labeled shards too: every field of a sample, by key."""
     path = tmp_path / "labeled.tar"
     with tarfile.open(path, "w") as tf:
-        for name, data in [("a.jpg", b"img"), ("a.panoptic.png", b"png"), ("a.segments.json", b"{}"), ("b.jpg", b"x")]:
+        for name, data in [
+            ("a.jpg", b"img"),
+            ("a.panoptic.png", b"png"),
+            ("a.segments.json", b"{}"),
+            ("b.jpg", b"x"),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
@@ -261,7 +266,11 @@ def test_labeled_shard_interface(tmp_path):
         ("b", {"jpg": b"x"}),
     ]
     only = list(iter_tar(str(path), fields={"segments.json"}))
-    assert only[0].files == {"segments.json": b"{}"} and only[0].present == ("jpg", "panoptic.png", "segments.json")
+    assert only[0].files == {"segments.json": b"{}"} and only[0].present == (
+        "jpg",
+        "panoptic.png",
+        "segments.json",
+    )
 
 
 def test_memory_error_while_decoding_is_not_a_corrupt_image(tmp_path):

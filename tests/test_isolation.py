@@ -110,8 +110,25 @@ def test_every_stage_fails_for_one_sample_and_the_run_goes_on(tmp_path, photos):
     script = Path(sys.executable).parent / "odise-annotate"
     if not script.exists():
         pytest.skip("console script odise-annotate is not installed (pip install -e .)")
-    args = [str(script), "--input", str(tar_path), str(folder), "--vocab-file", "coco_panoptic", "--output", str(out),
-            "--model", "tiny", "--num-cpus", "2", "--batch-size", "4", "--overlays", "20", "--no-progress"]
+    args = [
+        str(script),
+        "--input",
+        str(tar_path),
+        str(folder),
+        "--vocab-file",
+        "coco_panoptic",
+        "--output",
+        str(out),
+        "--model",
+        "tiny",
+        "--num-cpus",
+        "2",
+        "--batch-size",
+        "4",
+        "--overlays",
+        "20",
+        "--no-progress",
+    ]
     started = time.perf_counter()
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     print(f"fault-injection CLI run: {time.perf_counter() - started:.1f} s")
@@ -151,7 +168,9 @@ def test_every_stage_fails_for_one_sample_and_the_run_goes_on(tmp_path, photos):
     # overlays replace the extension; a collision (astro.jpg / astro.png) gets a deterministic name
     overlays = sorted(p.name for p in (out / "overlays").rglob("*.jpg"))
     assert "astro.jpg" in overlays and "astro.png.jpg" in overlays and "100%.jpg" not in overlays
-    assert "good-0.jpg" in overlays and not any(n.endswith(".jpg.jpg") and n != "astro.png.jpg" for n in overlays)
+    assert "good-0.jpg" in overlays and not any(
+        n.endswith(".jpg.jpg") and n != "astro.png.jpg" for n in overlays
+    )
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_errors"] == len(errors) and summary["n_images"] == len(rows)
@@ -190,15 +209,37 @@ def test_error_rows_with_the_new_columns_are_skipped_by_evaluation(tmp_path):
     for n, (key, result) in enumerate(items):
         url = f"tar://{key}::file:///in/shard-a.tar"
         if n == 0:
-            rows.append(error_row(**common, key=key, error=f"out of memory: MemoryError [{url}]",
-                                  error_kind="out_of_memory", image_url=url))
+            rows.append(
+                error_row(
+                    **common,
+                    key=key,
+                    error=f"out of memory: MemoryError [{url}]",
+                    error_kind="out_of_memory",
+                    image_url=url,
+                )
+            )
         else:
-            rows.append(label_row(**common, key=key, encoded=encode_result(result, include_png=True), image_url=url,
-                                  uncertainty=0.25, branch_disagreement=0.5))
+            rows.append(
+                label_row(
+                    **common,
+                    key=key,
+                    encoded=encode_result(result, include_png=True),
+                    image_url=url,
+                    uncertainty=0.25,
+                    branch_disagreement=0.5,
+                )
+            )
     assert rows[0]["retryable"] is True  # the kind's flag by default
     write_staging(rows, str(out), None, provenance)
-    commit_shard(str(out), None, shard={"url": common["shard"], "shard_id": "shard-a"}, expected_keys=len(rows),
-                 provenance=provenance, categories=CATEGORIES, write_coco=False)
+    commit_shard(
+        str(out),
+        None,
+        shard={"url": common["shard"], "shard_id": "shard-a"},
+        expected_keys=len(rows),
+        provenance=provenance,
+        categories=CATEGORIES,
+        write_coco=False,
+    )
     res = evaluate(json_path, png_dir, out)
     assert res.details["error_rows"]["count"] == 1
     assert res.details["error_rows"]["examples"][0]["error"].startswith("out of memory")

@@ -164,6 +164,7 @@ def _raw_equal(a, b) -> None:
     assert (a.uncertainty, a.branch_disagreement) == (b.uncertainty, b.branch_disagreement)
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_chunked_postprocessing_is_identical(model, photos):
     """The out-of-memory fallback (post-processing a few queries at a time, never ``Q x H x W`` at once) gives
     the same panoptic map, segments, semantic map and instance masks, boxes and classes, bit for bit, as the
@@ -184,6 +185,7 @@ def test_chunked_postprocessing_is_identical(model, photos):
     assert empty.postprocess_output(output).segments == []
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_branch_outputs_do_not_change_the_labels(model, photos):
     """Asking the model for each branch's top classes (``return_branches``) leaves its outputs untouched."""
     predictor = odise_model.Predictor(model, "ade20k_150", batch_size=2)
@@ -199,6 +201,7 @@ def test_branch_outputs_do_not_change_the_labels(model, photos):
         assert int(branches["clip_top"].max()) < len(predictor.vocabulary)
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_uncertainty_and_branch_disagreement(model, photos):
     """``uncertainty`` = mean over segments of 1 - the fused top-1 probability of the segment's query (its
     segment score); ``branch_disagreement`` = share of segments whose two branches' top classes differ."""

@@ -444,3 +444,57 @@ def test_unreachable_endpoint_fails_fast() -> None:
 def test_shardref_is_plain_data() -> None:
     ref = ShardRef(url="s3://b/x.tar", shard_id="x-0123abcd")
     assert ref.kind == "tar" and ref.members == () and pickle.loads(pickle.dumps(ref)) == ref
+
+
+def test_connection_dropped_mid_shard_is_retried_without_duplicates(tmp_path: Path, caplog) -> None:
+    """A real HTTP server that drops the connection once in the middle of a tar: the reader reads the shard
+    again, skips the records it already gave, and every sample comes exactly once."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    data = tar_bytes([(f"k{i}.jpg", jpeg(i, (64, 64))) for i in range(6)])
+    state = {"gets": 0, "dropped": 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+        def _headers(self, code: int, body_len: int, extra: dict | None = None) -> None:
+            self.send_response(code)
+            self.send_header("Content-Length", str(body_len))
+            self.send_header("Accept-Ranges", "bytes")
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+
+        def do_HEAD(self) -> None:
+            self._headers(200, len(data))
+
+        def do_GET(self) -> None:
+            state["gets"] += 1
+            start, end = 0, len(data) - 1
+            rng = self.headers.get("Range")
+            if rng:
+                a, b = rng.removeprefix("bytes=").split("-")
+                start, end = int(a), min(int(b) if b else len(data) - 1, len(data) - 1)
+            if start > len(data) // 2 and state["dropped"] < 2:  # twice: the HTTP client retries once itself
+                state["dropped"] += 1
+                self.close_connection = True  # no response at all: the client sees the server disconnect
+                return
+            body = data[start : end + 1]
+            self._headers(206 if rng else 200, len(body), {"Content-Range": f"bytes {start}-{end}/{len(data)}"})
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/shard.tar"
+        shard = ShardRef(url=url, shard_id="shard-http")
+        samples = read_shard(shard, {"block_size": 4096})
+    finally:
+        server.shutdown()
+    assert state["dropped"] == 2 and state["gets"] > 2
+    assert any("reading it again" in r.getMessage() for r in caplog.records)  # our retry, not the client's
+    assert [s.key for s in samples] == [f"k{i}" for i in range(6)]
+    assert all(s.error is None and s.image_bytes == jpeg(i, (64, 64)) for i, s in enumerate(samples))

@@ -283,6 +283,12 @@ class ReadShard:
             yield _columns(rows)
 
 
+def _get(batch: dict[str, Any], name: str, i: int, default: Any) -> Any:
+    """``batch[name][i]``, or ``default`` for batches made without the column (e.g. a benchmark's stand-in)."""
+    column = batch.get(name)
+    return default if column is None else column[i]
+
+
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list]:
     return {k: [r[k] for r in rows] for k in rows[0]}
 
@@ -329,7 +335,7 @@ class Annotator:
 
     # --- one image's outcome ------------------------------------------------------------------------
     def _location(self, batch: dict[str, Any], i: int) -> str:
-        return batch["image_url"][i] or f"{batch['shard'][i]}:{batch['key'][i]}"
+        return _get(batch, "image_url", i, "") or f"{batch['shard'][i]}:{batch['key'][i]}"
 
     def _fail(self, out: dict[str, Any], batch: dict[str, Any], i: int, stage: str, exc: BaseException) -> None:
         message, kind = _exception_text(stage, exc, self._location(batch, i))
@@ -352,7 +358,7 @@ class Annotator:
 
     def _postprocess(self, out: dict, batch: dict, i: int, output, *, chunked_only: bool = False) -> None:
         """Post-process one image's model output into ``out``; out of memory -> in chunks; then an error row."""
-        fault, key = batch["fault"][i], batch["key"][i]
+        fault, key = _get(batch, "fault", i, ""), batch["key"][i]
         for chunk in ((OOM_CHUNK_QUERIES,) if chunked_only else (None, OOM_CHUNK_QUERIES)):
             oom = False
             try:
@@ -375,7 +381,7 @@ class Annotator:
         """The image alone (batch 1); after an out-of-memory batch, post-processed in chunks."""
         output = None
         try:
-            inject("model_single", batch["fault"][i], batch["key"][i])
+            inject("model_single", _get(batch, "fault", i, ""), batch["key"][i])
             (output,) = self.predictor.infer_prepared([prepared])
         except Exception as exc:  # noqa: BLE001 - only the culprit gets the error
             self._fail(out, batch, i, "model", exc)
@@ -391,7 +397,7 @@ class Annotator:
         outputs, oom = None, False
         try:
             for i in idx:
-                inject("model", batch["fault"][i], batch["key"][i])
+                inject("model", _get(batch, "fault", i, ""), batch["key"][i])
             outputs = self.predictor.infer_prepared([prepared[i] for i in idx])
         except Exception as exc:  # noqa: BLE001 - retried image by image below
             oom = is_out_of_memory(exc)
@@ -415,6 +421,8 @@ class Annotator:
         out["inst_meta"] = [""] * n
         out["uncertainty"] = [math.nan] * n
         out["branch_disagreement"] = [math.nan] * n
+        for col, default in (("error_kind", ""), ("retryable", False), ("image_url", ""), ("fault", "")):
+            out.setdefault(col, [default] * n)  # batches made without them (a benchmark's stand-in rows)
         todo = [i for i in range(n) if batch["kind"][i] == "sample" and not batch["error"][i]]
         prepared: dict[int, Any] = {}
         for i in todo:
@@ -476,7 +484,7 @@ class EncodeAndStage:
         buf = io.BytesIO()
         render_overlay(image, result).convert("RGB").save(buf, format="JPEG", quality=90)
         fs, root = fs_root(self.out_url, self.storage_options)
-        name = batch["overlay_name"][i] or overlay_file_name(batch["key"][i], set())
+        name = _get(batch, "overlay_name", i, "") or overlay_file_name(batch["key"][i], set())
         rel = posixpath.join("overlays", batch["shard_id"][i], name)
         write_bytes(fs, posixpath.join(root, rel), buf.getvalue(), durable=False)
         return rel
@@ -544,22 +552,22 @@ class EncodeAndStage:
                 continue
             key = batch["key"][i]
             ext = batch["image_ext"][i] or None
-            url = batch["image_url"][i] or None
-            faults[(batch["shard_id"][i], key)] = batch["fault"][i]
+            url = _get(batch, "image_url", i, "") or None
+            faults[(batch["shard_id"][i], key)] = _get(batch, "fault", i, "")
             location = locations[(batch["shard_id"][i], key)] = url or f"{batch['shard'][i]}:{key}"
             size = {"width": int(batch["width"][i]) or None, "height": int(batch["height"][i]) or None}
             if batch["error"][i]:
-                kind = batch["error_kind"][i] or classify(batch["error"][i])[0]
+                kind = _get(batch, "error_kind", i, "") or classify(batch["error"][i])[0]
                 rows.append(error_row(**common, key=key, error=batch["error"][i], error_kind=kind,
                                       retryable=is_retryable(kind), image_ext=ext, image_url=url, **size))
                 continue
             try:
-                inject("encode", batch["fault"][i], key)
+                inject("encode", _get(batch, "fault", i, ""), key)
                 result = self._result(batch, i)
                 encoded = encode_result(result, include_png=self.include_png)
                 rows.append(label_row(**common, key=key, encoded=encoded, image_ext=ext, image_url=url,
-                                      uncertainty=self._nullable(batch["uncertainty"][i]),
-                                      branch_disagreement=self._nullable(batch["branch_disagreement"][i])))
+                                      uncertainty=self._nullable(_get(batch, "uncertainty", i, math.nan)),
+                                      branch_disagreement=self._nullable(_get(batch, "branch_disagreement", i, math.nan))))
             except Exception as exc:  # noqa: BLE001 - this image's row, not the batch
                 message, kind = _exception_text("encode", exc, location)
                 log.warning("%s/%s: %s", batch["shard_id"][i], key, message)
