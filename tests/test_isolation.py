@@ -246,3 +246,65 @@ def test_error_rows_with_the_new_columns_are_skipped_by_evaluation(tmp_path):
     assert res.num_images == len(items)
     with pytest.raises(ValueError, match="unknown error_kind 'oops'"):
         error_row(**common, key="k", error="x", error_kind="oops")
+
+
+def _error_batch(keys: list[str]) -> dict:
+    """A batch as the model stage hands it to the encode stage: samples that already failed, then the end row."""
+    from pipeline.annotate.stages import _columns, _empty_sample_row
+
+    shard = {"url": "file:///in/s.tar", "shard_id": "s-0001"}
+    rows = []
+    for key in keys:
+        row = _empty_sample_row(
+            shard, key, error=f"not an image (unidentified format) [file:///in/s.tar:{key}]", ext="jpg"
+        )
+        row["error_kind"] = "not_an_image"
+        rows.append(row)
+    end = _empty_sample_row(shard, "", error=None, ext=None)
+    end.update(kind="end", shard_total=len(keys))
+    return _columns([*rows, end])
+
+
+def test_staging_write_is_retried_then_raises(tmp_path, monkeypatch, caplog):
+    """A staging write that fails with a storage error is retried with backoff: a blip is absorbed (the rows
+    are written once); a lasting failure raises, so Ray retries the whole task (staging files are write-once
+    and the commit keeps one row per key, so a retried task loses and duplicates nothing)."""
+    import threading
+
+    import pyarrow.parquet as pq
+
+    from pipeline.annotate import stages
+    from pipeline.schema import RunProvenance
+
+    monkeypatch.setattr(stages, "WRITE_DELAYS_S", (0.3, 0.6, 1.2))
+    provenance = RunProvenance(run_id="run-1", model_variant="tiny")
+    out = tmp_path / "out"
+    out.mkdir()
+    blocker = out / "_staging"
+    blocker.write_text("a file where the staging folder goes: every write fails (NotADirectoryError)")
+    stage = stages.EncodeAndStage(
+        out_url=str(out), storage_options={}, provenance_json=provenance.to_json(), include_png=False
+    )
+    timer = threading.Timer(0.4, blocker.unlink)  # the blip ends during the retries
+    timer.start()
+    records = stage(_error_batch(["a", "b"]))
+    timer.join()
+    assert "retrying in" in caplog.text
+    staged = [r for r in zip(records["type"], records["keys"]) if r[0] == "staged"]
+    assert staged == [("staged", ["a", "b"])]
+    files = list((out / "_staging" / "s-0001").glob("*.parquet"))
+    assert len(files) == 1
+    table = pq.read_table(files[0])
+    assert table.column("key").to_pylist() == ["a", "b"] and set(table.column("error_kind").to_pylist()) == {
+        "not_an_image"
+    }
+
+    monkeypatch.setattr(stages, "WRITE_DELAYS_S", (0.05, 0.05))
+    lasting = tmp_path / "lasting"
+    lasting.mkdir()
+    (lasting / "_staging").write_text("stays")
+    stage = stages.EncodeAndStage(
+        out_url=str(lasting), storage_options={}, provenance_json=provenance.to_json(), include_png=False
+    )
+    with pytest.raises(OSError):
+        stage(_error_batch(["c"]))
