@@ -13,7 +13,7 @@ run_id          string, the run that produced the row
 shard           string, URL of the input shard (for virtual image shards: ``<folder>#images-<n>`` / ``#rest-<n>``)
 shard_id        string, filesystem-safe unique shard name (output file names)
 key             string, sample key, unique within a shard (WebDataset key, or relative image path,
-                extension included). Always valid UTF-8: a name that is not (``bad\xff.jpg``) is stored
+                extension included). Always valid UTF-8: a name that is not (``bad\\xff.jpg``) is stored
                 percent-encoded, reversibly (``bad%FF.jpg``; in such names a literal ``%`` is ``%25``), see
                 :func:`pipeline.shards.encode_name` / :func:`~pipeline.shards.decode_name`. Ordinary names
                 (no ``%`` followed by two hex digits) are stored unchanged

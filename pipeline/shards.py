@@ -27,7 +27,7 @@ Two steps, both usable from a Ray driver and from Ray CPU tasks (plain functions
    :func:`iter_tar` is the one tar reader under it, also used for labeled shards (ground truth and
    training, :mod:`pipeline.groundtruth`): ``key -> {field: bytes}`` with the same member rules.
 
-Names that are not valid UTF-8 (a file ``bad\xff.jpg``, a tar member with such a name): every key, URL and
+Names that are not valid UTF-8 (a file ``bad\\xff.jpg``, a tar member with such a name): every key, URL and
 member list this module returns is in *stored form* (:func:`encode_name`): valid UTF-8, and unchanged for
 ordinary names; the undecodable bytes become ``%XX`` and, in such names, a literal ``%`` becomes ``%25``.
 :func:`decode_name` gives back the real name; the readers open files and members by their real names.
