@@ -232,3 +232,82 @@ def test_uncertainty_and_branch_disagreement(model, photos):
     output.mask_cls[:, :-1] = -30.0
     empty = predictor.postprocess_output(output)
     assert empty.segments == [] and empty.uncertainty is None and empty.branch_disagreement is None
+
+
+# --- the labels before this change, kept verbatim as a reference ---------------------------------------
+def _reference_panoptic(mask_cls, mask_pred, isthing, object_mask_threshold, overlap_threshold):
+    """``panoptic_inference`` as it was before per-query fields and chunking (segments as tuples)."""
+    import torch.nn.functional as F
+
+    num_classes = mask_cls.shape[-1] - 1
+    scores, labels = F.softmax(mask_cls.float(), dim=-1).max(-1)
+    masks = mask_pred.float().sigmoid()
+    keep = labels.ne(num_classes) & (scores > object_mask_threshold)
+    cur_scores, cur_classes, cur_masks = scores[keep], labels[keep], masks[keep]
+    height, width = masks.shape[-2:]
+    panoptic = torch.zeros((height, width), dtype=torch.int32, device=masks.device)
+    segments = []
+    if cur_masks.shape[0] == 0:
+        return panoptic, segments
+    mask_ids = (cur_scores.view(-1, 1, 1) * cur_masks).argmax(0)
+    isthing_cpu = isthing.cpu()
+    stuff_ids: dict[int, int] = {}
+    current_id = 0
+    for k in range(cur_classes.shape[0]):
+        pred_class = int(cur_classes[k])
+        thing = bool(isthing_cpu[pred_class])
+        assigned = mask_ids == k
+        mask_area = int(assigned.sum())
+        original_area = int((cur_masks[k] >= 0.5).sum())
+        mask = assigned & (cur_masks[k] >= 0.5)
+        if mask_area > 0 and original_area > 0 and int(mask.sum()) > 0:
+            if mask_area / original_area < overlap_threshold:
+                continue
+            if not thing:
+                if pred_class in stuff_ids:
+                    panoptic[mask] = stuff_ids[pred_class]
+                    continue
+                stuff_ids[pred_class] = current_id + 1
+            current_id += 1
+            panoptic[mask] = current_id
+            segments.append((current_id, pred_class, thing, float(cur_scores[k])))
+    return panoptic, segments
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_labels_equal_the_code_before_this_change(model, photos):
+    """The predictor's outputs (panoptic map, segments, semantic map, instances) are exactly what the code
+    before the per-query fields / chunked fallback / split inference computed: the model's forward pass
+    without branch outputs, then the unchanged pure post-processing functions and the old segment loop."""
+    from odise_model.postprocess import (
+        instance_inference,
+        mask_boxes,
+        pack_masks,
+        resize_mask_logits,
+        semantic_argmax,
+    )
+
+    predictor = odise_model.Predictor(model, "coco_panoptic", batch_size=2)
+    cfg = model.config.postprocess
+    categories = predictor.vocabulary.categories
+    cat_ids = torch.tensor([c.id for c in categories], dtype=torch.int32)
+    isthing = torch.tensor([c.isthing for c in categories])
+    prepared = [predictor.prepare(p) for p in photos]
+    new = predictor.predict_prepared_raw(prepared)
+    vocab_emb = model.vocabulary_embedding(predictor.vocabulary)
+    old_outputs = model.infer([p[0] for p in prepared], [p[1] for p in prepared], vocab_emb)
+    for (tensor, resized, original), (mask_cls, mask_logits), raw in zip(prepared, old_outputs, new, strict=True):
+        masks = resize_mask_logits(mask_logits, tuple(tensor.shape[-2:]), resized, original)
+        pan, segs = _reference_panoptic(mask_cls, masks, isthing, cfg.object_mask_threshold, cfg.overlap_threshold)
+        np.testing.assert_array_equal(raw.panoptic, pan.numpy())
+        assert [(s.id, s.category_id, s.isthing, s.score) for s in raw.segments] == [
+            (sid, categories[c].id, thing, score) for sid, c, thing, score in segs
+        ]
+        np.testing.assert_array_equal(raw.semantic, cat_ids[semantic_argmax(mask_cls, masks)].numpy())
+        classes, scores, queries = instance_inference(mask_cls, masks, isthing, topk=cfg.topk_per_image, things_only=True)
+        unique, inverse = torch.unique(queries, return_inverse=True)
+        binary = masks[unique] > 0
+        np.testing.assert_array_equal(raw.instance_category_ids, cat_ids[classes].numpy())
+        np.testing.assert_array_equal(raw.instance_scores, scores.numpy())
+        np.testing.assert_array_equal(raw.instance_boxes, mask_boxes(binary)[inverse].numpy())
+        np.testing.assert_array_equal(raw.instance_masks_packed, pack_masks(binary)[inverse].numpy())
