@@ -126,7 +126,10 @@ def _empty_sample_row(shard: dict, key: str, *, error: str | None, ext: str | No
 
 
 def _sample_location(shard: dict, key: str) -> str:
-    """Where a sample lives, for error messages: the image's own URL for image folders, ``<tar URL>:<key>``."""
+    """Where a sample lives, for error messages: the image's own URL for image folders, ``<tar URL>:<key>``
+    (the shard's URL for its shard-level row)."""
+    if key.startswith("__shard__"):
+        return str(shard["url"])
     if shard.get("kind") == "images" and shard.get("root"):
         return f"{str(shard['root']).rstrip('/')}/{key}"
     return f"{shard['url']}:{key}"
