@@ -308,3 +308,50 @@ def test_staging_write_is_retried_then_raises(tmp_path, monkeypatch, caplog):
     )
     with pytest.raises(OSError):
         stage(_error_batch(["c"]))
+
+
+def test_read_stage_rows_carry_kind_flag_and_location(tmp_path, photos):
+    """The read stage (run in-process) turns every reader record into one row: kind, retryable flag, the
+    image's location in the message, ``image_url``; the ``end`` row counts them all."""
+    import dataclasses
+
+    from pipeline.annotate.stages import ReadShard
+    from pipeline.shards import list_shards
+
+    arr = photos["coffee"]
+    full = io.BytesIO()
+    with tarfile.open(fileobj=full, mode="w") as tf:
+        for i in range(3):
+            _add(tf, f"k{i}.jpg", _jpeg(arr, (48 + 8 * i, 40)))
+        _add(tf, "txt.jpg", b"not an image at all")
+    data = full.getvalue()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(
+        data[: len(data) - 1536]
+    )  # the end-of-archive blocks and part of the last member are gone
+    old = time.time() - 3600
+    os.utime(cut, (old, old))
+    (shard,) = list_shards(str(cut))
+    stage = ReadShard(
+        storage_options={},
+        short_side=64,
+        max_size=128,
+        max_pixels=10**7,
+        shard_index={},
+        overlays_per_shard=0,
+        overlays_total=0,
+        rows_per_batch=100,
+    )
+    batches = list(stage({"shard": [json.dumps(dataclasses.asdict(shard))]}))
+    rows = [dict(zip(batches[0], values)) for b in batches for values in zip(*b.values())]
+    samples, end = rows[:-1], rows[-1]
+    assert end["kind"] == "end" and end["shard_total"] == len(samples)
+    by_key = {r["key"]: r for r in samples}
+    assert [by_key[f"k{i}"]["error"] for i in range(3)] == ["", "", ""]
+    assert by_key["k0"]["image_url"] == f"tar://k0.jpg::file://{cut}" and by_key["k0"]["rh"] == 64
+    shard_row = by_key["__shard__"]
+    assert (shard_row["error_kind"], shard_row["retryable"]) == ("truncated_shard", False)
+    assert shard_row["error"].endswith(f"[file://{cut}]")
+    txt = by_key["txt"]
+    assert (txt["error_kind"], txt["retryable"]) == ("not_an_image", False)  # read whole, then not decodable
+    assert f"tar://txt.jpg::file://{cut}" in txt["error"]
