@@ -225,9 +225,18 @@ class ODISE(nn.Module):
         return ensemble_max(logits, vocab.class_index, vocab.num_classes)
 
     def class_log_probs(
-        self, outputs: MaskGeneratorOutput, vocab: VocabularyEmbedding, images: Sequence[torch.Tensor] | None
+        self,
+        outputs: MaskGeneratorOutput,
+        vocab: VocabularyEmbedding,
+        images: Sequence[torch.Tensor] | None,
+        branches: dict | None = None,
     ) -> torch.Tensor:
-        """Final ``BxQx(K+1)`` class log-probabilities (fused with MaskCLIP unless ``images`` is None)."""
+        """Final ``BxQx(K+1)`` class log-probabilities (fused with MaskCLIP unless ``images`` is None).
+
+        When a dict is given as ``branches``, it receives each branch's top class per query (read-only
+        argmaxes of the logits fused here; the returned values do not change): ``"diffusion_top"``
+        ``BxQ`` long in [0, K) and ``"clip_top"`` ``BxQ`` long, or None without the CLIP branch.
+        """
         cfg = self.config.classifier
         open_logits = self.open_logits(outputs, vocab).float()
         if cfg.kind == "label":
@@ -238,6 +247,9 @@ class ODISE(nn.Module):
         clip_logits = None
         if images is not None:
             clip_logits = self.clip_logits(images, outputs.pred_masks, vocab)
+        if branches is not None:
+            branches["diffusion_top"] = open_logits.argmax(-1)
+            branches["clip_top"] = None if clip_logits is None else clip_logits.argmax(-1)
         return fuse_probabilities(open_logits, clip_logits, vocab.seen, alpha=cfg.alpha, beta=cfg.beta, p_background=p_background)
 
     # --- everything ---------------------------------------------------------------------------------
@@ -252,10 +264,13 @@ class ODISE(nn.Module):
         full_decode: bool = False,
         sequential_tiles: bool = False,
         use_clip: bool = True,
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return_branches: bool = False,
+    ) -> list[tuple[torch.Tensor, ...]]:
         """Class log-probs ``Qx(K+1)`` and mask logits ``QxHp/4xWp/4`` for each padded image.
 
-        ``unpadded_sizes[i]`` is the resized image size inside ``images[i]`` (for MaskCLIP).
+        ``unpadded_sizes[i]`` is the resized image size inside ``images[i]`` (for MaskCLIP). With
+        ``return_branches`` each tuple has a third item: ``{"diffusion_top": Q long, "clip_top": Q long or
+        None}``, each branch's top class per query (see :meth:`class_log_probs`); nothing else changes.
         """
         features = self.backbone_features(
             images, tile_batch_size=tile_batch_size, full_decode=full_decode, sequential_tiles=sequential_tiles
@@ -270,7 +285,12 @@ class ODISE(nn.Module):
             clip_images = None
             if use_clip:
                 clip_images = [images[i][:, : unpadded_sizes[i][0], : unpadded_sizes[i][1]] for i in indices]
-            log_probs = self.class_log_probs(outputs, vocab, clip_images)
+            branches: dict | None = {} if return_branches else None
+            log_probs = self.class_log_probs(outputs, vocab, clip_images, branches)
             for k, i in enumerate(indices):
                 results[i] = (log_probs[k], outputs.pred_masks[k].float())
+                if branches is not None:
+                    clip_top = branches["clip_top"]
+                    extra = {"diffusion_top": branches["diffusion_top"][k], "clip_top": None if clip_top is None else clip_top[k]}
+                    results[i] = (*results[i], extra)
         return results  # type: ignore[return-value]

@@ -21,16 +21,20 @@ import torch.nn.functional as F
 from .model import ODISE
 from .postprocess import (
     instance_inference,
+    instance_inference_chunked,
+    instance_masks_chunked,
     mask_boxes,
     pack_masks,
     panoptic_inference,
+    panoptic_inference_chunked,
     resize_mask_logits,
     semantic_argmax,
+    semantic_argmax_chunked,
 )
 from .types import Instance, PanopticResult, Segment
 from .vocabulary import Vocabulary, load_vocabulary
 
-__all__ = ["Predictor", "RawPrediction", "to_rgb_array", "resize_image", "resized_size"]
+__all__ = ["ModelOutput", "Predictor", "RawPrediction", "to_rgb_array", "resize_image", "resized_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -192,24 +196,43 @@ class Predictor:
         padded_size: tuple[int, int],
         image_size: tuple[int, int],
         output_size: tuple[int, int],
+        *,
+        chunk_queries: int | None = None,
+        branches: dict | None = None,
     ) -> RawPrediction:
-        """Post-processing on the model's device; returns compact CPU arrays (instance masks bit-packed)."""
+        """Post-processing on the model's device; returns compact CPU arrays (instance masks bit-packed).
+
+        Args:
+            mask_cls, mask_logits, padded_size, image_size, output_size: as :meth:`postprocess`.
+            chunk_queries: None (default) resizes all ``Q`` masks to the output size at once; an int holds at
+                most that many full-size masks at a time (the out-of-memory fallback for very large images;
+                same outputs, at the cost of recomputing the resize a few times).
+            branches: ``{"diffusion_top": Q, "clip_top": Q or None}`` from :meth:`ODISE.infer` with
+                ``return_branches``; fills the per-query fields and the uncertainty of the result.
+        """
         cfg = self.model.config.postprocess
-        masks = resize_mask_logits(mask_logits, padded_size, image_size, output_size)
-        isthing = self._isthing.to(masks.device)
+        chunked = chunk_queries is not None
+        device = mask_logits.device
+        if chunked:
+            masks = None
+
+            def masks_for(idx: torch.Tensor) -> torch.Tensor:
+                return resize_mask_logits(mask_logits[idx], padded_size, image_size, output_size)
+        else:
+            masks = resize_mask_logits(mask_logits, padded_size, image_size, output_size)
+        isthing = self._isthing.to(device)
         categories = self.vocabulary.categories
-        cat_ids = torch.tensor([c.id for c in categories], dtype=torch.int32, device=masks.device)
+        cat_ids = torch.tensor([c.id for c in categories], dtype=torch.int32, device=device)
 
         panoptic = np.zeros(output_size, dtype=np.int32)
         segments: list[Segment] = []
+        segment_queries: list[int] = []
         if cfg.panoptic_on:
-            pan, segs = panoptic_inference(
-                mask_cls,
-                masks,
-                isthing,
-                object_mask_threshold=cfg.object_mask_threshold,
-                overlap_threshold=cfg.overlap_threshold,
-            )
+            thresholds = {"object_mask_threshold": cfg.object_mask_threshold, "overlap_threshold": cfg.overlap_threshold}
+            if chunked:
+                pan, segs = panoptic_inference_chunked(mask_cls, masks_for, output_size, isthing, chunk=chunk_queries, **thresholds)
+            else:
+                pan, segs = panoptic_inference(mask_cls, masks, isthing, **thresholds)
             if segs:
                 seg_masks = pan[None] == torch.tensor([s.id for s in segs], device=pan.device).view(-1, 1, 1)
                 areas = seg_masks.flatten(1).sum(1).tolist()
@@ -217,29 +240,61 @@ class Predictor:
                 for seg, area, box in zip(segs, areas, boxes):
                     cat = categories[seg.class_index]
                     segments.append(Segment(seg.id, cat.id, cat.name, seg.isthing, seg.score, int(area), tuple(box)))
+                    segment_queries.append(seg.query)
             panoptic = pan.cpu().numpy().astype(np.int32)
         semantic = None
         if cfg.semantic_on:
-            semantic = cat_ids[semantic_argmax(mask_cls, masks)].cpu().numpy()
+            if chunked:
+                semantic = cat_ids[semantic_argmax_chunked(mask_cls, masks_for, output_size, chunk=chunk_queries)].cpu().numpy()
+            else:
+                semantic = cat_ids[semantic_argmax(mask_cls, masks)].cpu().numpy()
         raw = RawPrediction(panoptic=panoptic, segments=segments, semantic=semantic, vocabulary=self.vocabulary)
         if cfg.instance_on:
-            classes, scores, queries = instance_inference(
-                mask_cls, masks, isthing, topk=cfg.topk_per_image, things_only=cfg.panoptic_on
-            )
+            options = {"topk": cfg.topk_per_image, "things_only": cfg.panoptic_on}
+            if chunked:
+                classes, scores, queries = instance_inference_chunked(mask_cls, masks_for, isthing, chunk=chunk_queries, **options)
+            else:
+                classes, scores, queries = instance_inference(mask_cls, masks, isthing, **options)
             unique, inverse = torch.unique(queries, return_inverse=True)
-            binary = masks[unique] > 0  # one binary mask per distinct query, shared by its instances
+            if chunked and unique.numel():
+                boxes_u, packed_u = instance_masks_chunked(masks_for, unique, chunk=chunk_queries)
+            else:
+                empty = torch.zeros((0, *output_size), dtype=torch.bool, device=device)
+                binary = (masks[unique] > 0) if masks is not None else empty  # one mask per distinct query
+                boxes_u, packed_u = mask_boxes(binary), pack_masks(binary)
             raw.instance_category_ids = cat_ids[classes].cpu().numpy().astype(np.int64)
             raw.instance_scores = scores.cpu().numpy().astype(np.float32)
-            raw.instance_boxes = mask_boxes(binary)[inverse].cpu().numpy().astype(np.int64)
-            raw.instance_masks_packed = pack_masks(binary)[inverse].cpu().numpy()
+            raw.instance_boxes = boxes_u[inverse].cpu().numpy().astype(np.int64)
+            raw.instance_masks_packed = packed_u[inverse].cpu().numpy()
+        self._query_fields(raw, mask_cls, cat_ids, segment_queries, branches)
         return raw
 
+    @staticmethod
+    def _query_fields(raw: RawPrediction, mask_cls: torch.Tensor, cat_ids: torch.Tensor, segment_queries: list[int], branches: dict | None) -> None:
+        """Per-query top classes and the image's uncertainty (read-only: from values already computed)."""
+        num_classes = mask_cls.shape[-1] - 1
+        top_prob, top = F.softmax(mask_cls.float(), dim=-1).max(-1)
+        raw.query_top_prob = top_prob.cpu().numpy().astype(np.float32)
+        top_ids = torch.where(top < num_classes, cat_ids[top.clamp(max=num_classes - 1)], torch.zeros_like(top, dtype=cat_ids.dtype))
+        raw.query_top_class = top_ids.cpu().numpy().astype(np.int64)  # 0 = "no object"
+        raw.segment_queries = np.asarray(segment_queries, dtype=np.int64)
+        if segment_queries:
+            raw.uncertainty = float(np.mean(1.0 - raw.query_top_prob[raw.segment_queries]))
+        if branches is None:
+            return
+        raw.diffusion_top_class = cat_ids[branches["diffusion_top"]].cpu().numpy().astype(np.int64)
+        if branches.get("clip_top") is not None:
+            raw.clip_top_class = cat_ids[branches["clip_top"]].cpu().numpy().astype(np.int64)
+            if segment_queries:
+                q = raw.segment_queries
+                raw.branch_disagreement = float(np.mean(raw.diffusion_top_class[q] != raw.clip_top_class[q]))
+
     @torch.no_grad()
-    def predict_prepared_raw(self, prepared) -> list[RawPrediction]:
-        """Like :meth:`predict_prepared` but returns :class:`RawPrediction` (no per-instance mask unpacking)."""
-        out: list[RawPrediction] = []
+    def infer_prepared(self, prepared) -> list[ModelOutput]:
+        """The model's forward pass on outputs of :meth:`prepare` / :meth:`prepare_resized` (one batch), without
+        post-processing; each :class:`ModelOutput` goes to :meth:`postprocess_output`."""
         if not prepared:
-            return out
+            return []
         vocab_emb = self.model.vocabulary_embedding(self.vocabulary)
         outputs = self.model.infer(
             [p[0].to(self.device) for p in prepared],
@@ -249,11 +304,48 @@ class Predictor:
             full_decode=self.full_decode,
             sequential_tiles=self.sequential_tiles,
             use_clip=self.use_clip,
+            return_branches=True,
         )
-        for (tensor, resized, original), (mask_cls, mask_logits) in zip(prepared, outputs):
+        out = []
+        for (tensor, resized, original), (mask_cls, mask_logits, branches) in zip(prepared, outputs):
             padded = (int(tensor.shape[-2]), int(tensor.shape[-1]))
-            out.append(self.postprocess_raw(mask_cls, mask_logits, padded, resized, original))
+            out.append(ModelOutput(mask_cls, mask_logits, padded, tuple(resized), tuple(original), branches))
         return out
+
+    @torch.no_grad()
+    def postprocess_output(self, output: ModelOutput, *, chunk_queries: int | None = None) -> RawPrediction:
+        """:meth:`postprocess_raw` of one :class:`ModelOutput` (``chunk_queries``: see there)."""
+        return self.postprocess_raw(
+            output.mask_cls,
+            output.mask_logits,
+            output.padded_size,
+            output.image_size,
+            output.output_size,
+            chunk_queries=chunk_queries,
+            branches=output.branches,
+        )
+
+    @torch.no_grad()
+    def predict_prepared_raw(self, prepared, *, chunk_queries: int | None = None) -> list[RawPrediction]:
+        """Like :meth:`predict_prepared` but returns :class:`RawPrediction` (no per-instance mask unpacking)."""
+        return [self.postprocess_output(o, chunk_queries=chunk_queries) for o in self.infer_prepared(prepared)]
+
+
+@dataclass
+class ModelOutput:
+    """The model's raw output for one image (on the model's device), before post-processing.
+
+    ``mask_cls``: ``Qx(K+1)`` class log-probabilities; ``mask_logits``: ``QxHp/4xWp/4``; ``padded_size``,
+    ``image_size`` (resized, unpadded), ``output_size`` (original); ``branches``: each branch's top class
+    per query (``{"diffusion_top": Q, "clip_top": Q or None}``, class indices in [0, K)).
+    """
+
+    mask_cls: torch.Tensor
+    mask_logits: torch.Tensor
+    padded_size: tuple[int, int]
+    image_size: tuple[int, int]
+    output_size: tuple[int, int]
+    branches: dict | None = None
 
 
 @dataclass
@@ -263,6 +355,13 @@ class RawPrediction:
     ``panoptic`` / ``semantic``: ``HxW`` int32 (segment ids / category ids); ``segments``: typed segments;
     instances as arrays: category ids ``N``, scores ``N``, boxes ``Nx4`` (x, y, w, h) and masks bit-packed
     ``N x ceil(H*W/8)`` uint8 (``numpy.packbits`` order over the flattened ``HxW`` mask).
+
+    Per query (``Q``): ``query_top_prob`` (fused top-1 probability, "no object" included, float32),
+    ``query_top_class`` (its category id, 0 = "no object"), ``diffusion_top_class`` / ``clip_top_class``
+    (each branch's top category id; None when unknown / without the CLIP branch); ``segment_queries``: the
+    query of each segment (its first one for merged stuff). Per image: ``uncertainty`` = mean over segments
+    of ``1 - query_top_prob`` of the segment's query (None without segments) and ``branch_disagreement`` =
+    fraction of segments whose two branches' top classes differ (None without segments or CLIP branch).
     """
 
     panoptic: np.ndarray
@@ -273,6 +372,13 @@ class RawPrediction:
     instance_scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     instance_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int64))
     instance_masks_packed: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint8))
+    query_top_prob: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    query_top_class: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    diffusion_top_class: np.ndarray | None = None
+    clip_top_class: np.ndarray | None = None
+    segment_queries: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    uncertainty: float | None = None
+    branch_disagreement: float | None = None
 
     def instance_mask(self, i: int) -> np.ndarray:
         h, w = self.panoptic.shape
@@ -284,4 +390,11 @@ class RawPrediction:
             Instance(int(cid), names[int(cid)], float(score), self.instance_mask(i), tuple(int(v) for v in box))
             for i, (cid, score, box) in enumerate(zip(self.instance_category_ids, self.instance_scores, self.instance_boxes))
         ]
-        return PanopticResult(panoptic_seg=self.panoptic, segments=self.segments, semantic_seg=self.semantic, instances=instances)
+        return PanopticResult(
+            panoptic_seg=self.panoptic,
+            segments=self.segments,
+            semantic_seg=self.semantic,
+            instances=instances,
+            uncertainty=self.uncertainty,
+            branch_disagreement=self.branch_disagreement,
+        )

@@ -75,6 +75,10 @@ class PanopticResult:
         semantic_seg: ``HxW`` int32 category ids (``Category.id``) of the per-pixel argmax of the
             semantic scores, or None when semantic output is off.
         instances: detections sorted by descending score (empty when instance output is off).
+        uncertainty: mean over segments of 1 - the fused top-1 class probability of the segment's query,
+            in [0, 1]; None without segments (or when not computed).
+        branch_disagreement: fraction of segments whose diffusion-branch and CLIP-branch top classes
+            differ; None without segments or without the CLIP branch.
         height, width: the input image's size.
     """
 
@@ -82,6 +86,8 @@ class PanopticResult:
     segments: list[Segment]
     semantic_seg: np.ndarray | None = None
     instances: list[Instance] = field(default_factory=list)
+    uncertainty: float | None = None
+    branch_disagreement: float | None = None
 
     @property
     def height(self) -> int:

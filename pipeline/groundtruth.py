@@ -26,7 +26,8 @@ The training / evaluation input format of this product. A dataset is a folder (l
     <dataset>/shard-000001.tar       ...
 
 Each shard is an uncompressed POSIX tar; each sample is three consecutive members sharing a key
-(the WebDataset convention: the key is the member name up to the first dot of its base name)::
+(the WebDataset convention: the key is the member name up to the first dot of its base name; read by
+:mod:`pipeline.shards`, the one tar reader, with its safe-member and truncation rules)::
 
     <key>.jpg  (or <key>.png)        the image file, bytes exactly as in the source dataset
     <key>.panoptic.png               panoptic PNG, RGB id encoding above, same height and width
@@ -49,12 +50,10 @@ names are relative; readers skip members whose names are absolute or contain ``.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import posixpath
 import re
-import tarfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +79,7 @@ __all__ = [
     "list_shards",
     "iter_labeled_shards",
     "iter_labeled_shards_encoded",
+    "iter_shard_samples",
     "iter_tar_samples",
     "record_from_sample",
     "convert_coco_panoptic_to_shards",
@@ -177,14 +177,21 @@ class PanopticRecord:
     key: str | None = None
     captions: list[str] | None = None
 
-    def decode_image(self) -> np.ndarray:
-        """The image as ``HxWx3`` uint8 RGB (requires ``image_bytes``)."""
-        from PIL import Image
+    def decode_image(self, *, max_pixels: int | None = None) -> np.ndarray:
+        """The image as ``HxWx3`` uint8 RGB (requires ``image_bytes``), decoded by the pipeline's one image
+        decoder (:func:`pipeline.images.decode_image`: EXIF orientation applied, alpha on white,
+        decompression-bomb guard at ``max_pixels``, default :data:`pipeline.images.DEFAULT_MAX_PIXELS`).
+
+        Raises:
+            ValueError: no image bytes, or :class:`pipeline.images.ImageDecodeError` (a ``ValueError``)
+                naming the image.
+        """
+        from pipeline.images import DEFAULT_MAX_PIXELS, decode_image
 
         if self.image_bytes is None:
             raise ValueError(f"image {self.image_id!r}: no image bytes were read")
-        with Image.open(io.BytesIO(self.image_bytes)) as im:
-            return np.asarray(im.convert("RGB"))
+        where = f"image {self.image_id!r}" + (f" (sample {self.key!r})" if self.key else f" ({self.file_name})")
+        return decode_image(self.image_bytes, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, source=where)
 
     def segments_json(self) -> dict[str, Any]:
         """The ``<key>.segments.json`` object of the labeled-shard format."""
@@ -483,46 +490,70 @@ def write_categories(
 
 
 def list_shards(url: str, *, storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """Shard URLs of a dataset: a ``.tar`` URL itself, or the sorted ``*.tar`` files of a folder."""
-    import fsspec.core
+    """Shard URLs of a dataset: a ``.tar`` URL itself, or the sorted ``*.tar`` files of a folder (searched
+    recursively), a glob, a brace pattern or a manifest; listed by :func:`pipeline.shards.list_shards`, the
+    one shard lister. Plain paths stay plain paths; URLs keep their protocol.
 
-    if url.endswith(".tar"):
-        return [url]
-    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-    shards = sorted(fs.glob(path.rstrip("/") + "/*.tar"))
-    if not shards:
+    Raises:
+        FileNotFoundError: nothing found (:class:`pipeline.shards.InputError` names the URL).
+    """
+    from pipeline.shards import decode_name
+    from pipeline.shards import list_shards as list_inputs
+
+    refs = [r for r in list_inputs(url, dict(storage_options or {})) if r.kind == "tar"]
+    if not refs:
         raise FileNotFoundError(f"no *.tar shards under {url}")
-    return [fs.unstrip_protocol(p) if "://" in url else p for p in shards]
+    plain = "://" not in url
+    out = []
+    for ref in refs:
+        shard = decode_name(ref.url)
+        out.append(shard.removeprefix("file://") if plain else shard)
+    return out
+
+
+def _labeled(samples: Iterable[Any], shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {field: bytes})`` of usable samples of a labeled shard from :mod:`pipeline.shards` records.
+
+    Samples with an unsafe member and members without a ``key.suffix`` name are skipped (logged); a damaged
+    shard (truncated, corrupt, unreadable), a duplicate key or an oversized member raise ``ValueError``
+    naming the shard (a vanished shard: ``FileNotFoundError``): ground truth is never silently partial.
+    """
+    from pipeline.shards import SHARD_ERROR_KEY
+
+    for sample in samples:
+        if sample.error is None:
+            if not sample.files and set(sample.present) <= {""}:
+                logger.warning("%s: skipping tar member without a key.suffix name: %r", shard, sample.key)
+                continue
+            yield sample.key, dict(sample.files)
+        elif sample.key.startswith(SHARD_ERROR_KEY):
+            error = FileNotFoundError if sample.error_kind == "vanished" else ValueError
+            raise error(f"{shard}: {sample.error}")
+        elif sample.error_kind == "unsafe_member":
+            logger.warning("%s: skipping sample %r: %s", shard, sample.key, sample.error)
+        else:
+            raise ValueError(f"{shard}: sample {sample.key!r}: {sample.error}")
 
 
 def iter_tar_samples(fileobj: Any, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Stream a tar (never extracted) and group consecutive members by WebDataset key."""
-    key: str | None = None
-    files: dict[str, bytes] = {}
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name
-            parts = name.split("/")
-            if name.startswith("/") or ".." in parts or re.match(r"^[A-Za-z]:", name):
-                logger.warning("%s: skipping tar member with unsafe name %r", shard, name)
-                continue
-            base = parts[-1]
-            if "." not in base or base.startswith("."):
-                logger.warning("%s: skipping tar member without a key.suffix name: %r", shard, name)
-                continue
-            stem, suffix = base.split(".", 1)
-            member_key = "/".join([*parts[:-1], stem])
-            if member_key != key:
-                if key is not None:
-                    yield key, files
-                key, files = member_key, {}
-            extracted = tar.extractfile(member)
-            assert extracted is not None  # regular file
-            files[suffix.lower()] = extracted.read()
-    if key is not None:
-        yield key, files
+    """Stream an open tar (never extracted) and group its members by WebDataset key: ``(key, {field: bytes})``.
+
+    The member rules are :mod:`pipeline.shards`' (the one tar reader); see :func:`_labeled` for what is
+    skipped and what raises.
+    """
+    from pipeline.shards import iter_tar_fileobj
+
+    yield from _labeled(iter_tar_fileobj(fileobj, shard), shard)
+
+
+def iter_shard_samples(
+    shard: str, storage_options: Mapping[str, Any] | None = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Like :func:`iter_tar_samples` for a shard URL, read by :func:`pipeline.shards.iter_tar` (retries of
+    transient storage errors, truncation and "still being written" detection)."""
+    from pipeline.shards import encode_name, iter_tar
+
+    yield from _labeled(iter_tar(encode_name(shard), dict(storage_options or {}), fields=None), shard)
 
 
 def _encoded_from_sample(
@@ -572,12 +603,9 @@ def iter_labeled_shards_encoded(
 
     For indexing a whole labeled dataset in memory (e.g. to pair it with predictions in any order).
     """
-    import fsspec
-
     for shard in _shard_urls(urls, storage_options):
-        with fsspec.open(shard, "rb", **dict(storage_options or {})) as f:
-            for key, files in iter_tar_samples(f, shard):
-                yield _encoded_from_sample(key, files, shard, categories)
+        for key, files in iter_shard_samples(shard, storage_options):
+            yield _encoded_from_sample(key, files, shard, categories)
 
 
 def iter_labeled_shards(
@@ -597,12 +625,9 @@ def iter_labeled_shards(
     Raises:
         ValueError: a sample lacks ``segments.json`` / ``panoptic.png`` or holds invalid data.
     """
-    import fsspec
-
     for shard in _shard_urls(urls, storage_options):
-        with fsspec.open(shard, "rb", **dict(storage_options or {})) as f:
-            for key, files in iter_tar_samples(f, shard):
-                yield record_from_sample(key, files, shard, categories)
+        for key, files in iter_shard_samples(shard, storage_options):
+            yield record_from_sample(key, files, shard, categories)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ Rules (in this order):
    as it is (we never change Pillow's global settings) and its error is reported the same way.
 3. Unknown formats, and formats outside :data:`ALLOWED_FORMATS` (e.g. EPS, which Pillow decodes by
    running Ghostscript) -> ``"not an image (unidentified format)"``; short reads -> ``"truncated image"``;
-   anything else Pillow raises -> ``"corrupt image (<exception type>: <message>)"``. Truncated images are
+   anything else Pillow raises -> ``"corrupt image (<exception type>: <message>)"`` (each reason has its
+   :mod:`pipeline.errors` kind in ``ImageDecodeError.error_kind``; a host ``MemoryError`` is re-raised as
+   it is, never reported as a corrupt image). Truncated images are
    never accepted (``ImageFile.LOAD_TRUNCATED_IMAGES`` is not touched; if another library set it to True,
    truncated images would decode with grey bottoms, which we cannot detect).
 4. EXIF orientation is applied (:func:`PIL.ImageOps.exif_transpose`); a broken EXIF block is ignored.
@@ -84,11 +86,29 @@ def _allowed_formats() -> list[str]:
 
 
 class ImageDecodeError(ValueError):
-    """An input could not be decoded into an image; ``str(err)`` is a short reason for the error column."""
+    """An input could not be decoded into an image; ``str(err)`` is a short reason for the error column.
+
+    ``error_kind`` is its :mod:`pipeline.errors` kind: ``not_an_image``, ``corrupt_image``,
+    ``truncated_image`` or ``image_too_large`` (none of them retryable).
+    """
+
+    def __init__(self, message: str, error_kind: str = "corrupt_image") -> None:
+        super().__init__(message)
+        self.error_kind = error_kind
+
+
+def _kind_of(reason: str) -> str:
+    if reason.startswith(("empty", "not an image")):
+        return "not_an_image"
+    if reason.startswith("too large"):
+        return "image_too_large"
+    if reason.startswith("truncated"):
+        return "truncated_image"
+    return "corrupt_image"
 
 
 def _fail(reason: str, source: str) -> ImageDecodeError:
-    return ImageDecodeError(f"{reason} [{source}]" if source else reason)
+    return ImageDecodeError(f"{reason} [{source}]" if source else reason, _kind_of(reason))
 
 
 def _classify(exc: BaseException) -> str:
@@ -182,7 +202,10 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: s
         (so ``H, W`` are the displayed size, which may be the stored size transposed).
 
     Raises:
-        ImageDecodeError: empty, unidentified, truncated, corrupt, too large or unsupported input.
+        ImageDecodeError: empty, unidentified, truncated, corrupt, too large or unsupported input
+            (``error_kind`` says which).
+        MemoryError: the host ran out of memory while decoding: not the image's fault, so it is not turned
+            into a decode error (the annotate pipeline records it as ``out_of_memory``, retryable).
     """
     if not data:
         raise _fail("empty (0 bytes)", source)
@@ -204,6 +227,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: s
             # 3. decode pixels.
             try:
                 im.load()
+            except MemoryError:
+                raise
             except Image.DecompressionBombError as exc:
                 raise _fail(_too_large_from_pillow(exc, max_pixels), source) from None
             except (OSError, EOFError, SyntaxError, ValueError) as exc:
@@ -219,8 +244,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: s
                 rgb = _to_rgb_array(im)
             except (ValueError, OSError) as exc:
                 raise _fail(f"unsupported image mode {im.mode!r} ({exc})", source) from None
-        except ImageDecodeError:
-            raise
+        except (ImageDecodeError, MemoryError):
+            raise  # out of memory is not a property of the image: the caller records it as retryable
         except Exception as exc:  # noqa: BLE001 - last line of defence: plugin bugs, struct errors...
             raise _fail(_classify(exc), source) from None
     for w in caught:

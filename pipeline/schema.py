@@ -12,11 +12,18 @@ Columns (``SCHEMA_VERSION = 2``; version 1 lacked ``image_url``, ``uncertainty``
 run_id          string, the run that produced the row
 shard           string, URL of the input shard (for virtual image shards: ``<folder>#images-<n>`` / ``#rest-<n>``)
 shard_id        string, filesystem-safe unique shard name (output file names)
-key             string, sample key, unique within a shard (WebDataset key, or relative image path); keys that
-                are not valid UTF-8 are stored percent-encoded (``%FF``), reversibly
+key             string, sample key, unique within a shard (WebDataset key, or relative image path,
+                extension included). Always valid UTF-8: a name that is not (``bad\\xff.jpg``) is stored
+                percent-encoded, reversibly (``bad%FF.jpg``; in such names a literal ``%`` is ``%25``), see
+                :func:`pipeline.shards.encode_name` / :func:`~pipeline.shards.decode_name`. Ordinary names
+                (no ``%`` followed by two hex digits) are stored unchanged
 image_id        int64, stable id of the image in this output (see :func:`image_id_for`)
-image_url       string, where the image is: the file's URL for image folders, ``<tar URL>#<member>`` for
-                WebDataset shards; null when unknown
+image_url       string, where the image is, in a form ``fsspec.open`` opens as it is: the file's URL for
+                image folders (``file:///data/a.jpg``, ``s3://b/a.jpg``); fsspec's chained URL of the
+                member for WebDataset shards (``tar://cats/001.jpg::s3://b/shard-000.tar``; storage options
+                per protocol: ``fsspec.open(url, s3={...})``). Same encoding rule as ``key`` (apply
+                ``decode_name`` first for the rare encoded names); null when there is no image (e.g. a
+                sample without an image member, a shard-level row)
 image_ext       string, extension of the image member / file ("jpg", "png", ...), null if none
 width, height   int32, image size in pixels after EXIF orientation; null when unknown
 segments        list<struct<id int32, category_id int32, category_name string, isthing bool,
@@ -26,16 +33,26 @@ instances       list<struct<category_id int32, category_name string, score float
 panoptic_png    binary, COCO panoptic PNG (id = R + 256 G + 256^2 B), null when not requested
 semantic_png    binary, 16-bit grayscale PNG of the semantic output's category id per pixel (0 = none),
                 null when not requested
-uncertainty     float32, how unsure the labels are, in [0, 1]: mean over segments of 1 - the fused top-1
-                class probability (null for error rows and images without segments)
+uncertainty     float32, how unsure the labels are, in [0, 1]: mean over the image's segments of
+                1 - the fused top-1 class probability of the segment's query (its first query for merged
+                stuff segments; the segment's ``score``). Null for error rows and images without segments.
+                Sort by it (descending) to review the worst labels first
 branch_disagreement
-                float32, fraction of segments whose diffusion-branch and CLIP-branch top classes differ
-                (null without segments or without the CLIP branch)
-error           string, null when labelled: a human-readable reason naming the input
-error_kind      string, null when labelled: a stable machine-readable kind (:mod:`pipeline.errors`)
+                float32, in [0, 1]: fraction of the image's segments whose query has a different top class
+                in the diffusion branch than in the CLIP (MaskCLIP) branch (null without segments or when
+                the CLIP branch is off)
+error           string, null when labelled: a human-readable reason that names the image's location
+                (``... [file:///data/a.jpg]``; ``"__shard__"`` rows name the shard)
+error_kind      string, null when labelled: a stable machine-readable kind, one of
+                :data:`pipeline.errors.KINDS` (``not_an_image``, ``corrupt_image``, ``out_of_memory``,
+                ``network``, ``shard_growing`` ...; the table is in :mod:`pipeline.errors` and the README)
 retryable       bool, null when labelled: whether labelling the sample again may succeed (network,
-                timeout, vanished file, shard still being written, out of memory)
+                timeout, vanished file, shard still being written, other I/O error, out of memory).
+                A retryable ``"__shard__"`` row means the samples after it are missing: relabel the shard
 ==============  ===================================================================================
+
+Rows of the special key ``"__shard__"`` (:data:`pipeline.shards.SHARD_ERROR_KEY`) report a problem of the
+whole tar shard (truncated, corrupt, vanished, unreadable): the samples after that point have no rows.
 
 Schema-level metadata: ``odise_annotate.schema_version`` (ASCII int) and ``odise_annotate.provenance``
 (JSON of :class:`RunProvenance`).
@@ -258,17 +275,26 @@ def error_row(
     shard_id: str,
     key: str,
     error: str,
-    error_kind: str = "error",
-    retryable: bool = False,
+    error_kind: str = "unknown",
+    retryable: bool | None = None,
     image_ext: str | None = None,
     image_url: str | None = None,
     width: int | None = None,
     height: int | None = None,
 ) -> dict[str, Any]:
-    """Row of a sample that could not be labelled; ``error`` must be a non-empty reason, ``error_kind`` one of
-    :mod:`pipeline.errors`' kinds."""
+    """Row of a sample that could not be labelled.
+
+    ``error`` must be a non-empty reason (naming the image's location), ``error_kind`` one of
+    :data:`pipeline.errors.KINDS` (else ``ValueError``); ``retryable`` defaults to the kind's.
+    """
+    from pipeline.errors import KINDS, is_retryable
+
     if not error:
         raise ValueError("error rows need a non-empty error message")
+    if error_kind not in KINDS:
+        raise ValueError(f"unknown error_kind {error_kind!r} for {shard_id}/{key}; known: {sorted(KINDS)}")
+    if retryable is None:
+        retryable = is_retryable(error_kind)
     return {
         "run_id": run_id,
         "shard": shard,

@@ -24,9 +24,17 @@ Two steps, both usable from a Ray driver and from Ray CPU tasks (plain functions
 
 2. :func:`iter_samples` / :func:`read_shard` read one shard and yield :class:`RawSample` records.
    Tars are streamed through :mod:`tarfile` from the fsspec file; nothing is ever extracted to disk.
+   :func:`iter_tar` is the one tar reader under it, also used for labeled shards (ground truth and
+   training, :mod:`pipeline.groundtruth`): ``key -> {field: bytes}`` with the same member rules.
+
+Names that are not valid UTF-8 (a file ``bad\\xff.jpg``, a tar member with such a name): every key, URL and
+member list this module returns is in *stored form* (:func:`encode_name`): valid UTF-8, and unchanged for
+ordinary names; the undecodable bytes become ``%XX`` and, in such names, a literal ``%`` becomes ``%25``.
+:func:`decode_name` gives back the real name; the readers open files and members by their real names.
 
 Guarantee: *every sample that exists yields exactly one record*, either with image bytes or with
-``error`` set; keys are unique within a shard. The rules:
+``error`` set (plus ``error_kind`` and ``retryable``, see :mod:`pipeline.errors`); keys are unique within a
+shard. Reading never raises for a shard's content or for storage errors. The rules:
 
 * WebDataset grouping: members are grouped by key = path up to the first dot of the file name
   (``a/b.seg.png`` -> key ``a/b``, field ``seg.png``); leading ``./`` is ignored. The image is the first
@@ -44,12 +52,24 @@ Guarantee: *every sample that exists yields exactly one record*, either with ima
   whose next header is garbage (Python's tarfile would stop silently in both cases), is also
   reported this way (its complete samples are kept). An unreadable archive gives only the shard
   record. Compressed tars (``.tar.gz`` / ``.tgz``) rely on the decompressor to notice a cut.
-* transient I/O failures (network errors after fsspec's own retries) are *raised*, not recorded, so
-  the task can be retried; a shard that vanished after listing raises :class:`InputError`.
+* a truncated or corrupt shard that is *still being written* (its size, mtime or ETag changed while it
+  was read, or it was modified less than :data:`pipeline.errors.GROWING_WINDOW_S` before the read) gets
+  the retryable kind ``shard_growing`` instead of ``truncated_shard`` / ``corrupt_shard``;
+* retryable storage errors (network, timeout, a file listed and then missing, other I/O errors) are
+  retried in the task after the pauses of :data:`RETRY_DELAYS_S` (a tar is read again from the start, the
+  records already yielded are skipped); then they are recorded with their kind, retryable: for a tar as
+  one :data:`SHARD_ERROR_KEY` record (the samples after that point are missing: relabel the whole shard),
+  for an image file as its own record. A shard that vanished after listing is ``vanished``, retryable;
+* an unexpected exception for one sample (e.g. while parsing its ``json``) becomes that sample's
+  record (``read_error``).
 
 For virtual image shards each file is one sample with key = its path relative to the folder,
 extension included (``cats/001.jpg``), so two files ``a.jpg`` and ``a.png`` never collide; a file that
 vanished after listing gives an error record.
+
+Every record carries ``image_url``: the file's URL for image folders (``file:///data/a.jpg``,
+``s3://b/a.jpg``), fsspec's chained URL of the member for tars (``tar://cats/001.jpg::s3://b/shard-000.tar``,
+:func:`tar_member_url`), which ``fsspec.open`` opens as it is.
 
 Signed URLs (``https://.../x.tar?X-Amz-Signature=...``, e.g. lines of a manifest): a :class:`ShardRef`'s
 ``url`` and ``members`` hold the URL *without* its user-info and signing parameters
@@ -70,25 +90,35 @@ import logging
 import posixpath
 import re
 import tarfile
+import time
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import fsspec
 from fsspec.core import url_to_fs
 
+from pipeline.errors import GROWING_WINDOW_S, classify, fault_of, inject, is_retryable
 from pipeline.redact import redact_text, url_identity
 
 __all__ = [
+    "ANNOTATE_FIELDS",
     "IMAGE_EXTENSIONS",
     "SHARD_ERROR_KEY",
     "InputError",
     "RawSample",
     "ShardRef",
+    "TarSample",
+    "decode_name",
+    "decode_name_bytes",
+    "encode_name",
     "iter_samples",
+    "iter_tar",
+    "iter_tar_fileobj",
     "list_shards",
     "read_shard",
+    "tar_member_url",
 ]
 
 log = logging.getLogger(__name__)
@@ -151,6 +181,9 @@ class RawSample:
         shard_url, shard_id: the shard it came from.
         shard_total: number of records in the whole shard (set by :func:`read_shard`; None while
             streaming with :func:`iter_samples`).
+        error_kind, retryable: the :mod:`pipeline.errors` kind of ``error`` and whether it may succeed later.
+        image_url: where the image is (stored form): the file's URL for image folders, the member's
+            chained URL ``tar://<member>::<tar URL>`` for tars (:func:`tar_member_url`); None if no image.
     """
 
     key: str
@@ -161,11 +194,80 @@ class RawSample:
     shard_url: str = ""
     shard_id: str = ""
     shard_total: int | None = None
+    error_kind: str | None = None
+    retryable: bool = False
+    image_url: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------
 # Helpers: names, filesystems, errors
 # --------------------------------------------------------------------------------------------------
+
+
+_PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+def encode_name(name: str) -> str:
+    """The stored, valid-UTF-8 form of a file / member name or URL (keys, ``image_url``, shard URLs).
+
+    Names arrive from the OS and from tar headers as Python strings in which bytes that are not valid
+    UTF-8 are kept as surrogates (``os.fsdecode``'s ``surrogateescape``: byte ``0xFF`` -> ``"\\udcff"``);
+    such strings cannot be written to Parquet, JSON or most APIs. The rule, reversible by
+    :func:`decode_name`:
+
+    * a name that is valid UTF-8 and holds no ``%`` followed by two hex digits is stored unchanged
+      (``cats/001.jpg``, ``100%.jpg``), so the usual URL opens as it is;
+    * any other name is percent-encoded: each byte that is not valid UTF-8 becomes ``%XX`` (upper-case
+      hex) and every literal ``%`` becomes ``%25``; the rest stays as it is (``bad\\xff.jpg`` ->
+      ``bad%FF.jpg``, a real ``a%41.jpg`` -> ``a%2541.jpg``).
+
+    So a stored name holds a ``%XX`` sequence exactly when it was encoded, and decoding is unambiguous.
+    """
+    if not _needs_encoding(name):
+        return name
+    out = []
+    for ch in name:
+        code = ord(ch)
+        if ch == "%":
+            out.append("%25")
+        elif 0xDC80 <= code <= 0xDCFF:  # surrogateescape'd byte
+            out.append(f"%{code - 0xDC00:02X}")
+        elif 0xD800 <= code <= 0xDFFF:  # any other lone surrogate: its (invalid) UTF-8 bytes
+            out.append("".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass")))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _needs_encoding(name: str) -> bool:
+    return bool(_PERCENT_ESCAPE.search(name)) or any(0xD800 <= ord(c) <= 0xDFFF for c in name)
+
+
+def decode_name_bytes(stored: str) -> bytes:
+    """The raw bytes of a stored name (:func:`encode_name`): what the filesystem / tar header holds."""
+    if not _PERCENT_ESCAPE.search(stored):
+        return stored.encode("utf-8", "surrogateescape")
+    out = bytearray()
+    i = 0
+    while i < len(stored):
+        if stored[i] == "%" and _PERCENT_ESCAPE.match(stored, i):
+            out.append(int(stored[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out += stored[i].encode("utf-8", "surrogateescape")
+            i += 1
+    return bytes(out)
+
+
+def decode_name(stored: str) -> str:
+    """The name as Python's OS and tar APIs spell it (undecodable bytes as surrogates) from its stored form.
+
+    ``decode_name(encode_name(n)) == n`` for every name from the OS or a tar header; stored names that
+    needed no encoding come back unchanged. Open local files and tar members with the result.
+    """
+    if not _PERCENT_ESCAPE.search(stored):
+        return stored
+    return decode_name_bytes(stored).decode("utf-8", "surrogateescape")
 
 
 def _short_hash(text: str) -> str:
@@ -295,15 +397,14 @@ class _Found:
 
     tars: dict[str, None] = dataclasses.field(default_factory=dict)
     images: dict[str, str] = dataclasses.field(default_factory=dict)  # image url -> group root url
-    access: dict[str, str] = dataclasses.field(default_factory=dict)  # url -> signed url (only if different)
 
     def add_file(self, fs, path: str, root: str) -> bool:
-        signed = fs.unstrip_protocol(path)
-        url = url_identity(signed)
+        signed = encode_name(fs.unstrip_protocol(path))  # stored form: valid UTF-8 (see encode_name)
+        url = url_identity(signed)  # what is recorded: no user-info, no signature
         if _is_tar(path):
             self.tars.setdefault(url, None)
         elif _is_image(path):
-            self.images.setdefault(url, url_identity(fs.unstrip_protocol(root.rstrip("/"))) if root else "")
+            self.images.setdefault(url, url_identity(encode_name(fs.unstrip_protocol(root.rstrip("/")))) if root else "")
         else:
             return False
         if signed != url:
@@ -581,6 +682,13 @@ def list_shards(
 # Reading
 # --------------------------------------------------------------------------------------------------
 
+#: Fields the annotate reader loads (the image and ``json``); other members are listed, never read.
+ANNOTATE_FIELDS = frozenset((*IMAGE_EXTENSIONS, "json"))
+#: Pauses (seconds) before re-reading after a retryable storage error (network, timeout, a file listed and
+#: then missing, other I/O errors); after the last one the error is recorded (retryable) and the run goes on.
+RETRY_DELAYS_S = (0.5, 1.5)
+_TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+
 
 def _unsafe_reason(member: tarfile.TarInfo) -> str | None:
     name = member.name
@@ -612,23 +720,47 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
+@dataclass(frozen=True)
+class TarSample:
+    """One WebDataset sample of a tar shard as read by the one tar reader (:func:`iter_tar`).
+
+    Attributes:
+        key: the sample key in stored form (:func:`encode_name`), unique within the shard; problems of the
+            whole shard use :data:`SHARD_ERROR_KEY`.
+        files: ``{field: bytes}`` of the loaded fields (``"jpg"``, ``"json"``, ``"panoptic.png"`` ...).
+        members: ``{field: member name}`` as stored in the tar (may hold undecodable bytes as surrogates).
+        present: every field of the sample, loaded or not (``""`` for a member without an extension).
+        error: None, or why the sample (or the rest of the shard) cannot be used.
+        error_kind: the :mod:`pipeline.errors` kind of ``error``.
+    """
+
+    key: str
+    files: dict[str, bytes]
+    members: dict[str, str]
+    present: tuple[str, ...]
+    error: str | None = None
+    error_kind: str | None = None
+
+
 @dataclass
 class _Group:
-    key: str
+    key: str  # raw key (as in the tar)
     fields: dict[str, bytes | None] = dataclasses.field(default_factory=dict)
-    problems: list[str] = dataclasses.field(default_factory=list)
+    members: dict[str, str] = dataclasses.field(default_factory=dict)
+    problems: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (message, kind)
 
 
 class _TarReader:
-    """Turns tar members into :class:`RawSample` records (the rules are in the module doc)."""
+    """Turns tar members into :class:`TarSample` records (the rules are in the module doc).
 
-    def __init__(self, shard: ShardRef, max_member_bytes: int):
-        self.shard = shard
+    ``fields``: the fields to load (None: every field with a name); the others are listed in ``present``.
+    """
+
+    def __init__(self, url: str, max_member_bytes: int, fields: frozenset[str] | None):
+        self.url = url
         self.max_member_bytes = max_member_bytes
+        self.fields = fields
         self.seen: dict[str, int] = {}
-
-    def sample(self, key: str, image: bytes | None, ext: str | None, meta: dict | None, error: str | None):
-        return RawSample(key, image, ext, meta, error, shard_url=self.shard.url, shard_id=self.shard.shard_id)
 
     def unique_key(self, key: str) -> tuple[str, str | None]:
         """The key itself the first time; ``<key>#dup<n>`` (never used before) and an error after."""
@@ -641,47 +773,40 @@ class _TarReader:
             n += 1
             candidate = f"{key}#dup{n}"
         self.seen[candidate] = 1
-        return candidate, f"duplicate key {key!r} in shard (occurrence {n}; keys must be unique)"
+        shown = encode_name(key)
+        return candidate, f"duplicate key {shown!r} in shard (occurrence {n}; keys must be unique)"
 
-    def finish(self, group: _Group, extra_error: str | None = None) -> RawSample:
+    def finish(self, group: _Group, extra: tuple[str, str] | None = None) -> TarSample:
         key, dup_error = self.unique_key(group.key)
-        meta = None
-        if "json" in group.fields and group.fields["json"] is not None:
-            try:
-                parsed = json.loads(group.fields["json"])
-                meta = parsed if isinstance(parsed, dict) else {"value": parsed}
-            except (ValueError, UnicodeDecodeError) as exc:
-                log.warning("%s: sample %r has invalid json (%s); meta dropped", self.shard.url, key, exc)
-        image_ext = next((e for e in IMAGE_EXTENSIONS if e in group.fields), None)
-        error = extra_error or dup_error
-        if error is None and group.problems:
-            error = "; ".join(group.problems)
-        if error is None and image_ext is None:
-            have = ", ".join(sorted(e or "<no extension>" for e in group.fields)) or "nothing"
-            error = f"no image member (have: {have})"
-        if error is None and group.fields[image_ext] is None:  # internal invariant
-            error = "image member was not read"
-        if error is not None:
-            return self.sample(key, None, image_ext, meta, error)
-        return self.sample(key, group.fields[image_ext], image_ext, meta, None)
+        problem = extra or ((dup_error, "duplicate_key") if dup_error else None)
+        if problem is None and group.problems:
+            problem = ("; ".join(m for m, _ in group.problems), group.problems[0][1])
+        files = {f: data for f, data in group.fields.items() if data is not None}
+        present = tuple(group.fields)
+        if problem is not None:
+            return TarSample(encode_name(key), {}, dict(group.members), present, problem[0], problem[1])
+        return TarSample(encode_name(key), files, dict(group.members), present)
 
-    def shard_error(self, message: str) -> RawSample:
+    def shard_error(self, message: str, kind: str) -> TarSample:
         key, _ = self.unique_key(SHARD_ERROR_KEY)
-        return self.sample(key, None, None, None, message)
+        return TarSample(key, {}, {}, (), message, kind)
 
-    def read(self, fileobj) -> Iterator[RawSample]:
-        url = self.shard.url
+    def wanted(self, field: str) -> bool:
+        return bool(field) and (self.fields is None or field in self.fields)
+
+    def read(self, fileobj) -> Iterator[TarSample]:
+        url = self.url
         try:
             tf = tarfile.open(fileobj=fileobj, mode="r:*")
-        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-            yield self.shard_error(f"not a readable tar archive ({type(exc).__name__}: {exc})")
+        except _TAR_ERRORS as exc:
+            yield self.shard_error(f"not a readable tar archive ({type(exc).__name__}: {exc})", "corrupt_shard")
             return
         group: _Group | None = None
         last_name = "<start of archive>"
         while True:
             try:
                 member = tf.next()
-            except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            except _TAR_ERRORS as exc:
                 yield from self._truncated(group, f"after member {last_name!r}: {type(exc).__name__}: {exc}")
                 return
             if member is None:
@@ -694,50 +819,52 @@ class _TarReader:
                 if group is not None:
                     yield self.finish(group)
                 group = _Group(key)
-            last_name = member.name
+            last_name = encode_name(member.name)
+            group.members.setdefault(field, member.name)
             if reason is not None:
-                log.warning("%s: unsafe tar member %r (%s) not read", url, member.name, reason)
-                group.problems.append(f"unsafe tar member {member.name!r} ({reason}) not read")
+                log.warning("%s: unsafe tar member %r (%s) not read", url, last_name, reason)
+                group.problems.append((f"unsafe tar member {last_name!r} ({reason}) not read", "unsafe_member"))
                 group.fields.setdefault(field, None)
                 continue
-            if field not in IMAGE_EXTENSIONS and field != "json":
+            if not self.wanted(field):
                 group.fields.setdefault(field, None)
                 continue
             if member.size > self.max_member_bytes:
                 group.problems.append(
-                    f"member {member.name!r} too large ({member.size} > {self.max_member_bytes} bytes)"
+                    (
+                        f"member {last_name!r} too large ({member.size} > {self.max_member_bytes} bytes)",
+                        "member_too_large",
+                    )
                 )
                 group.fields.setdefault(field, None)
                 continue
             try:
                 extracted = tf.extractfile(member)
                 data = extracted.read() if extracted is not None else b""
-            except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-                yield from self._truncated(group, f"in member {member.name!r}: {type(exc).__name__}: {exc}")
+            except _TAR_ERRORS as exc:
+                yield from self._truncated(group, f"in member {last_name!r}: {type(exc).__name__}: {exc}")
                 return
             if len(data) != member.size:
-                yield from self._truncated(
-                    group, f"in member {member.name!r}: {len(data)} of {member.size} bytes"
-                )
+                yield from self._truncated(group, f"in member {last_name!r}: {len(data)} of {member.size} bytes")
                 return
             if field in group.fields:
-                log.warning(
-                    "%s: member %r repeats field %r of key %r; first one kept", url, member.name, field, key
-                )
+                log.warning("%s: member %r repeats field %r of key %r; first one kept", url, last_name, field, key)
             group.fields.setdefault(field, data)
         if group is not None:
             yield self.finish(group)
         end = self._end_marker_problem(tf, fileobj)
         if end is not None:
-            kind = "corrupt tar" if end.startswith("invalid") else "truncated tar"
-            yield self.shard_error(f"{kind}: {end}; samples after this point (if any) are missing")
+            corrupt = end.startswith("invalid")
+            kind, label = ("corrupt_shard", "corrupt tar") if corrupt else ("truncated_shard", "truncated tar")
+            yield self.shard_error(f"{label}: {end}; samples after this point (if any) are missing", kind)
 
-    def _truncated(self, group: _Group | None, detail: str) -> Iterator[RawSample]:
-        log.warning("%s: truncated or corrupt tar %s", self.shard.url, detail)
+    def _truncated(self, group: _Group | None, detail: str) -> Iterator[TarSample]:
+        log.warning("%s: truncated or corrupt tar %s", self.url, detail)
         if group is not None:
-            yield self.finish(group, extra_error=f"incomplete sample: tar data ends or is corrupt {detail}")
+            yield self.finish(group, (f"incomplete sample: tar data ends or is corrupt {detail}", "truncated_shard"))
         yield self.shard_error(
-            f"truncated tar: data ends or is corrupt {detail}; samples after this point are missing"
+            f"truncated tar: data ends or is corrupt {detail}; samples after this point are missing",
+            "truncated_shard",
         )
 
     @staticmethod
@@ -763,14 +890,210 @@ class _TarReader:
         return f"invalid tar header at byte {tf.offset}"
 
 
-def _iter_tar(shard: ShardRef, storage_options: dict[str, Any], max_member_bytes: int) -> Iterator[RawSample]:
-    fs, path = _filesystem(shard.access_urls[0] if shard.access_urls else shard.url, storage_options)
+# --------------------------------------------------------------------------------------------------
+# Reading with retries; shards still being written
+# --------------------------------------------------------------------------------------------------
+
+
+def _mtime(info: Mapping[str, Any]) -> float | None:
+    """Modification time (POSIX seconds) from an fsspec ``info`` dict (local ``mtime``, S3 ``LastModified``,
+    GCS ``updated``), or None."""
+    from datetime import datetime
+
+    for name in ("mtime", "LastModified", "last_modified", "updated", "modified"):
+        value = info.get(name)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        try:
+            return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            continue
+    return None
+
+
+def _stat(fs, path: str) -> dict[str, Any]:
+    """``{"size", "mtime", "etag"}`` of a file, fresh (fsspec's listing cache invalidated first)."""
+    fs.invalidate_cache(path)
+    info = fs.info(path)
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    return {"size": info.get("size"), "mtime": _mtime(info), "etag": etag}
+
+
+class _Growth:
+    """Decides once whether a shard that ended early is still being written (see :mod:`pipeline.errors`)."""
+
+    def __init__(self, fs, path: str, before: dict[str, Any], started: float) -> None:
+        self.fs, self.path, self.before, self.started = fs, path, before, started
+        self._why: str | None | bool = False  # False: not decided yet
+
+    def why(self) -> str | None:
+        """A reason text when the shard is growing, else None."""
+        if self._why is False:
+            self._why = self._decide()
+        return self._why  # type: ignore[return-value]
+
+    def _decide(self) -> str | None:
+        try:
+            after = _stat(self.fs, self.path)
+        except Exception as exc:  # noqa: BLE001 - gone or unreadable while we read it: it is changing
+            return f"it changed while being read ({type(exc).__name__}: {exc})"
+        changed = [k for k in ("size", "mtime", "etag") if after.get(k) != self.before.get(k)]
+        if changed:
+            what = ", ".join(f"{k} {self.before.get(k)} -> {after.get(k)}" for k in changed)
+            return f"it changed while being read ({what})"
+        mtime = self.before.get("mtime")
+        if mtime is not None and self.started - mtime < GROWING_WINDOW_S:
+            return f"modified {max(0.0, self.started - mtime):.0f} s before the read (< {GROWING_WINDOW_S:.0f} s)"
+        return None
+
+
+def _upgrade_if_growing(sample: TarSample, growth: _Growth) -> TarSample:
+    if sample.error_kind not in ("truncated_shard", "corrupt_shard"):
+        return sample
+    why = growth.why()
+    if why is None:
+        return sample
+    return dataclasses.replace(
+        sample, error=f"shard still being written ({why}): {sample.error}", error_kind="shard_growing"
+    )
+
+
+def iter_tar(
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    fields: Collection[str] | None = None,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    open_url: str | None = None,
+) -> Iterator[TarSample]:
+    """The one tar reader: stream a WebDataset tar (never extracted) as :class:`TarSample` records.
+
+    Used by annotate (:func:`iter_samples`), ground truth and training (:mod:`pipeline.groundtruth`). The
+    member rules (grouping, unsafe members, size limit, duplicate keys, truncation) are in the module doc.
+
+    Args:
+        url: the shard's URL in stored form (:func:`encode_name`; a plain path or URL is fine).
+        storage_options: fsspec options.
+        fields: the fields to load (e.g. :data:`ANNOTATE_FIELDS`); None loads every field with a name.
+        max_member_bytes: members above this size are not read (their sample gets ``member_too_large``).
+        open_url: what to open when it differs from ``url`` (a signed URL, :class:`ShardRef` ``access_urls``);
+            never shown: messages name ``url`` and are redacted.
+
+    Never raises for the shard's content or storage: a retryable storage error (network, timeout, the file
+    missing, other I/O) is retried after each pause of :data:`RETRY_DELAYS_S`, re-reading the shard and
+    skipping the records already yielded; when the retries are spent, or for a non-retryable error, one
+    :data:`SHARD_ERROR_KEY` record with the error's kind ends the shard. A shard that ends early is
+    ``truncated_shard`` / ``corrupt_shard``, or ``shard_growing`` (retryable) when its size, mtime or ETag
+    changed during the read or it was modified less than :data:`pipeline.errors.GROWING_WINDOW_S` before.
+    """
+    wanted = None if fields is None else frozenset(fields)
+    fs, path = _filesystem(decode_name(open_url or url), storage_options)
+    emitted = 0
+    failures = 0
+    reader = _TarReader(url, max_member_bytes, wanted)
+    while True:
+        produced = 0
+        reader = _TarReader(url, max_member_bytes, wanted)
+        try:
+            started = time.time()
+            before = _stat(fs, path)
+            with fs.open(path, "rb") as fileobj:
+                growth = _Growth(fs, path, before, started)
+                for sample in reader.read(fileobj):
+                    produced += 1
+                    if produced <= emitted:  # already yielded by an attempt that failed later
+                        continue
+                    emitted += 1
+                    yield _upgrade_if_growing(sample, growth)
+            return
+        except Exception as exc:  # noqa: BLE001 - every failure ends as a record; the run goes on
+            kind, retryable = classify(exc, stage="read")
+            if retryable and kind != "out_of_memory" and failures < len(RETRY_DELAYS_S):
+                log.warning(
+                    "%s: %s (%s: %s); reading it again in %.1f s",
+                    url, kind, type(exc).__name__, exc, RETRY_DELAYS_S[failures],
+                )
+                time.sleep(RETRY_DELAYS_S[failures])
+                failures += 1
+                continue
+            what = "shard vanished after listing" if kind == "vanished" else f"{kind}: cannot read the shard"
+            if emitted:
+                what += f" after {emitted} record(s)"
+            detail = redact_text(f"{type(exc).__name__}: {exc}")  # library messages may quote a signed URL
+            yield reader.shard_error(f"{what}: {detail}; samples after this point (if any) are missing", kind)
+            return
+
+
+def iter_tar_fileobj(
+    fileobj, url: str, *, fields: Collection[str] | None = None, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+) -> Iterator[TarSample]:
+    """Like :func:`iter_tar` on an already open binary file (no retries, no growth check): the member rules
+    alone. ``url`` names the shard in messages."""
+    yield from _TarReader(url, max_member_bytes, None if fields is None else frozenset(fields)).read(fileobj)
+
+
+# --------------------------------------------------------------------------------------------------
+# Annotate samples
+# --------------------------------------------------------------------------------------------------
+
+
+def tar_member_url(member: str, tar_url: str) -> str:
+    """fsspec's chained URL of a tar member (``tar://cats/001.jpg::s3://b/shard-000.tar``), stored form.
+
+    ``member`` is the name as in the tar (it may hold undecodable bytes as surrogates), ``tar_url`` the
+    shard URL in stored form. ``fsspec.open(decode_name(url))`` opens the member (chained options:
+    ``fsspec.open(url, s3={...})``); for names that need no encoding ``decode_name`` changes nothing.
+    """
+    return encode_name(f"tar://{member}::{decode_name(tar_url)}")
+
+
+def _record(shard: ShardRef, key: str, *, image=None, ext=None, meta=None, error=None, kind=None, url=None):
+    retryable = is_retryable(kind) if kind else False
+    return RawSample(
+        key, image, ext, meta, error, shard_url=shard.url, shard_id=shard.shard_id,
+        error_kind=kind if error else None, retryable=retryable if error else False, image_url=url,
+    )
+
+
+def _annotate_sample(shard: ShardRef, sample: TarSample) -> RawSample:
+    """A :class:`RawSample` from a tar sample (image = first present of :data:`IMAGE_EXTENSIONS`)."""
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample.present), None)
+    url = tar_member_url(sample.members[image_ext], shard.url) if image_ext in sample.members else None
+    if sample.error is not None:
+        return _record(shard, sample.key, ext=image_ext, error=sample.error, kind=sample.error_kind, url=url)
     try:
-        fileobj = fs.open(path, "rb")
-    except FileNotFoundError as exc:
-        raise InputError(f"{shard.url}: shard vanished after listing; check the path") from exc
-    with fileobj:
-        yield from _TarReader(shard, max_member_bytes).read(fileobj)
+        meta = None
+        if "json" in sample.files:
+            try:
+                parsed = json.loads(sample.files["json"])
+                meta = parsed if isinstance(parsed, dict) else {"value": parsed}
+            except (ValueError, UnicodeDecodeError) as exc:
+                log.warning("%s: sample %r has invalid json (%s); meta dropped", shard.url, sample.key, exc)
+        inject("read", fault_of(meta), sample.key)
+        if image_ext is None:
+            have = ", ".join(sorted(e or "<no extension>" for e in sample.present)) or "nothing"
+            return _record(shard, sample.key, meta=meta, error=f"no image member (have: {have})", kind="no_image_member")
+        if image_ext not in sample.files:  # internal invariant: a present image field is always loaded
+            return _record(shard, sample.key, ext=image_ext, meta=meta, error="image member was not read",
+                           kind="read_error", url=url)
+        return _record(shard, sample.key, image=sample.files[image_ext], ext=image_ext, meta=meta, url=url)
+    except Exception as exc:  # noqa: BLE001 - one sample's failure is its own error record
+        kind, _ = classify(exc, stage="read")
+        where = decode_name(url) if url else f"{shard.url}:{sample.key}"
+        return _record(shard, sample.key, ext=image_ext, error=f"read error: {type(exc).__name__}: {exc} [{encode_name(where)}]",
+                       kind=kind, url=url)
+
+
+def _iter_tar(shard: ShardRef, storage_options: dict[str, Any], max_member_bytes: int) -> Iterator[RawSample]:
+    opened = shard.access_urls[0] if shard.access_urls else None
+    for sample in iter_tar(
+        shard.url, storage_options, fields=ANNOTATE_FIELDS, max_member_bytes=max_member_bytes, open_url=opened
+    ):
+        yield _annotate_sample(shard, sample)
 
 
 def _without_signatures(shard: ShardRef, samples: Iterator[RawSample]) -> Iterator[RawSample]:
@@ -790,33 +1113,58 @@ def _without_signatures(shard: ShardRef, samples: Iterator[RawSample]) -> Iterat
 
 
 def _relative_key(url: str, root: str) -> str:
-    prefix = root.rstrip("/") + "/"
-    return url[len(prefix) :] if root and url.startswith(prefix) else posixpath.basename(url)
+    """Key of an image of a folder: its path relative to the folder (raw names in, stored form out)."""
+    raw_url, raw_root = decode_name(url), decode_name(root)
+    prefix = raw_root.rstrip("/") + "/"
+    rel = raw_url[len(prefix) :] if raw_root and raw_url.startswith(prefix) else posixpath.basename(raw_url)
+    return encode_name(rel)
+
+
+def _read_one(fs, path: str, url: str, first: BaseException) -> bytes | BaseException:
+    """Read one image again after a retryable error (pauses of :data:`RETRY_DELAYS_S`); the bytes or the
+    last exception."""
+    exc: BaseException = first
+    for delay in RETRY_DELAYS_S:
+        kind, retryable = classify(exc, stage="read")
+        if not retryable or kind == "out_of_memory":
+            return exc
+        log.warning("%s: %s (%s: %s); reading it again in %.1f s", url, kind, type(exc).__name__, exc, delay)
+        time.sleep(delay)
+        try:
+            fs.invalidate_cache(path)
+            return fs.cat_file(path)
+        except Exception as again:  # noqa: BLE001
+            exc = again
+    return exc
 
 
 def _iter_images(shard: ShardRef, storage_options: dict[str, Any], chunk: int = 32) -> Iterator[RawSample]:
     if not shard.members:
         return
-    opened = shard.access_urls or shard.members
-    fs, _ = _filesystem(opened[0], storage_options)
+    opened = shard.access_urls or shard.members  # signed URLs are opened, never recorded
+    fs, _ = _filesystem(decode_name(opened[0]), storage_options)
     for start in range(0, len(shard.members), chunk):
         urls = shard.members[start : start + chunk]
-        paths = [fs._strip_protocol(u) for u in opened[start : start + chunk]]
-        data = fs.cat(paths, on_error="return")
+        paths = [fs._strip_protocol(decode_name(u)) for u in opened[start : start + chunk]]
+        try:
+            data = fs.cat(paths, on_error="return")
+        except Exception as exc:  # noqa: BLE001 - the whole batch failed: each file is retried alone below
+            data = {p: exc for p in paths}
         for url, path in zip(urls, paths, strict=True):
             key = _relative_key(url, shard.root)
+            ext = _ext(url) or None
             value = data.get(path, FileNotFoundError(path)) if isinstance(data, dict) else data
-            if isinstance(value, FileNotFoundError):
-                error = f"image file vanished after listing: {url}"
-                yield RawSample(
-                    key, None, _ext(url), None, error, shard_url=shard.url, shard_id=shard.shard_id
-                )
-            elif isinstance(value, BaseException):
-                raise value  # transient I/O: let the task be retried
+            if isinstance(value, BaseException):
+                value = _read_one(fs, path, url, value)
+            if isinstance(value, BaseException):
+                kind, _ = classify(value, stage="read")
+                if kind == "vanished":
+                    error = f"image file vanished after listing: {url}"
+                else:
+                    error = redact_text(f"{kind}: cannot read image: {type(value).__name__}: {value}") + f" [{url}]"
+                yield _record(shard, key, ext=ext, error=error, kind=kind, url=url)
             else:
-                yield RawSample(
-                    key, value, _ext(url), None, None, shard_url=shard.url, shard_id=shard.shard_id
-                )
+                yield _record(shard, key, image=value, ext=ext, url=url)
 
 
 def iter_samples(
@@ -828,7 +1176,8 @@ def iter_samples(
     """Stream a shard's samples (``shard_total`` is None; see :func:`read_shard`).
 
     Tars are read sequentially from the fsspec file (never extracted); only image and ``json``
-    members are loaded into memory. See the module doc for grouping and error records.
+    members are loaded into memory. See the module doc for grouping and error records. Never raises for
+    the shard's content or for storage errors: they become error records (with kind and retryable flag).
     """
     if not isinstance(shard, ShardRef):
         raise TypeError(f"expected a ShardRef (from list_shards), got {type(shard).__name__}: {shard!r:.200}")

@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.shards import SHARD_ERROR_KEY, InputError, ShardRef, iter_samples, list_shards, read_shard
+from pipeline.shards import (
+    RETRY_DELAYS_S,
+    SHARD_ERROR_KEY,
+    InputError,
+    ShardRef,
+    iter_samples,
+    list_shards,
+    read_shard,
+)
 
 
 def jpeg(seed: int, size: tuple[int, int] = (24, 32)) -> bytes:
@@ -104,6 +112,7 @@ def test_tar_gz_is_a_shard(tmp_path: Path) -> None:
     (tmp_path / "x.tar.gz").write_bytes(buf.getvalue())
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / "y.tgz").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])
+    age(tmp_path / "cut" / "y.tgz")
     (shard,) = list_shards(str(tmp_path / "*.tar.gz"))
     assert shard.shard_id.startswith("x-")
     samples = read_shard(shard)
@@ -131,11 +140,13 @@ def test_folder_of_images_gives_virtual_shards(tmp_path: Path) -> None:
     assert first[0].image_bytes == jpeg(3) and first[0].image_ext == "jpg" and first[0].shard_total == 2
     assert list_shards(str(root), images_per_virtual_shard=2) == shards  # deterministic
 
-    # a file that vanishes after listing becomes an error record, not a silent gap
+    # a file that vanishes after listing becomes an error record (retryable), not a silent gap
     (root / "c.webp").unlink()
     last = read_shard(shards[1])
     assert [s.key for s in last] == ["b/002.jpg", "c.webp"]
     assert last[1].error and "vanished" in last[1].error and last[1].image_bytes is None
+    assert (last[1].error_kind, last[1].retryable) == ("vanished", True)
+    assert [s.image_url for s in last] == [f"file://{root}/b/002.jpg", f"file://{root}/c.webp"]  # fsspec form
 
 
 def test_missing_and_unusable_inputs_raise_input_error(local_shards: Path, tmp_path: Path) -> None:
@@ -251,6 +262,12 @@ def test_hostile_members_are_never_written_and_are_reported(tmp_path: Path, monk
     assert len(samples) == 10 and all(s.shard_total == 10 for s in samples)
 
 
+def age(path: Path, seconds: float = 3600) -> None:
+    """Set a file's mtime in the past: a cut shard written just now counts as still being written."""
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
 def _offsets(data: bytes) -> list[tarfile.TarInfo]:
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:
         return tf.getmembers()
@@ -273,6 +290,8 @@ def test_truncated_and_corrupt_tars(tmp_path: Path) -> None:
     (tmp_path / "zero.tar").write_bytes(b"")
     (tmp_path / "garbage.tar").write_bytes(np.random.default_rng(0).bytes(5000))
     (tmp_path / "full.tar").write_bytes(full)
+    for path in tmp_path.glob("*.tar"):
+        age(path)
     for shard in list_shards(str(tmp_path / "*.tar")):
         shard_for[shard.shard_id.rsplit("-", 1)[0]] = shard
 
@@ -284,6 +303,7 @@ def test_truncated_and_corrupt_tars(tmp_path: Path) -> None:
     assert mid[0].error is None and mid[1].image_bytes == jpeg(1, (48, 64))
     assert mid[2].error.startswith("incomplete sample") and mid[2].image_bytes is None
     assert mid[3].error.startswith("truncated tar") and mid[3].shard_total == 4
+    assert [(s.error_kind, s.retryable) for s in mid[2:]] == [("truncated_shard", False)] * 2
 
     for name, detail in [
         ("boundary", "truncated tar: archive ends at byte"),
@@ -294,19 +314,74 @@ def test_truncated_and_corrupt_tars(tmp_path: Path) -> None:
         assert [s.key for s in got] == ["k0", "k1", SHARD_ERROR_KEY], name
         assert got[0].error is None and got[1].error is None
         assert got[2].error.startswith(detail), got[2].error
+        kind = "corrupt_shard" if name == "corrupt" else "truncated_shard"
+        assert (got[2].error_kind, got[2].retryable) == (kind, False)
 
     for name in ("zero", "garbage"):
         (only,) = read_shard(shard_for[name])
         assert only.key == SHARD_ERROR_KEY and only.error.startswith("not a readable tar archive")
+        assert (only.error_kind, only.retryable) == ("corrupt_shard", False)
 
 
-def test_vanished_shard_raises_input_error(tmp_path: Path) -> None:
+def test_shard_still_being_written_is_retryable(tmp_path: Path) -> None:
+    """A cut tar modified moments ago (an upload in progress) is ``shard_growing``, retryable; the same cut
+    an hour old is ``truncated_shard``; a shard that grows while it is read is ``shard_growing`` too."""
+    full = tar_bytes([(f"k{i}.jpg", jpeg(i, (48, 64))) for i in range(4)])
+    cut = full[: _offsets(full)[2].offset]
+    path = tmp_path / "upload.tar"
+    path.write_bytes(cut)
+    (shard,) = list_shards(str(path))
+    fresh = read_shard(shard)
+    assert [s.key for s in fresh] == ["k0", "k1", SHARD_ERROR_KEY]
+    assert fresh[2].error_kind == "shard_growing" and fresh[2].retryable
+    assert fresh[2].error.startswith("shard still being written (modified")
+    age(path)
+    old = read_shard(shard)
+    assert (old[2].error_kind, old[2].retryable) == ("truncated_shard", False)
+
+    # the writer appends while we read: size and mtime change between the start and the cut
+    age(path)
+    samples = iter_samples(shard)
+    first = next(samples)
+    assert first.key == "k0" and first.error is None
+    with open(path, "ab") as f:
+        f.write(full[len(cut) : len(cut) + 700])
+    rest = list(samples)
+    assert rest[-1].key == SHARD_ERROR_KEY and rest[-1].error_kind == "shard_growing", rest[-1]
+    assert "changed while being read" in rest[-1].error
+
+
+def test_vanished_shard_is_a_retryable_shard_record(tmp_path: Path) -> None:
     path = tmp_path / "gone.tar"
     path.write_bytes(simple_shard(0))
     (shard,) = list_shards(str(path))
     os.remove(path)
-    with pytest.raises(InputError, match="vanished"):
-        read_shard(shard)
+    started = time.perf_counter()
+    (only,) = read_shard(shard)
+    assert time.perf_counter() - started >= sum(RETRY_DELAYS_S)  # retried first: ENOENT can be a blip
+    assert only.key == SHARD_ERROR_KEY and "vanished" in only.error and only.shard_total == 1
+    assert (only.error_kind, only.retryable) == ("vanished", True)
+
+
+def test_file_that_comes_back_after_a_blip_is_read(tmp_path: Path) -> None:
+    """ENOENT that lasts less than the retries (eventual consistency) is no error at all."""
+    import threading
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(jpeg(1))
+    (folder / "b.jpg").write_bytes(jpeg(2))
+    (shard,) = list_shards(str(folder))
+    hidden = tmp_path / "b.jpg.away"
+    os.rename(folder / "b.jpg", hidden)
+    timer = threading.Timer(0.2, os.rename, (hidden, folder / "b.jpg"))
+    timer.start()
+    samples = read_shard(shard)
+    timer.join()
+    assert [(s.key, s.error, s.image_bytes == jpeg(i + 1)) for i, s in enumerate(samples)] == [
+        ("a.jpg", None, True),
+        ("b.jpg", None, True),
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,3 +444,57 @@ def test_unreachable_endpoint_fails_fast() -> None:
 def test_shardref_is_plain_data() -> None:
     ref = ShardRef(url="s3://b/x.tar", shard_id="x-0123abcd")
     assert ref.kind == "tar" and ref.members == () and pickle.loads(pickle.dumps(ref)) == ref
+
+
+def test_connection_dropped_mid_shard_is_retried_without_duplicates(tmp_path: Path, caplog) -> None:
+    """A real HTTP server that drops the connection once in the middle of a tar: the reader reads the shard
+    again, skips the records it already gave, and every sample comes exactly once."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    data = tar_bytes([(f"k{i}.jpg", jpeg(i, (64, 64))) for i in range(6)])
+    state = {"gets": 0, "dropped": 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+        def _headers(self, code: int, body_len: int, extra: dict | None = None) -> None:
+            self.send_response(code)
+            self.send_header("Content-Length", str(body_len))
+            self.send_header("Accept-Ranges", "bytes")
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+
+        def do_HEAD(self) -> None:
+            self._headers(200, len(data))
+
+        def do_GET(self) -> None:
+            state["gets"] += 1
+            start, end = 0, len(data) - 1
+            rng = self.headers.get("Range")
+            if rng:
+                a, b = rng.removeprefix("bytes=").split("-")
+                start, end = int(a), min(int(b) if b else len(data) - 1, len(data) - 1)
+            if start > len(data) // 2 and state["dropped"] < 2:  # twice: the HTTP client retries once itself
+                state["dropped"] += 1
+                self.close_connection = True  # no response at all: the client sees the server disconnect
+                return
+            body = data[start : end + 1]
+            self._headers(206 if rng else 200, len(body), {"Content-Range": f"bytes {start}-{end}/{len(data)}"})
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/shard.tar"
+        shard = ShardRef(url=url, shard_id="shard-http")
+        samples = read_shard(shard, {"block_size": 4096})
+    finally:
+        server.shutdown()
+    assert state["dropped"] == 2 and state["gets"] > 2
+    assert any("reading it again" in r.getMessage() for r in caplog.records)  # our retry, not the client's
+    assert [s.key for s in samples] == [f"k{i}" for i in range(6)]
+    assert all(s.error is None and s.image_bytes == jpeg(i, (64, 64)) for i, s in enumerate(samples))

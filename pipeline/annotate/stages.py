@@ -3,16 +3,40 @@
 Rows flowing through the pipeline (plain columns, so Arrow can carry them):
 
 * ``kind``: ``"sample"`` or ``"end"`` (one per shard, after its last sample, carrying ``shard_total``)
-* ``shard``, ``shard_id``, ``key``, ``image_ext``, ``error``
+* ``shard``, ``shard_id``, ``key``, ``image_ext``, ``image_url`` (stored form, see :mod:`pipeline.shards`),
+  ``error`` (``""`` when fine), ``error_kind`` (``""`` or a :mod:`pipeline.errors` kind), ``retryable``,
+  ``fault`` (``""`` unless a test injects a fault, see :mod:`pipeline.errors`)
 * decode stage adds: ``image`` (the resized image's raw uint8 bytes), ``rh``, ``rw`` (its size),
-  ``height``, ``width`` (original size), ``overlay`` (bool: render an overlay for this sample)
+  ``height``, ``width`` (original size), ``overlay`` (bool: render an overlay for this sample),
+  ``overlay_name`` (its file name under ``overlays/<shard_id>/``)
 * model stage adds: ``panoptic`` / ``semantic`` (int32 bytes at the original size), ``segments`` (JSON),
   ``inst_meta`` (JSON: category, score per instance), ``inst_masks`` (instance masks bit-packed on the GPU,
-  ``N x ceil(H*W/8)`` bytes); the image is kept only for overlays
+  ``N x ceil(H*W/8)`` bytes), ``uncertainty`` / ``branch_disagreement`` (float, NaN = null); the image is
+  kept only for overlays
 * encode/stage step writes staging Parquet files and emits small records for the driver.
 
 Images travel as raw bytes plus their shape rather than as tensor columns, so ragged sizes never hit
 Arrow's tensor extension types.
+
+Per-sample isolation (no run stops for one sample): every stage turns an exception for one sample into that
+sample's error row (``error`` names the image's location, ``error_kind`` and ``retryable`` from
+:func:`pipeline.errors.classify`) and goes on; every sample still yields exactly one row, so the shard's
+``end`` count stays right.
+
+* read / decode (:class:`ReadShard`): the reader never raises for a shard's content or storage errors
+  (:mod:`pipeline.shards`); an unexpected exception or ``MemoryError`` decoding one image becomes its row
+  (``decode_error`` / ``out_of_memory``; a ``MemoryError`` is retried once after freeing memory).
+* model (:class:`Annotator`): a batch whose forward pass raises is retried one image at a time, so only
+  the culprit gets ``model_error``. Out of memory (``torch.cuda.OutOfMemoryError`` or ``MemoryError``)
+  in a batch retries each image alone (batch 1) with post-processing in chunks of queries
+  (:meth:`odise_model.Predictor.postprocess_raw` ``chunk_queries``: identical outputs, a fraction of the
+  memory); out of memory in post-processing retries it in chunks; out of memory again -> ``out_of_memory``
+  (retryable). The CUDA cache is freed between attempts. Post-processing errors -> ``postprocess_error``.
+* encode / stage (:class:`EncodeAndStage`): an encode exception -> ``encode_error``; a row that cannot be
+  converted for the staging file (Arrow) -> ``staging_error`` (found row by row only when the batch fails);
+  a staging write that fails with a retryable storage error is retried with backoff
+  (:data:`WRITE_DELAYS_S`) and, if it keeps failing, the task raises so Ray retries it: staging files are
+  write-once (random names) and the commit keeps one row per key, so nothing is lost or duplicated.
 """
 
 from __future__ import annotations
@@ -21,15 +45,22 @@ import json
 import logging
 import math
 import posixpath
+import time
 from typing import Any
 
 import numpy as np
 
+from pipeline.errors import classify, fault_of, inject, is_out_of_memory, is_retryable, is_storage_error
 from pipeline.redact import redact_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ReadShard", "Annotator", "EncodeAndStage", "overlay_plan"]
+__all__ = ["ReadShard", "Annotator", "EncodeAndStage", "overlay_plan", "overlay_file_name", "WRITE_DELAYS_S"]
+
+#: Pauses (seconds) between attempts of a staging write that failed with a retryable storage error.
+WRITE_DELAYS_S = (0.5, 2.0, 5.0)
+#: Queries per chunk in the out-of-memory post-processing fallback.
+OOM_CHUNK_QUERIES = 8
 
 
 def overlay_plan(num_shards: int, overlays: int) -> int:
@@ -39,6 +70,39 @@ def overlay_plan(num_shards: int, overlays: int) -> int:
     return max(1, math.ceil(overlays / num_shards))
 
 
+def _strip_image_ext(key: str) -> str:
+    from pipeline.shards import IMAGE_EXTENSIONS
+
+    folder, slash, base = key.rpartition("/")
+    stem, dot, ext = base.rpartition(".")
+    if dot and stem and ext.lower() in IMAGE_EXTENSIONS:
+        return f"{folder}{slash}{stem}"
+    return key
+
+
+def overlay_file_name(key: str, taken: set[str]) -> str:
+    """File name of a sample's JPEG overlay under ``overlays/<shard_id>/``: the key with its image extension
+    *replaced* by ``.jpg`` (``astronaut.png`` -> ``astronaut.jpg``; WebDataset keys have none: ``cats/001`` ->
+    ``cats/001.jpg``), made file-safe by :func:`pipeline.annotate.commit.key_to_filename`.
+
+    Collisions within a shard (``a.jpg`` and ``a.png``) are resolved in reading order, deterministically: the
+    first keeps ``a.jpg``, the next gets its full key (``a.png.jpg``), then ``a-2.jpg``, ``a-3.jpg`` ...
+    ``taken`` holds the names already given in the shard and is updated.
+    """
+    from pipeline.annotate.commit import key_to_filename
+
+    stem = key_to_filename(_strip_image_ext(key))
+    name = f"{stem}.jpg"
+    if name in taken:
+        name = f"{key_to_filename(key)}.jpg"
+    n = 2
+    while name in taken:
+        name = f"{stem}-{n}.jpg"
+        n += 1
+    taken.add(name)
+    return name
+
+
 def _empty_sample_row(shard: dict, key: str, *, error: str | None, ext: str | None) -> dict[str, Any]:
     return {
         "kind": "sample",
@@ -46,23 +110,62 @@ def _empty_sample_row(shard: dict, key: str, *, error: str | None, ext: str | No
         "shard_id": shard["shard_id"],
         "key": key,
         "image_ext": ext or "",
+        "image_url": "",
         "error": redact_text(error) if error else "",  # a reader's message may quote a signed URL
+        "error_kind": "",
+        "retryable": False,
+        "fault": "",
         "image": b"",
         "rh": 0,
         "rw": 0,
         "height": 0,
         "width": 0,
         "overlay": False,
+        "overlay_name": "",
         "shard_total": 0,
     }
 
 
-
 def _sample_location(shard: dict, key: str) -> str:
-    """Where a sample lives, for error messages: the image's own URL for image folders, ``<tar URL>:<key>``."""
+    """Where a sample lives, for error messages: the image's own URL for image folders, ``<tar URL>:<key>``
+    (the shard's URL for its shard-level row)."""
+    if key.startswith("__shard__"):
+        return str(shard["url"])
     if shard.get("kind") == "images" and shard.get("root"):
         return f"{str(shard['root']).rstrip('/')}/{key}"
     return f"{shard['url']}:{key}"
+
+
+def _located(error: str, location: str) -> str:
+    """``error`` naming ``location`` (appended in brackets unless the text names it already)."""
+    return error if location in error or error.endswith("]") else f"{error} [{location}]"
+
+
+def _set_error(row: dict[str, Any], message: str, kind: str) -> None:
+    row.update(error=message, error_kind=kind, retryable=is_retryable(kind))
+
+
+def _exception_text(stage: str, exc: BaseException, location: str) -> tuple[str, str]:
+    """``(message, kind)`` of an exception for one sample in ``stage``."""
+    kind, _ = classify(exc, stage=stage)
+    label = {"postprocess": "post-processing", "stage": "staging"}.get(stage, stage)
+    head = "out of memory" if kind == "out_of_memory" else f"{label} error"
+    return f"{head}: {type(exc).__name__}: {exc} [{location}]", kind
+
+
+def _free_memory() -> None:
+    """Drop garbage and the CUDA caching allocator's free blocks between out-of-memory attempts."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+
 
 class ReadShard:
     """CPU stage: stream one shard, decode and resize every image; a generator of row batches.
@@ -92,23 +195,45 @@ class ReadShard:
         self.overlays_total = overlays_total
         self.rows_per_batch = rows_per_batch
 
+    def _decode_resized(self, data: bytes, location: str, fault: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(original RGB, resized RGB)``; a ``MemoryError`` is retried once after freeing memory."""
+        from odise_model.predictor import resize_image
+        from pipeline.images import decode_image
+
+        for attempt in range(2):
+            try:
+                inject("decode", fault, key)
+                rgb = decode_image(data, max_pixels=self.max_pixels, source=location)
+                return rgb, resize_image(rgb, self.short_side, self.max_size)
+            except MemoryError:
+                if attempt:
+                    raise
+                _free_memory()
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def _decode(self, shard: dict, sample, position: int) -> dict[str, Any]:
         """Row of one sample; ``position`` = number of images of this shard decoded so far."""
-        from odise_model.predictor import resize_image
-        from pipeline.images import ImageDecodeError, decode_image
+        from pipeline.images import ImageDecodeError
 
-        row = _empty_sample_row(shard, sample.key, error=sample.error, ext=sample.image_ext)
+        row = _empty_sample_row(shard, sample.key, error=None, ext=sample.image_ext)
+        row["image_url"] = sample.image_url or ""
+        location = sample.image_url or _sample_location(shard, sample.key)
         if sample.error:
+            kind = sample.error_kind or classify(sample.error, stage="read")[0]
+            _set_error(row, _located(sample.error, location), kind)
             return row
         if sample.image_bytes is None:
-            row["error"] = "no image bytes"
+            _set_error(row, f"no image bytes [{location}]", "no_image_member")
             return row
+        row["fault"] = fault = fault_of(sample.meta)
         try:
-            rgb = decode_image(sample.image_bytes, max_pixels=self.max_pixels, source=_sample_location(shard, sample.key))
+            rgb, resized = self._decode_resized(sample.image_bytes, location, fault, sample.key)
         except ImageDecodeError as exc:
-            row["error"] = str(exc)
+            _set_error(row, str(exc), classify(exc, stage="decode")[0])
             return row
-        resized = resize_image(rgb, self.short_side, self.max_size)
+        except Exception as exc:  # noqa: BLE001 - MemoryError, decoder bugs: this image's row, not the job
+            _set_error(row, *_exception_text("decode", exc, location))
+            return row
         index = self.shard_index.get(shard["shard_id"], 0)
         overlay = position < self.overlays_per_shard and index * self.overlays_per_shard + position < self.overlays_total
         self._decoded += 1
@@ -119,11 +244,12 @@ class ReadShard:
             height=int(rgb.shape[0]),
             width=int(rgb.shape[1]),
             overlay=bool(overlay),
+            overlay_name=overlay_file_name(sample.key, self._overlay_names) if overlay else "",
         )
         return row
 
     def __call__(self, batch: dict[str, Any]):
-        from pipeline.shards import ShardRef, iter_samples
+        from pipeline.shards import SHARD_ERROR_KEY, ShardRef, iter_samples
 
         for shard_json in batch["shard"]:
             shard = json.loads(shard_json)
@@ -137,17 +263,35 @@ class ReadShard:
             )
             rows: list[dict[str, Any]] = []
             total = 0
+            shard_keys = 0  # rows with the shard-level key seen so far (keys stay unique)
             self._decoded = 0  # overlays go to the first images of a shard that decode
-            for sample in iter_samples(ref, self.storage_options):
-                rows.append(self._decode(shard, sample, self._decoded))
+            self._overlay_names: set[str] = set()
+            try:
+                for sample in iter_samples(ref, self.storage_options):
+                    shard_keys += sample.key.startswith(SHARD_ERROR_KEY)
+                    rows.append(self._decode(shard, sample, self._decoded))
+                    total += 1
+                    if len(rows) >= self.rows_per_batch:
+                        yield _columns(rows)
+                        rows = []
+            except Exception as exc:  # noqa: BLE001 - the reader never raises by design; a bug ends the shard
+                log.exception("%s: reading stopped after %d sample(s)", ref.url, total)
+                key = SHARD_ERROR_KEY if not shard_keys else f"{SHARD_ERROR_KEY}#read{shard_keys + 1}"
+                row = _empty_sample_row(shard, key, error=None, ext=None)
+                message, kind = _exception_text("read", exc, ref.url)
+                _set_error(row, f"{message}; samples after this point (if any) are missing", kind)
+                rows.append(row)
                 total += 1
-                if len(rows) >= self.rows_per_batch:
-                    yield _columns(rows)
-                    rows = []
             end = _empty_sample_row(shard, "", error=None, ext=None)
             end.update(kind="end", shard_total=total)
             rows.append(end)
             yield _columns(rows)
+
+
+def _get(batch: dict[str, Any], name: str, i: int, default: Any) -> Any:
+    """``batch[name][i]``, or ``default`` for batches made without the column (e.g. a benchmark's stand-in)."""
+    column = batch.get(name)
+    return default if column is None else column[i]
 
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list]:
@@ -164,6 +308,9 @@ class Annotator:
         overrides: threshold overrides (``object_mask_threshold``, ``overlap_threshold``) and fusion
             exponent overrides (``alpha``, ``beta``).
         device: ``"cuda"`` or ``"cpu"``.
+
+    Failures are isolated per image (see the module doc): a failing batch is retried image by image, out of
+    memory with post-processing in chunks of :data:`OOM_CHUNK_QUERIES` queries.
     """
 
     def __init__(
@@ -189,6 +336,86 @@ class Annotator:
         vocab = odise_model.parse_vocabulary(vocabulary_text, source="run vocabulary")
         self.predictor = odise_model.Predictor(self.model, vocab, **predictor_kwargs)
         self.batch_size = self.predictor.batch_size
+        self._names = {c.id: c.name for c in vocab}
+
+    # --- one image's outcome ------------------------------------------------------------------------
+    def _location(self, batch: dict[str, Any], i: int) -> str:
+        return _get(batch, "image_url", i, "") or f"{batch['shard'][i]}:{batch['key'][i]}"
+
+    def _fail(self, out: dict[str, Any], batch: dict[str, Any], i: int, stage: str, exc: BaseException) -> None:
+        message, kind = _exception_text(stage, exc, self._location(batch, i))
+        log.warning("%s/%s: %s", batch["shard_id"][i], batch["key"][i], message)
+        out["error"][i], out["error_kind"][i], out["retryable"][i] = message, kind, is_retryable(kind)
+
+    def _store(self, out: dict[str, Any], i: int, raw) -> None:
+        out["panoptic"][i] = raw.panoptic.astype(np.int32).tobytes()
+        out["semantic"][i] = raw.semantic.astype(np.int32).tobytes() if raw.semantic is not None else b""
+        out["segments"][i] = json.dumps([s.__dict__ for s in raw.segments])
+        out["inst_meta"][i] = json.dumps(
+            [
+                {"category_id": int(c), "category_name": self._names[int(c)], "score": float(sc)}
+                for c, sc in zip(raw.instance_category_ids, raw.instance_scores)
+            ]
+        )
+        out["inst_masks"][i] = np.ascontiguousarray(raw.instance_masks_packed).tobytes()
+        out["uncertainty"][i] = math.nan if raw.uncertainty is None else float(raw.uncertainty)
+        out["branch_disagreement"][i] = math.nan if raw.branch_disagreement is None else float(raw.branch_disagreement)
+
+    def _postprocess(self, out: dict, batch: dict, i: int, output, *, chunked_only: bool = False) -> None:
+        """Post-process one image's model output into ``out``; out of memory -> in chunks; then an error row."""
+        fault, key = _get(batch, "fault", i, ""), batch["key"][i]
+        for chunk in ((OOM_CHUNK_QUERIES,) if chunked_only else (None, OOM_CHUNK_QUERIES)):
+            oom = False
+            try:
+                inject("postprocess", fault, key)
+                if chunk is None:
+                    inject("postprocess_unchunked", fault, key)
+                raw = self.predictor.postprocess_output(output, chunk_queries=chunk)
+                self._store(out, i, raw)
+                return
+            except Exception as exc:  # noqa: BLE001 - this image's row, not the batch
+                if chunk is not None or not is_out_of_memory(exc):
+                    self._fail(out, batch, i, "postprocess", exc)
+                    return
+                oom = True
+                log.warning("%s/%s: out of memory in post-processing; retrying in chunks", batch["shard_id"][i], key)
+            if oom:
+                _free_memory()
+
+    def _label_alone(self, out: dict, batch: dict, i: int, prepared, *, after_oom: bool) -> None:
+        """The image alone (batch 1); after an out-of-memory batch, post-processed in chunks."""
+        output = None
+        try:
+            inject("model_single", _get(batch, "fault", i, ""), batch["key"][i])
+            (output,) = self.predictor.infer_prepared([prepared])
+        except Exception as exc:  # noqa: BLE001 - only the culprit gets the error
+            self._fail(out, batch, i, "model", exc)
+            oom = is_out_of_memory(exc)
+        else:
+            oom = False
+        if oom:
+            _free_memory()
+        if output is not None:
+            self._postprocess(out, batch, i, output, chunked_only=after_oom)
+
+    def _label_batch(self, out: dict, batch: dict, idx: list[int], prepared: dict[int, Any]) -> None:
+        outputs, oom = None, False
+        try:
+            for i in idx:
+                inject("model", _get(batch, "fault", i, ""), batch["key"][i])
+            outputs = self.predictor.infer_prepared([prepared[i] for i in idx])
+        except Exception as exc:  # noqa: BLE001 - retried image by image below
+            oom = is_out_of_memory(exc)
+            log.warning(
+                "batch of %d image(s) failed (%s: %s); retrying them one at a time", len(idx), type(exc).__name__, exc
+            )
+        if outputs is None:  # outside the except block: the traceback (and its tensors) is gone
+            _free_memory()
+            for i in idx:
+                self._label_alone(out, batch, i, prepared[i], after_oom=oom)
+            return
+        for i, output in zip(idx, outputs):
+            self._postprocess(out, batch, i, output)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         n = len(batch["key"])
@@ -197,29 +424,25 @@ class Annotator:
             out[col] = [b""] * n
         out["segments"] = [""] * n
         out["inst_meta"] = [""] * n
+        out["uncertainty"] = [math.nan] * n
+        out["branch_disagreement"] = [math.nan] * n
+        for col, default in (("error_kind", ""), ("retryable", False), ("image_url", ""), ("fault", "")):
+            out.setdefault(col, [default] * n)  # batches made without them (a benchmark's stand-in rows)
         todo = [i for i in range(n) if batch["kind"][i] == "sample" and not batch["error"][i]]
-        prepared = []
+        prepared: dict[int, Any] = {}
         for i in todo:
-            h, w = int(batch["rh"][i]), int(batch["rw"][i])
-            image = np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(h, w, 3)
-            prepared.append(self.predictor.prepare_resized(image, (int(batch["height"][i]), int(batch["width"][i]))))
-        results = []
-        for start in range(0, len(prepared), self.batch_size):
-            results.extend(self.predictor.predict_prepared_raw(prepared[start : start + self.batch_size]))
-        for i, raw in zip(todo, results):
-            out["panoptic"][i] = raw.panoptic.astype(np.int32).tobytes()
-            out["semantic"][i] = raw.semantic.astype(np.int32).tobytes() if raw.semantic is not None else b""
-            out["segments"][i] = json.dumps([s.__dict__ for s in raw.segments])
-            names = {c.id: c.name for c in raw.vocabulary}
-            out["inst_meta"][i] = json.dumps(
-                [
-                    {"category_id": int(c), "category_name": names[int(c)], "score": float(sc)}
-                    for c, sc in zip(raw.instance_category_ids, raw.instance_scores)
-                ]
-            )
-            out["inst_masks"][i] = np.ascontiguousarray(raw.instance_masks_packed).tobytes()
+            try:
+                h, w = int(batch["rh"][i]), int(batch["rw"][i])
+                image = np.frombuffer(batch["image"][i], dtype=np.uint8).reshape(h, w, 3)
+                original = (int(batch["height"][i]), int(batch["width"][i]))
+                prepared[i] = self.predictor.prepare_resized(image, original)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(out, batch, i, "model", exc)
+        ready = [i for i in todo if i in prepared]
+        for start in range(0, len(ready), self.batch_size):
+            self._label_batch(out, batch, ready[start : start + self.batch_size], prepared)
         for i in range(n):  # keep the image only where an overlay is wanted
-            if not batch["overlay"][i]:
+            if not batch["overlay"][i] or out["error"][i]:
                 out["image"][i] = b""
         return out
 
@@ -255,7 +478,6 @@ class EncodeAndStage:
 
         from PIL import Image
 
-        from pipeline.annotate.commit import key_to_filename
         from pipeline.encode import render_overlay
         from pipeline.storage import fs_root, write_bytes
 
@@ -267,40 +489,104 @@ class EncodeAndStage:
         buf = io.BytesIO()
         render_overlay(image, result).convert("RGB").save(buf, format="JPEG", quality=90)
         fs, root = fs_root(self.out_url, self.storage_options)
-        rel = posixpath.join("overlays", batch["shard_id"][i], key_to_filename(batch["key"][i]) + ".jpg")
+        name = _get(batch, "overlay_name", i, "") or overlay_file_name(batch["key"][i], set())
+        rel = posixpath.join("overlays", batch["shard_id"][i], name)
         write_bytes(fs, posixpath.join(root, rel), buf.getvalue(), durable=False)
         return rel
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+    @staticmethod
+    def _nullable(value: Any) -> float | None:
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+    def _write(self, rows: list[dict[str, Any]], provenance, faults: dict) -> list[dict[str, Any]]:
+        """:func:`write_staging` with retries (backoff) on retryable storage errors; other errors raise."""
         from pipeline.annotate.commit import write_staging
+
+        for attempt in range(len(WRITE_DELAYS_S) + 1):
+            try:
+                for row in rows:
+                    inject("stage_write", faults.get((row["shard_id"], row["key"]), ""), row["key"])
+                return write_staging(rows, self.out_url, self.storage_options, provenance)
+            except Exception as exc:
+                kind, retryable = classify(exc, stage="stage")
+                if not (is_storage_error(exc) and retryable) or attempt == len(WRITE_DELAYS_S):
+                    raise
+                delay = WRITE_DELAYS_S[attempt]
+                log.warning("staging write failed (%s: %s: %s); retrying in %.1f s", kind, type(exc).__name__, exc, delay)
+            time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _stage(self, rows: list[dict[str, Any]], provenance, faults: dict, locations: dict):
+        """Write the rows; a row that cannot be converted becomes its error row (found row by row)."""
+        from pipeline.schema import error_row, rows_to_table
+
+        try:
+            for row in rows:
+                inject("stage", faults.get((row["shard_id"], row["key"]), ""), row["key"])
+            return self._write(rows, provenance, faults)
+        except Exception as exc:
+            if is_storage_error(exc) or is_out_of_memory(exc):
+                raise  # the task fails and Ray retries it (write-once staging files: nothing duplicated)
+            log.warning("staging %d row(s) failed (%s: %s); checking them one by one", len(rows), type(exc).__name__, exc)
+        checked = []
+        for row in rows:
+            try:
+                inject("stage", faults.get((row["shard_id"], row["key"]), ""), row["key"])
+                rows_to_table([row], provenance)
+                checked.append(row)
+            except Exception as exc:  # noqa: BLE001 - this row's problem
+                message, kind = _exception_text("stage", exc, locations.get((row["shard_id"], row["key"]), row["key"]))
+                keep = {k: row.get(k) for k in ("run_id", "shard", "shard_id", "key", "image_ext", "image_url")}
+                checked.append(error_row(**keep, error=message, error_kind=kind, retryable=is_retryable(kind)))
+        return self._write(checked, provenance, faults)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from pipeline.encode import encode_result
         from pipeline.schema import RunProvenance, error_row, label_row
 
         provenance = RunProvenance.from_json(self.provenance_json)
         rows, records = [], []
         overlays: dict[str, list[str]] = {}
+        faults: dict[tuple[str, str], str] = {}  # (shard_id, key) -> injected fault ("" normally)
+        locations: dict[tuple[str, str], str] = {}
         for i in range(len(batch["key"])):
             common = {"run_id": provenance.run_id, "shard": batch["shard"][i], "shard_id": batch["shard_id"][i]}
             if batch["kind"][i] == "end":
                 records.append({"type": "end", "shard_id": batch["shard_id"][i], "shard": batch["shard"][i],
                                 "count": int(batch["shard_total"][i]), "keys": [], "overlays": []})
                 continue
+            key = batch["key"][i]
             ext = batch["image_ext"][i] or None
+            url = _get(batch, "image_url", i, "") or None
+            faults[(batch["shard_id"][i], key)] = _get(batch, "fault", i, "")
+            location = locations[(batch["shard_id"][i], key)] = url or f"{batch['shard'][i]}:{key}"
+            size = {"width": int(batch["width"][i]) or None, "height": int(batch["height"][i]) or None}
             if batch["error"][i]:
-                size = {"width": int(batch["width"][i]) or None, "height": int(batch["height"][i]) or None}
-                rows.append(error_row(**common, key=batch["key"][i], error=batch["error"][i], image_ext=ext, **size))
+                kind = _get(batch, "error_kind", i, "") or classify(batch["error"][i])[0]
+                rows.append(error_row(**common, key=key, error=batch["error"][i], error_kind=kind,
+                                      retryable=is_retryable(kind), image_ext=ext, image_url=url, **size))
                 continue
-            result = self._result(batch, i)
-            encoded = encode_result(result, include_png=self.include_png)
-            rows.append(label_row(**common, key=batch["key"][i], encoded=encoded, image_ext=ext))
+            try:
+                inject("encode", _get(batch, "fault", i, ""), key)
+                result = self._result(batch, i)
+                encoded = encode_result(result, include_png=self.include_png)
+                rows.append(label_row(**common, key=key, encoded=encoded, image_ext=ext, image_url=url,
+                                      uncertainty=self._nullable(_get(batch, "uncertainty", i, math.nan)),
+                                      branch_disagreement=self._nullable(_get(batch, "branch_disagreement", i, math.nan))))
+            except Exception as exc:  # noqa: BLE001 - this image's row, not the batch
+                message, kind = _exception_text("encode", exc, location)
+                log.warning("%s/%s: %s", batch["shard_id"][i], key, message)
+                rows.append(error_row(**common, key=key, error=message, error_kind=kind, retryable=is_retryable(kind),
+                                      image_ext=ext, image_url=url, **size))
+                continue
             if batch["overlay"][i] and batch["image"][i]:
                 try:
                     rel = self._write_overlay(batch, i, result)
                     overlays.setdefault(batch["shard_id"][i], []).append(rel)
                 except Exception as exc:  # an overlay is a convenience; never fail a shard for it
-                    log.warning("overlay for %s/%s failed: %s", batch["shard_id"][i], batch["key"][i], exc)
+                    log.warning("overlay for %s/%s failed: %s", batch["shard_id"][i], key, exc)
         if rows:
-            for rec in write_staging(rows, self.out_url, self.storage_options, provenance):
+            for rec in self._stage(rows, provenance, faults, locations):
                 records.append({"type": "staged", "shard_id": rec["shard_id"], "shard": "", "count": rec["n_rows"],
                                 "keys": rec["keys"], "overlays": overlays.pop(rec["shard_id"], [])})
         if not records:

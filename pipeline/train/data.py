@@ -334,21 +334,18 @@ class TrainDataStream:
     # --- global order ------------------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> Iterator[_RawSample]:
         """The raw samples of one epoch in the global shuffled order (identical on every worker)."""
-        import fsspec
-
-        from pipeline.groundtruth import iter_tar_samples
+        from pipeline.groundtruth import iter_shard_samples
 
         rng = np.random.default_rng([self.seed, epoch, 0x5EED])
         buffer: list[_RawSample] = []
         for s in rng.permutation(len(self.shards)):
             shard = self.shards[int(s)]
-            with fsspec.open(shard, "rb", **self.storage_options) as fh:
-                for key, files in iter_tar_samples(fh, shard):
-                    buffer.append(_RawSample(shard, key, files))
-                    if len(buffer) >= self.shuffle_buffer:
-                        j = int(rng.integers(len(buffer)))
-                        buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                        yield buffer.pop()
+            for key, files in iter_shard_samples(shard, self.storage_options):
+                buffer.append(_RawSample(shard, key, files))
+                if len(buffer) >= self.shuffle_buffer:
+                    j = int(rng.integers(len(buffer)))
+                    buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                    yield buffer.pop()
         while buffer:
             j = int(rng.integers(len(buffer)))
             buffer[j], buffer[-1] = buffer[-1], buffer[j]
