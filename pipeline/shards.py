@@ -397,6 +397,7 @@ class _Found:
 
     tars: dict[str, None] = dataclasses.field(default_factory=dict)
     images: dict[str, str] = dataclasses.field(default_factory=dict)  # image url -> group root url
+    access: dict[str, str] = dataclasses.field(default_factory=dict)  # url -> signed url (only if different)
 
     def add_file(self, fs, path: str, root: str) -> bool:
         signed = encode_name(fs.unstrip_protocol(path))  # stored form: valid UTF-8 (see encode_name)
