@@ -67,6 +67,7 @@ class ReadShard:
 
     Undecodable / oversized samples become error rows (the job goes on); the shard's end is marked by an
     ``end`` row carrying the number of samples, so the driver knows when every row of a shard has arrived.
+    A shard item with ``only_keys`` (a list; ``--retry-errors``) yields, and counts, only those keys.
     """
 
     def __init__(
@@ -135,7 +136,11 @@ class ReadShard:
             rows: list[dict[str, Any]] = []
             total = 0
             self._decoded = 0  # overlays go to the first images of a shard that decode
+            only = shard.get("only_keys")  # --retry-errors: read only these keys (None: every key)
+            only = set(only) if only is not None else None
             for sample in iter_samples(ref, self.storage_options):
+                if only is not None and sample.key not in only:
+                    continue
                 rows.append(self._decode(shard, sample, self._decoded))
                 total += 1
                 if len(rows) >= self.rows_per_batch:
