@@ -107,8 +107,9 @@ def test_pause(point: str, detail: str = "") -> None:
 
     flag = os.environ.get("ODISE_TEST_PAUSE_FILE")
     if flag:
-        with open(flag, "w") as f:
+        with open(f"{flag}.tmp-{os.getpid()}", "w") as f:
             f.write(f"{point} {detail}\n")
+        os.replace(f"{flag}.tmp-{os.getpid()}", flag)
     log.warning("TEST HOOK: pausing at %s (%s)", point, detail)
     time.sleep(float(os.environ.get("ODISE_TEST_PAUSE_S", "600")))
 

@@ -150,6 +150,7 @@ _SHARD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PARQUET_COMPRESSION = "zstd"
 _ROW_GROUP_ROWS = 1024
 _ROW_GROUP_BYTES = 64 * 2**20
+_PREFETCH_BYTES = 64 * 2**20  # staging bytes kept between the two passes on object stores
 _PASS1_COLUMNS = ["key", "error", "image_ext", "shard", "shard_id"]
 Replace = Literal["retry", "relabel"]
 
@@ -452,6 +453,10 @@ def source_stamps(
                 listing = {e["name"].rstrip("/"): e for e in fs.ls(parent, detail=True, refresh=True)}
             except FileNotFoundError:
                 continue
+            except Exception as exc:  # noqa: BLE001 - a stamp is informative: unknown, not a failed run
+                log.warning("cannot list %s for source stamps (%s: %s); their changes go unnoticed this run",
+                            parent, type(exc).__name__, exc)  # fmt: skip
+                continue
             for url in members:
                 entry = listing.get(fs._strip_protocol(url).rstrip("/"))
                 if entry is not None:
@@ -523,7 +528,8 @@ class _Source:
 
     path: str
     base: bool = False
-    data: bytes | None = None  # staging files: fetched in pass 1 when small (object stores)
+    data: bytes | None = None  # object stores: the staging file's bytes, kept while they are small in total
+    keys: pa.Table | None = None  # object stores: its pass-1 columns, read from the bytes fetched once
 
     def parquet(self, fs) -> pq.ParquetFile:
         if self.data is not None:
@@ -542,6 +548,9 @@ def _iter_sources(
 ) -> Iterator[tuple[int, int, pa.Table]]:
     """``(source index, first row, table)`` batches of every source in order (bounded memory)."""
     for idx, src in enumerate(sources):
+        if columns == _PASS1_COLUMNS and src.keys is not None:
+            yield idx, 0, src.keys
+            continue
         pf = src.parquet(fs)
         try:
             _check_version(src.path, pf.schema_arrow)
@@ -554,15 +563,19 @@ def _iter_sources(
 
 
 def _prefetch_staging(fs, paths: list[str]) -> list[_Source]:
-    """Staging sources; on object stores their bytes are fetched concurrently (small files) and kept only
-    while they are small in total (64 MiB), else re-read in pass 2."""
+    """Staging sources. On object stores the (small) files are fetched concurrently, 64 at a time; their pass-1
+    columns are read from those bytes, and the bytes kept while they total 64 MiB (else fetched again in pass 2:
+    at most two GETs per file)."""
     if is_local(fs):
         return [_Source(p) for p in paths]
-    sources, budget = [], 64 * 2**20
+    sources, budget = [], _PREFETCH_BYTES
     for path, data in cat_many(fs, paths, chunk=64, what="staging file"):
+        pf = pq.ParquetFile(pa.BufferReader(data))
+        _check_version(path, pf.schema_arrow)
+        keys = pf.read(columns=_PASS1_COLUMNS)
         keep = data if budget >= len(data) else None
         budget -= len(data) if keep is not None else 0
-        sources.append(_Source(path, data=keep))
+        sources.append(_Source(path, data=keep, keys=keys))
     if len(sources) != len(paths):
         raise CommitError(f"{len(paths) - len(sources)} staging file(s) vanished while committing")
     return sources
@@ -788,7 +801,8 @@ def write_shard_outputs(
         seq=int(seq),
         kind=kind,
         root=shard_root,
-        source=dict(source) if source is not None else (marker or {}).get("source"),
+        # a retry keeps the shard's recorded source (its other rows were labelled from it); else the given stamp
+        source=(marker or {}).get("source") if replace == "retry" else (dict(source) if source else None),
         n_retryable=counts["retryable"],
         n_errors_by_kind=dict(sorted(by_kind.items())),
         errors_by_reason=dict(reasons.most_common(20)),

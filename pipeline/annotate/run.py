@@ -6,13 +6,17 @@ Steps:
    writable and not inside the input, the model config loads and the weights are reachable (downloaded
    into the cache if allowed): every problem is reported here, before Ray starts or a model is built;
 2. provenance (model, weights sha256, vocabulary and its hash, thresholds, versions, licences) is written
-   to ``<output>/provenance.json`` (a rerun into the same output must use the same settings); leftovers of
-   interrupted runs are cleaned and already-committed shards are skipped;
+   to ``<output>/provenance.json`` (a rerun into the same output must use the same settings); the commit
+   markers are read once (small, concurrently); leftovers of interrupted runs are cleaned; the plan: shards not
+   committed yet (each gets the next commit sequence number), committed shards to replace (``retry_errors``:
+   only their retryable error rows are read again; ``relabel_changed``: shards whose source stamp changed;
+   replacements an interrupted run left), and the sources that changed since their commit (reported);
 3. Ray Data streaming: one read task per shard (stream the tar, decode, resize; CPU) -> an actor pool
    with one model per GPU (built once per actor) -> encode (RLE, PNG) and write staging files (CPU); the
-   driver only sees small records (keys written per shard) and commits a shard (atomically, marker last)
-   as soon as all of its keys are staged;
-4. COCO exports are merged from the committed shards; ``summary.json`` is written.
+   driver only sees small records (keys written per shard) and commits a shard (streaming its staging files,
+   atomically, marker last) as soon as all of its keys are staged, then forgets its keys;
+4. the COCO export is brought up to date (only stale parts are rebuilt); ``summary.json`` is written from the
+   markers alone. A run with nothing to do reads markers, lists folders, and writes only ``summary.json``.
 
 No Prefect import here: flows call this function.
 """
