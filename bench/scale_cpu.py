@@ -77,9 +77,15 @@ def standin_outputs(seed: int, h: int = H, w: int = W, n_segments: int = 30, n_i
         ys, xs = np.nonzero(mask)
         cat = 1 + (sid * 7) % 133
         segments.append(
-            {"id": sid, "category_id": cat, "category_name": f"class{cat}", "isthing": sid % 3 == 0,
-             "score": float(rng.uniform(0.5, 1.0)), "area": int(mask.sum()),
-             "bbox": (float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1))}  # fmt: skip
+            {
+                "id": sid,
+                "category_id": cat,
+                "category_name": f"class{cat}",
+                "isthing": sid % 3 == 0,
+                "score": float(rng.uniform(0.5, 1.0)),
+                "area": int(mask.sum()),
+                "bbox": (float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)),
+            }  # fmt: skip
         )
     semantic = np.zeros((h, w), np.int32)
     for s in segments:
@@ -94,7 +100,9 @@ def standin_outputs(seed: int, h: int = H, w: int = W, n_segments: int = 30, n_i
         rx = area / np.pi / ry
         masks[k] = ((Y - cy) / ry) ** 2 + ((X - cx) / rx) ** 2 < 1
         cat = 1 + (k * 11) % 80
-        meta.append({"category_id": cat, "category_name": f"class{cat}", "score": float(rng.uniform(0.05, 1.0))})
+        meta.append(
+            {"category_id": cat, "category_name": f"class{cat}", "score": float(rng.uniform(0.05, 1.0))}
+        )
     packed = np.packbits(masks.reshape(n_instances, -1), axis=1)
     return {
         "panoptic": panoptic.astype(np.int32).tobytes(),
@@ -228,7 +236,9 @@ def cost_per_image(n: int, work: Path) -> dict:
                                       "root": ""})]}  # fmt: skip
         with Clock() as t_decode:
             batches = list(read(item))
-        labelled = [annotator({k: list(v) for k, v in b.items()}) for b in batches]  # the GPU's work: not timed
+        labelled = [
+            annotator({k: list(v) for k, v in b.items()}) for b in batches
+        ]  # the GPU's work: not timed
         with Clock() as t_encode:
             for b in labelled:
                 encode(b)
@@ -244,13 +254,23 @@ def cost_per_image(n: int, work: Path) -> dict:
 
     raw = standin_outputs(0)
     meta = json.loads(raw["inst_meta"])
-    masks = np.unpackbits(np.frombuffer(raw["inst_masks"], np.uint8).reshape(len(meta), -1), axis=1, count=H * W)
+    masks = np.unpackbits(
+        np.frombuffer(raw["inst_masks"], np.uint8).reshape(len(meta), -1), axis=1, count=H * W
+    )
     result = PanopticResult(
         panoptic_seg=np.frombuffer(raw["panoptic"], np.int32).reshape(H, W),
         segments=[Segment(**{**s, "bbox": tuple(s["bbox"])}) for s in json.loads(raw["segments"])],
         semantic_seg=np.frombuffer(raw["semantic"], np.int32).reshape(H, W),
-        instances=[Instance(m["category_id"], m["category_name"], m["score"], masks[j].reshape(H, W).astype(bool),
-                            (0, 0, 0, 0)) for j, m in enumerate(meta)],  # fmt: skip
+        instances=[
+            Instance(
+                m["category_id"],
+                m["category_name"],
+                m["score"],
+                masks[j].reshape(H, W).astype(bool),
+                (0, 0, 0, 0),
+            )
+            for j, m in enumerate(meta)
+        ],  # fmt: skip
     )
     reps = 10
     with Clock() as t_result:
@@ -277,9 +297,12 @@ def cost_per_image(n: int, work: Path) -> dict:
     total_cpu = round(sum(v["cpu_ms"] for v in stages.values()), 1)
     return {
         "images": n,
-        "outputs_per_image": {"segments": len(enc["segments"]), "instances": len(enc["instances"]),
-                              "panoptic_png_bytes": len(enc["panoptic_png"]),
-                              "instance_rle_chars": sum(len(i["rle"]["counts"]) for i in enc["instances"])},  # fmt: skip
+        "outputs_per_image": {
+            "segments": len(enc["segments"]),
+            "instances": len(enc["instances"]),
+            "panoptic_png_bytes": len(enc["panoptic_png"]),
+            "instance_rle_chars": sum(len(i["rle"]["counts"]) for i in enc["instances"]),
+        },  # fmt: skip
         "stages": stages,
         "total_cpu_ms_per_image": total_cpu,
         "target_ms": TARGET_MS,
@@ -295,7 +318,9 @@ def _encode_module_at(commit: str):
     """``pipeline/encode.py`` as it was at ``commit`` (from git), as a module; None without git history."""
     import types
 
-    src = subprocess.run(["git", "show", f"{commit}:pipeline/encode.py"], cwd=REPO, capture_output=True, text=True)
+    src = subprocess.run(
+        ["git", "show", f"{commit}:pipeline/encode.py"], cwd=REPO, capture_output=True, text=True
+    )
     if src.returncode != 0:
         return None
     module = types.ModuleType("encode_before")
@@ -324,8 +349,10 @@ def make_staging(out: Path, n: int, rows_per_file: int = 8, duplicate_every: int
             panoptic_seg=np.frombuffer(raw["panoptic"], np.int32).reshape(H, W),
             segments=[Segment(**{**s, "bbox": tuple(s["bbox"])}) for s in json.loads(raw["segments"])],
             semantic_seg=np.frombuffer(raw["semantic"], np.int32).reshape(H, W),
-            instances=[Instance(m["category_id"], m["category_name"], m["score"], masks[j], (0, 0, 0, 0))
-                       for j, m in enumerate(meta)],  # fmt: skip
+            instances=[
+                Instance(m["category_id"], m["category_name"], m["score"], masks[j], (0, 0, 0, 0))
+                for j, m in enumerate(meta)
+            ],  # fmt: skip
         )
         pool.append(encode_result(result, include_png=True))
     shard = {"url": "file:///bench/shards/big.tar", "shard_id": "big-shard"}
@@ -333,8 +360,14 @@ def make_staging(out: Path, n: int, rows_per_file: int = 8, duplicate_every: int
     files = 0
     for start in range(0, n, rows_per_file):
         rows = [
-            label_row(run_id=prov.run_id, shard=shard["url"], shard_id=shard["shard_id"], key=f"img-{i:07d}",
-                      encoded=pool[i % len(pool)], image_ext="jpg")  # fmt: skip
+            label_row(
+                run_id=prov.run_id,
+                shard=shard["url"],
+                shard_id=shard["shard_id"],
+                key=f"img-{i:07d}",
+                encoded=pool[i % len(pool)],
+                image_ext="jpg",
+            )  # fmt: skip
             for i in range(start, min(n, start + rows_per_file))
         ]
         write_staging(rows, str(out), {}, prov)
@@ -405,8 +438,16 @@ def build_noop_output(n: int, work: Path, procs: int = 2) -> dict:
     chunks = [list(range(k, n, procs)) for k in range(procs)]
     children = [
         subprocess.Popen(
-            [sys.executable, __file__, "--child", "commit_many", json.dumps({"inp": str(inp), "out": str(out), "ids": c})],
-            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                "commit_many",
+                json.dumps({"inp": str(inp), "out": str(out), "ids": c}),
+            ],
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
         for c in chunks
     ]
@@ -435,12 +476,13 @@ def child_commit_many(args: dict) -> dict:
                                           bbox_from_mask(seg == 1))])  # fmt: skip
     encoded = encode_result(result, include_png=True)
     shards = checked["shards"]
+    stamps = source_stamps([shards[i] for i in args["ids"]], {})  # one listing, as the driver does
     for i in args["ids"]:
         ref = shards[i]
         write_staging([label_row(run_id=prov.run_id, shard=ref.url, shard_id=ref.shard_id, key="img",
                                  encoded=encoded, image_ext="jpg")], config.output, {}, prov)  # fmt: skip
         commit_shard(config.output, {}, shard=ref, expected_keys=1, provenance=prov, categories=cats, seq=i + 1,
-                     source=source_stamps([ref], {})[ref.shard_id])  # fmt: skip
+                     source=stamps[ref.shard_id])  # fmt: skip
     return {"committed": len(args["ids"])}
 
 
@@ -488,12 +530,20 @@ CHILDREN = {
 # main
 # --------------------------------------------------------------------------------------------------
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--child", nargs=2, metavar=("TASK", "JSON"), help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="small sizes (a check of the script)")
-    parser.add_argument("--commit-sizes", type=int, nargs="+", default=None, help="images per shard (1k 10k 100k)")
-    parser.add_argument("--coco-sizes", type=int, nargs="+", default=None, help="COCO assembly sizes (1k 100k)")
-    parser.add_argument("--noop-shards", type=int, default=None, help="committed shards of the no-op rerun (10000)")
+    parser.add_argument(
+        "--commit-sizes", type=int, nargs="+", default=None, help="images per shard (1k 10k 100k)"
+    )
+    parser.add_argument(
+        "--coco-sizes", type=int, nargs="+", default=None, help="COCO assembly sizes (1k 100k)"
+    )
+    parser.add_argument(
+        "--noop-shards", type=int, default=None, help="committed shards of the no-op rerun (10000)"
+    )
     parser.add_argument("--cost-images", type=int, default=None, help="images of the per-image cost (64)")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["cost", "commit", "noop"])
@@ -506,6 +556,7 @@ def main() -> None:
     noop_shards = ns.noop_shards or (500 if ns.quick else 10_000)
     cost_images = ns.cost_images or (16 if ns.quick else 64)
     work = Path(ns.work or tempfile.mkdtemp(prefix="odise-scale-"))
+    name = "scale_cpu_quick" if ns.quick else "scale_cpu"
     result: dict = {
         "benchmark": "annotate commit path at scale, CPU, with a STAND-IN predictor (no model)",
         "command": "python bench/scale_cpu.py " + " ".join(sys.argv[1:]),
@@ -518,6 +569,7 @@ def main() -> None:
             print(f"cost per image over {cost_images} images ...", flush=True)
             result["cost_per_image"] = cost_per_image(cost_images, work)
             print(json.dumps(result["cost_per_image"], indent=1), flush=True)
+            write_result(name, result)  # partial results survive a later failure
         if "commit" not in ns.skip:
             result["commit"], result["coco_assembly"] = {}, {}
             for n in sorted(set(commit_sizes) | set(coco_sizes)):
@@ -527,7 +579,9 @@ def main() -> None:
                 print(f"committing {n} images ({staged['staging_files']} staging files) ...", flush=True)
                 measured = run_child("commit", {"out": str(out), "n": n, "shard": staged["shard"]})
                 measured["staging_generated_in_s"] = staged["seconds"]
-                measured["staging"] = "real encode/stage functions (encode_result, label_row, write_staging), not Ray"
+                measured["staging"] = (
+                    "real encode/stage functions (encode_result, label_row, write_staging), not Ray"
+                )
                 if n in commit_sizes:
                     result["commit"][str(n)] = measured
                 print(json.dumps(measured), flush=True)
@@ -536,11 +590,14 @@ def main() -> None:
                     result["coco_assembly"][str(n)] = run_child("coco", {"out": str(out)})
                     print(json.dumps(result["coco_assembly"][str(n)]), flush=True)
                 shutil.rmtree(work / f"commit-{n}", ignore_errors=True)
+                write_result(name, result)
         if "noop" not in ns.skip:
             print(f"building an output with {noop_shards} committed shards ...", flush=True)
             built = build_noop_output(noop_shards, work)
             print(json.dumps(built), flush=True)
-            measured = run_child("noop", {"inp": str(work / "noop" / "in"), "out": str(work / "noop" / "out")})
+            measured = run_child(
+                "noop", {"inp": str(work / "noop" / "in"), "out": str(work / "noop" / "out")}
+            )
             measured["target_s"] = 60
             measured["meets_target"] = measured["wall_s"] < 60
             measured["built"] = built
@@ -549,7 +606,7 @@ def main() -> None:
     finally:
         if not ns.work:
             shutil.rmtree(work, ignore_errors=True)
-    write_result("scale_cpu_quick" if ns.quick else "scale_cpu", result)
+    write_result(name, result)
 
 
 if __name__ == "__main__":

@@ -81,11 +81,18 @@ def make_rows(
         common = {"run_id": provenance.run_id, "shard": shard.url, "shard_id": shard.shard_id, "key": key}
         if key in retryable:
             rows.append(
-                error_row(**common, error="connection reset by peer", error_kind="network", retryable=True,
-                          image_ext=ext)  # fmt: skip
+                error_row(
+                    **common,
+                    error="connection reset by peer",
+                    error_kind="network",
+                    retryable=True,
+                    image_ext=ext,
+                )  # fmt: skip
             )
         elif key in errors:
-            rows.append(error_row(**common, error="truncated image", error_kind="truncated_image", image_ext=ext))
+            rows.append(
+                error_row(**common, error="truncated image", error_kind="truncated_image", image_ext=ext)
+            )
         else:
             encoded = encode_result(fake_result(seed_of(key, salt)), include_png=include_png)
             rows.append(label_row(**common, encoded=encoded, image_ext=ext))
@@ -111,4 +118,7 @@ def read_keys(path: Path) -> list[str]:
 def coco_parts(coco_dir: Path) -> list[tuple[dict, Path]]:
     """``[(panoptic dict, instances path)]`` of every part listed in ``coco/index.json``."""
     index = json.loads((coco_dir / "index.json").read_text())
-    return [(json.loads((coco_dir / p["panoptic"]).read_text()), coco_dir / p["instances"]) for p in index["parts"]]
+    return [
+        (json.loads((coco_dir / p["panoptic"]).read_text()), coco_dir / p["instances"])
+        for p in index["parts"]
+    ]

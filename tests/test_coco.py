@@ -43,11 +43,15 @@ def check_export(out: Path, read=lambda p: p.read_bytes()) -> dict:
     for part, (panoptic, instances_path) in zip(index["parts"], coco_parts(out / "coco"), strict=True):
         coco = COCO(str(instances_path))
         ids = set(coco.getImgIds())
-        assert ids == {im["id"] for im in panoptic["images"]} == {a["image_id"] for a in panoptic["annotations"]}
+        assert (
+            ids == {im["id"] for im in panoptic["images"]} == {a["image_id"] for a in panoptic["annotations"]}
+        )
         anns = coco.loadAnns(coco.getAnnIds())
         assert len(anns) == part["n_instance_annotations"] and len(ids) == part["n_images"]
         if anns:
-            res = coco.loadRes([{k: a[k] for k in ("image_id", "category_id", "segmentation", "score")} for a in anns])
+            res = coco.loadRes(
+                [{k: a[k] for k in ("image_id", "category_id", "segmentation", "score")} for a in anns]
+            )
             assert len(res.getAnnIds()) == len(anns)
             mask = coco.annToMask(anns[0])
             assert mask.sum() == anns[0]["area"]
@@ -78,7 +82,9 @@ def test_export_categories(tmp_path: Path) -> None:
     cats = json.loads(instances.read_text())["categories"]
     assert [(c["id"], c["isthing"]) for c in cats] == [(1, 1), (2, 1), (7, 0), (8, 0)]
     with pytest.raises(ValueError, match="missing from `categories`"):
-        finalize_coco(str(out), None, CATS[:1], max_images_per_file=7)  # other settings: a rebuild, which checks
+        finalize_coco(
+            str(out), None, CATS[:1], max_images_per_file=7
+        )  # other settings: a rebuild, which checks
 
 
 def test_sharded_export_is_incremental(tmp_path: Path) -> None:
@@ -111,14 +117,17 @@ def test_sharded_export_is_incremental(tmp_path: Path) -> None:
     commit(str(out), None, 4, ["j", "k"])
     assert finalize_coco(str(out), None, CATS, max_images_per_file=4)["rebuilt"] == "1"
     index = check_export(out)
-    assert len(index["parts"]) == 3 and (out / "coco" / "panoptic-00000.json").stat().st_mtime_ns == mtimes[
-        "panoptic-00000.json"
-    ]
+    assert (
+        len(index["parts"]) == 3
+        and (out / "coco" / "panoptic-00000.json").stat().st_mtime_ns == mtimes["panoptic-00000.json"]
+    )
 
     # a replaced shard (retry) rebuilds the part holding it, only that one
     write_staging(make_rows(shard(0), ["b"], salt="fixed"), str(out), None, PROV)
     begin_replacement(str(out), None, shard(0).shard_id, mode="retry", run_id="r2")
-    commit_shard(str(out), None, shard=shard(0), expected_keys=1, provenance=PROV, replace="retry", retry_keys=["b"])
+    commit_shard(
+        str(out), None, shard=shard(0), expected_keys=1, provenance=PROV, replace="retry", retry_keys=["b"]
+    )
     before = {p.name: p.stat().st_mtime_ns for p in (out / "coco").glob("*-0000[12].json")}
     assert finalize_coco(str(out), None, CATS, max_images_per_file=4)["rebuilt"] == "1"
     index = check_export(out)
@@ -129,7 +138,11 @@ def test_sharded_export_is_incremental(tmp_path: Path) -> None:
     assert finalize_coco(str(out), None, CATS, max_images_per_file=100)["rebuilt"] == "1"
     index = check_export(out)
     assert [p["panoptic"] for p in index["parts"]] == ["panoptic.json"]
-    assert sorted(p.name for p in (out / "coco").glob("*.json")) == ["index.json", "instances.json", "panoptic.json"]
+    assert sorted(p.name for p in (out / "coco").glob("*.json")) == [
+        "index.json",
+        "instances.json",
+        "panoptic.json",
+    ]
 
 
 def test_noop_reads_no_fragment(tmp_path: Path) -> None:
@@ -140,7 +153,9 @@ def test_noop_reads_no_fragment(tmp_path: Path) -> None:
     exports = {p.name: p.read_bytes() for p in (out / "coco").glob("*.json")}
     for frag in (out / "coco" / "_parts").iterdir():
         frag.write_bytes(b"{corrupt")  # any read of a fragment would now fail
-    result = finalize_coco(str(out), None, CATS, max_images_per_file=4, markers=committed_shards(str(out), None))
+    result = finalize_coco(
+        str(out), None, CATS, max_images_per_file=4, markers=committed_shards(str(out), None)
+    )
     assert result["rebuilt"] == "0"
     assert {p.name: p.read_bytes() for p in (out / "coco").glob("*.json")} == exports
     # a missing export file is noticed from the listing and its part rebuilt (which needs the fragments)
@@ -153,7 +168,9 @@ def test_image_root_and_coco_urls(tmp_path: Path) -> None:
     out = tmp_path / "out"
     commit(str(out), None, 1, ["d/e", "f"])
     finalize_coco(str(out), None, CATS)
-    images = {im["file_name"]: im for im in json.loads((out / "coco" / "panoptic.json").read_text())["images"]}
+    images = {
+        im["file_name"]: im for im in json.loads((out / "coco" / "panoptic.json").read_text())["images"]
+    }
     assert set(images) == {"shard-000001/d/e.jpg", "shard-000001/f.jpg"}  # <tar stem>/<member>
     assert images["shard-000001/f.jpg"]["coco_url"] == "tar://f.jpg::s3://data/train/shard-000001.tar"
     finalize_coco(str(out), None, CATS, image_root="s3://data")  # tars extracted beside themselves
@@ -197,7 +214,12 @@ def test_sigkill_during_assembly_leaves_the_previous_export_and_the_rerun_repair
         "import json, sys; from pipeline.annotate.coco import finalize_coco; "
         f"finalize_coco({str(out)!r}, None, json.loads(sys.argv[1]), max_images_per_file=3)"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ODISE_TEST_PAUSE_AT": "coco", "ODISE_TEST_PAUSE_FILE": str(flag)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "ODISE_TEST_PAUSE_AT": "coco",
+        "ODISE_TEST_PAUSE_FILE": str(flag),
+    }
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(CATS)], env=env)
     try:
         deadline = time.time() + 60
@@ -215,7 +237,9 @@ def test_sigkill_during_assembly_leaves_the_previous_export_and_the_rerun_repair
         now = (out / "coco" / name).read_bytes()
         assert now == data or name == "panoptic-00000.json", name  # only the published file changed...
         json.loads(now)  # ... and it is complete
-    assert not [p for p in (out / "coco").iterdir() if p.name.startswith(".")]  # no half-written temp file left
+    assert not [
+        p for p in (out / "coco").iterdir() if p.name.startswith(".")
+    ]  # no half-written temp file left
 
     result = finalize_coco(str(out), None, CATS, max_images_per_file=3)
     assert result["rebuilt"] == "2"  # the replaced shard's part and the new one

@@ -67,7 +67,7 @@ def test_retry_errors_relabels_only_the_transient_failures(tmp_path, photos, ray
 
     # the transient fault: coffee.jpg's read failed with a network error in that run (a retryable error row in
     # place of its labels, committed the way every replacement is); the storage is fine again now
-    (sid, marker), = committed_shards(str(out), None).items()
+    ((sid, marker),) = committed_shards(str(out), None).items()
     prov = RunProvenance.from_json((out / "provenance.json").read_text())
     write_staging([error_row(run_id="r-fault", shard=marker["shard"], shard_id=sid, key="coffee.jpg",
                              error="connection reset by peer [file:///photos/coffee.jpg]", error_kind="network",
@@ -104,7 +104,9 @@ def test_retry_errors_relabels_only_the_transient_failures(tmp_path, photos, ray
 def test_relabel_changed_and_a_noop_rerun_that_reads_markers_only(tmp_path, photos, ray_local):
     shards = tmp_path / "shards"
     shards.mkdir()
-    write_tar(shards / "a.tar", {"a0": jpeg(photos["astronaut"], (64, 48)), "a1": jpeg(photos["coffee"], (48, 64))})
+    write_tar(
+        shards / "a.tar", {"a0": jpeg(photos["astronaut"], (64, 48)), "a1": jpeg(photos["coffee"], (48, 64))}
+    )
     write_tar(shards / "b.tar", {"b0": jpeg(photos["chelsea"], (64, 48))})
     out = tmp_path / "out"
     first = pipeline.run_annotation(config(shards, out))
@@ -198,8 +200,15 @@ def test_sigkill_during_commit_and_during_coco_assembly_then_rerun(tmp_path):
     index = check_export(out)
     assert len(index["parts"]) == 2 and index["n_images"] == 4
     assert not list((out / "parquet").glob(".*")) and not list((out / "_staging").glob("*/*.parquet"))
-    names = {json.loads(p.read_text())["images"][0]["file_name"] for p in (out / "coco").glob("panoptic-*.json")}
-    assert names <= {"astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"}  # relative to the input folder
+    names = {
+        json.loads(p.read_text())["images"][0]["file_name"] for p in (out / "coco").glob("panoptic-*.json")
+    }
+    assert names <= {
+        "astronaut.jpg",
+        "chelsea.jpg",
+        "coffee.jpg",
+        "rocket.jpg",
+    }  # relative to the input folder
     pngs = sorted(p.name for p in (out / "coco" / "panoptic").rglob("*.png"))
     assert pngs == ["astronaut.png", "chelsea.png", "coffee.png", "rocket.png"]  # the extension replaced
     for row in rows.values():

@@ -581,6 +581,115 @@ def _prefetch_staging(fs, paths: list[str]) -> list[_Source]:
     return sources
 
 
+def _winners(
+    fs,
+    sources: list[_Source],
+    best: dict[str, tuple[int, int, int]],
+    rank_of: dict[str, int],
+    seq: int,
+    schema: pa.Schema,
+    batch_rows: int,
+) -> Iterator[tuple[pa.Table, bool]]:
+    """Pass 2's input: ``(rows, from the base)`` batches of the winning rows in source order, final ``image_id``."""
+    for idx, offset, table in _iter_sources(fs, sources, None, batch_rows):
+        keys = table.column("key").to_pylist()
+        take = [i for i, k in enumerate(keys) if best[k][1:] == (idx, offset + i)]
+        if take:
+            sub = table.take(pa.array(take, pa.int64())).select(list(COLUMNS))
+            ids = pa.array([image_id(seq, rank_of[keys[i]]) for i in take], pa.int64())
+            yield sub.set_column(COLUMNS.index("image_id"), "image_id", ids).cast(schema), sources[idx].base
+
+
+def _write_parquet(
+    raw, schema: pa.Schema, batches: Iterator[tuple[pa.Table, bool]], sink: _Pass2Sink
+) -> tuple[str, int]:
+    """Write the batches through a ParquetWriter (row groups of about 1024 rows / 64 MiB) to ``raw``, handing each
+    to ``sink``; returns the file's sha256 and size."""
+    out = _HashingWriter(raw)
+    writer = pq.ParquetWriter(out, schema, compression=_PARQUET_COMPRESSION)
+    buffered: list[pa.Table] = []
+    try:
+        for sub, from_base in batches:
+            sink.add(sub, from_base)
+            buffered.append(sub)
+            if (
+                sum(t.num_rows for t in buffered) >= _ROW_GROUP_ROWS
+                or sum(t.nbytes for t in buffered) >= _ROW_GROUP_BYTES
+            ):
+                writer.write_table(pa.concat_tables(buffered))
+                buffered = []
+        if buffered:
+            writer.write_table(pa.concat_tables(buffered))
+    finally:
+        writer.close()  # on an error too: the temp file is then discarded, never published
+    return out.sha.hexdigest(), out.n
+
+
+class _Pass2Sink:
+    """Pass 2's per-row outputs of one shard: the marker's counts, the COCO fragment lines (a local file) and the
+    panoptic PNGs (written batch by batch; a retry keeps the PNGs of the rows it keeps)."""
+
+    def __init__(self, fs, root: str, *, shard: tuple[str, str, str, str], seq: int, names: dict[str, str],
+                 known: set[int] | None, fragment: str | None) -> None:  # fmt: skip
+        self.fs, self.root, self.seq, self.names, self.known = fs, root, seq, names, known
+        self.shard_url, self.sid, self.kind, self.shard_root = shard
+        self.fragment_path = fragment
+        self.fragment = open(fragment, "wb") if fragment else None
+        self.tally: Counter = Counter()
+        self.by_kind: Counter = Counter()
+        self.reasons: Counter = Counter()
+        self.categories: Counter = Counter()
+        self.n_instances = 0
+
+    def add(self, rows: pa.Table, from_base: bool) -> None:
+        pngs: dict[str, bytes] = {}
+        for row in rows.to_pylist():
+            self.tally["segments"] += len(row["segments"] or ())
+            if row["error"] is not None:
+                self.tally["errors"] += 1
+                self.tally["retryable"] += bool(row.get("retryable"))
+                self.by_kind[row.get("error_kind") or "error"] += 1
+                self.reasons[error_reason(row["error"])] += 1
+                continue
+            self.tally["labelled"] += 1
+            self.categories.update(s["category_name"] for s in row["segments"] or ())
+            if self.known is not None:
+                used = {s["category_id"] for s in row["segments"] or ()} | {
+                    s["category_id"] for s in row["instances"] or ()
+                }
+                if used - self.known:
+                    raise CommitError(
+                        f"shard {self.sid}: category ids {sorted(used - self.known)[:10]} are not in the vocabulary"
+                    )
+            if self.fragment is not None:
+                self._coco(row, pngs, keep_png=from_base)
+            self.n_instances += len(row["instances"] or ())
+        write_many(self.fs, pngs)
+
+    def _coco(self, row: dict[str, Any], pngs: dict[str, bytes], keep_png: bool) -> None:
+        key, ext = row["key"], row["image_ext"]
+        png_file = f"{self.sid}/{self.names[key]}"
+        record = fragment_record(
+            row,
+            seq=self.seq,
+            first_instance=self.n_instances,
+            file_name=default_file_name(self.kind, self.shard_url, key, ext),
+            coco_url=row.get("image_url")
+            or default_coco_url(self.kind, self.shard_url, self.shard_root, key, ext),
+            png_file=png_file,
+        )
+        self.fragment.write(json_bytes(record) + b"\n")
+        if not keep_png:
+            png = row["panoptic_png"]
+            if png is None:  # not kept in the Parquet: rebuild from the (non-overlapping) segment RLEs
+                png = panoptic_to_png(segments_to_panoptic(row["segments"], row["height"], row["width"]))
+            pngs[posixpath.join(self.root, PNG_DIR, png_file)] = png
+
+    def close(self) -> None:
+        if self.fragment is not None and not self.fragment.closed:
+            self.fragment.close()
+
+
 def write_shard_outputs(
     out_url: str,
     storage_options: dict[str, Any] | None,
@@ -681,94 +790,22 @@ def write_shard_outputs(
     # 2. pass 2: stream the winners into the Parquet, the PNGs and the COCO fragment.
     parquet_rel = f"{PARQUET_DIR}/{sid}.parquet"
     part_rel = f"{PARTS_DIR}/{sid}{FRAGMENT_SUFFIX}" if write_coco else None
-    counts: Counter = Counter()
-    by_kind: Counter = Counter()
-    reasons: Counter = Counter()
-    categories_seen: Counter = Counter()
-    n_instances_total = 0
     with tempfile.TemporaryDirectory(prefix="odise-commit-") as tmp:
-        frag = open(os.path.join(tmp, "fragment.jsonl"), "wb") if write_coco else None
+        sink = _Pass2Sink(fs, root, shard=(shard_url, sid, kind, shard_root), seq=seq, names=names, known=known,
+                          fragment=os.path.join(tmp, "fragment.jsonl") if write_coco else None)  # fmt: skip
         try:
+            winners = _winners(fs, sources, best, rank_of, seq, schema, batch_rows)
             with open_atomic(fs, posixpath.join(root, parquet_rel)) as raw:
-                out = _HashingWriter(raw)
-                writer = pq.ParquetWriter(out, schema, compression=_PARQUET_COMPRESSION)
-                buffered: list[pa.Table] = []
-                buffered_rows = buffered_bytes = 0
-
-                def flush() -> None:
-                    nonlocal buffered, buffered_rows, buffered_bytes
-                    if buffered:
-                        writer.write_table(pa.concat_tables(buffered))
-                    buffered, buffered_rows, buffered_bytes = [], 0, 0
-
-                try:
-                    for idx, offset, table in _iter_sources(fs, sources, None, batch_rows):
-                        keys = table.column("key").to_pylist()
-                        take = [i for i, k in enumerate(keys) if best[k][1:] == (idx, offset + i)]
-                        if not take:
-                            continue
-                        sub = table.take(pa.array(take, pa.int64())).select(list(COLUMNS))
-                        ids = pa.array([image_id(seq, rank_of[keys[i]]) for i in take], pa.int64())
-                        sub = sub.set_column(COLUMNS.index("image_id"), "image_id", ids).cast(schema)
-                        pngs: dict[str, bytes] = {}
-                        from_base = sources[idx].base
-                        for row in sub.to_pylist():
-                            n_segments = len(row["segments"] or ())
-                            n_inst = len(row["instances"] or ())
-                            counts["segments"] += n_segments
-                            if row["error"] is not None:
-                                counts["errors"] += 1
-                                by_kind[row.get("error_kind") or "error"] += 1
-                                reasons[error_reason(row["error"])] += 1
-                                counts["retryable"] += bool(row.get("retryable"))
-                                continue
-                            counts["labelled"] += 1
-                            categories_seen.update(s["category_name"] for s in row["segments"] or ())
-                            if known is not None:
-                                used = {s["category_id"] for s in row["segments"] or ()}
-                                used |= {s["category_id"] for s in row["instances"] or ()}
-                                if used - known:
-                                    raise CommitError(
-                                        f"shard {sid}: category ids {sorted(used - known)[:10]} are not in the vocabulary"
-                                    )
-                            if frag is not None:
-                                key, ext = row["key"], row["image_ext"]
-                                png_file = f"{sid}/{names[key]}"
-                                record = fragment_record(
-                                    row,
-                                    seq=seq,
-                                    first_instance=n_instances_total,
-                                    file_name=default_file_name(kind, shard_url, key, ext),
-                                    coco_url=row.get("image_url")
-                                    or default_coco_url(kind, shard_url, shard_root, key, ext),
-                                    png_file=png_file,
-                                )
-                                frag.write(json_bytes(record) + b"\n")
-                                if not from_base:  # a retry keeps the PNGs of the rows it keeps
-                                    png = row["panoptic_png"]
-                                    if png is None:  # not kept in the Parquet: rebuild from the segment RLEs
-                                        png = panoptic_to_png(
-                                            segments_to_panoptic(row["segments"], row["height"], row["width"])
-                                        )
-                                    pngs[posixpath.join(root, PNG_DIR, png_file)] = png
-                            n_instances_total += n_inst
-                        write_many(fs, pngs)
-                        buffered.append(sub)
-                        buffered_rows += sub.num_rows
-                        buffered_bytes += sub.nbytes
-                        if buffered_rows >= _ROW_GROUP_ROWS or buffered_bytes >= _ROW_GROUP_BYTES:
-                            flush()
-                    flush()
-                finally:
-                    writer.close()  # on an error too: its temp file is then discarded, never published
-                digest, size = out.sha.hexdigest(), out.n
-            if frag is not None:
-                frag.close()
-                with open(frag.name, "rb") as src, open_atomic(fs, posixpath.join(root, part_rel)) as dst:
-                    shutil.copyfileobj(src, dst)
+                digest, size = _write_parquet(raw, schema, winners, sink)
         finally:
-            if frag is not None and not frag.closed:
-                frag.close()
+            sink.close()
+        if part_rel is not None:
+            with (
+                open(sink.fragment_path, "rb") as src,
+                open_atomic(fs, posixpath.join(root, part_rel)) as dst,
+            ):
+                shutil.copyfileobj(src, dst)
+    tally = sink.tally
 
     # 3. PNGs of an earlier attempt / version that are not this shard's any more (deleted after the marker).
     stale: tuple[str, ...] = ()
@@ -785,10 +822,10 @@ def write_shard_outputs(
         shard=shard_url,
         shard_id=sid,
         n_images=n_images,
-        n_labelled=counts["labelled"],
-        n_errors=counts["errors"],
-        n_segments=counts["segments"],
-        n_instances=n_instances_total,
+        n_labelled=tally["labelled"],
+        n_errors=tally["errors"],
+        n_segments=tally["segments"],
+        n_instances=sink.n_instances,
         parquet=parquet_rel,
         parquet_sha256=digest,
         parquet_bytes=size,
@@ -803,13 +840,13 @@ def write_shard_outputs(
         root=shard_root,
         # a retry keeps the shard's recorded source (its other rows were labelled from it); else the given stamp
         source=(marker or {}).get("source") if replace == "retry" else (dict(source) if source else None),
-        n_retryable=counts["retryable"],
-        n_errors_by_kind=dict(sorted(by_kind.items())),
-        errors_by_reason=dict(reasons.most_common(20)),
+        n_retryable=tally["retryable"],
+        n_errors_by_kind=dict(sorted(sink.by_kind.items())),
+        errors_by_reason=dict(sink.reasons.most_common(20)),
         members_file=f"{MEMBERS_DIR}/{sid}.json" if kind == "images" else None,
         n_members=len(members),
         replaced=replace,
-        category_counts=dict(categories_seen),
+        category_counts=dict(sink.categories),
     )
     return PreparedCommit(info=info, staging_files=tuple(staged), members=members, stale_pngs=stale)
 
