@@ -512,7 +512,7 @@ def child_noop(args: dict) -> dict:
         "wall_s": round(t.wall, 1),
         "cpu_s": round(t.cpu, 1),
         "peak_rss_mib": peak_rss_mib(),
-        "coco_rebuilt_parts": summary.coco.get("rebuilt"),
+        "coco_parts_rebuilt": summary.coco_parts_rebuilt,
         "ray_imported": "ray" in _sys.modules,
     }
 

@@ -323,7 +323,9 @@ class RunSummary:
 
     ``shards_retried`` / ``shards_relabelled``: committed shards replaced by ``retry_errors`` /
     ``relabel_changed``; ``changed_shards``: ``{"count", "first"}`` of committed shards whose source changed
-    since their commit (relabelled only with ``relabel_changed``)."""
+    since their commit (relabelled only with ``relabel_changed``); ``coco``: URLs of the COCO files
+    (``panoptic``, ``instances``, ``index``), ``coco_parts`` / ``coco_parts_rebuilt``: parts of the export and how
+    many this run rebuilt."""
 
     run_id: str
     output: str
@@ -344,6 +346,8 @@ class RunSummary:
     shards_retried: int = 0
     shards_relabelled: int = 0
     changed_shards: dict[str, Any] = field(default_factory=dict)
+    coco_parts: int = 0
+    coco_parts_rebuilt: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

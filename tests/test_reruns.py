@@ -98,7 +98,7 @@ def test_retry_errors_relabels_only_the_transient_failures(tmp_path, photos, ray
     totals = json.loads((out / "summary.json").read_text())
     assert totals["n_retryable"] == 0 and totals["n_labelled"] == 3
     again = pipeline.run_annotation(config(folder, out, retry_errors=True))
-    assert again.shards_retried == 0 and again.images == 0 and again.coco["rebuilt"] == "0"
+    assert again.shards_retried == 0 and again.images == 0 and again.coco_parts_rebuilt == 0
 
 
 def test_relabel_changed_and_a_noop_rerun_that_reads_markers_only(tmp_path, photos, ray_local):
@@ -139,7 +139,7 @@ def test_relabel_changed_and_a_noop_rerun_that_reads_markers_only(tmp_path, phot
     for path in [*(out / "coco" / "_parts").iterdir(), *(out / "parquet").iterdir()]:
         path.write_bytes(b"garbage")
     noop = pipeline.run_annotation(config(shards, out))
-    assert noop.images == 0 and noop.shards_skipped == 2 and noop.coco["rebuilt"] == "0"
+    assert noop.images == 0 and noop.shards_skipped == 2 and noop.coco_parts_rebuilt == 0
     assert {p.name: p.read_bytes() for p in (out / "coco").glob("*.json")} == exports
 
 

@@ -520,16 +520,16 @@ def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, A
 
     # 4. exports and summary (from the markers alone: a run with nothing to do reads no fragment, no Parquet)
     if config.write_coco:
-        summary.coco = dict(
-            finalize_coco(
-                out,
-                out_opts,
-                categories,
-                markers=done,
-                max_images_per_file=config.coco_max_images_per_file,
-                image_root=config.image_root,
-            )
+        coco = finalize_coco(
+            out,
+            out_opts,
+            categories,
+            markers=done,
+            max_images_per_file=config.coco_max_images_per_file,
+            image_root=config.image_root,
         )
+        summary.coco = {k: coco[k] for k in ("panoptic", "instances", "index")}
+        summary.coco_parts, summary.coco_parts_rebuilt = int(coco["parts"]), int(coco["rebuilt"])
     summary.elapsed_s = round(time.perf_counter() - started, 3)
     summary.images_per_s = round(summary.images / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
     summary.category_counts = dict(counts.most_common())
