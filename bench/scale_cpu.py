@@ -563,6 +563,7 @@ def main() -> None:
         "stand_in": "StandInAnnotator: the Annotator.__call__ contract; per 640x480 image 100 queries, ~30 panoptic "
         "segments (Voronoi on a 4-px grid), 100 overlapping ellipse instance masks (200 px .. 20% of the image)",
         "machine": machine(),
+        "load_average_at_start": [round(v, 1) for v in os.getloadavg()],
     }
     try:
         if "cost" not in ns.skip:
@@ -606,6 +607,7 @@ def main() -> None:
     finally:
         if not ns.work:
             shutil.rmtree(work, ignore_errors=True)
+    result["load_average_at_end"] = [round(v, 1) for v in os.getloadavg()]
     write_result(name, result)
 
 
