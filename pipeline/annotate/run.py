@@ -382,8 +382,8 @@ def run_annotation(config: AnnotateConfig, *, on_progress: Callable[[dict[str, A
             "--relabel-changed to relabel them", len(plan.changed), plan.changed[:5],
         )
     log.info(
-        "%d shard(s): %d to label, %d to replace, %d already committed",
-        summary.shards_total, plan.new, len(plan.todo) - plan.new, summary.shards_skipped,
+        "%d shard(s): %d to label, %d already committed, %d to replace",
+        summary.shards_total, plan.new, summary.shards_skipped, len(plan.todo) - plan.new + len(plan.direct),
     )  # fmt: skip
     categories = checked["vocabulary"].coco_categories()
     counts: Counter = Counter()
