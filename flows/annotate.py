@@ -399,6 +399,10 @@ def annotate(
     storage_options: dict[str, Any] | None = None,
     output_storage_options: dict[str, Any] | None = None,
     allow_provenance_mismatch: bool = _D("allow_provenance_mismatch"),
+    retry_errors: bool = _D("retry_errors"),
+    relabel_changed: bool = _D("relabel_changed"),
+    coco_max_images_per_file: int = _D("coco_max_images_per_file"),
+    image_root: str | None = None,
     storage_block: str | None = None,
 ) -> RunSummary:
     """Label every image of ``input`` into ``output`` (Parquet + COCO panoptic + overlays).
@@ -450,6 +454,14 @@ def annotate(
             ``{"client_kwargs": {"endpoint_url": "http://minio:9000"}}``).
         output_storage_options: fsspec options for the output if different (no credentials either).
         allow_provenance_mismatch: allow adding labels to an output written with other settings.
+        retry_errors: relabel the retryable error rows (network, timeout, vanished file, out of memory) of
+            committed shards and replace those shards atomically (one row per key; the other rows are kept).
+        relabel_changed: relabel committed shards whose source changed since their commit (size, ETag or
+            mtime of the tar; the member list, sizes and mtimes of an image-folder shard) and replace them.
+        coco_max_images_per_file: labelled images per COCO file; past it the export is split into numbered
+            parts (``coco/panoptic-00000.json``, ...) listed in ``coco/index.json``.
+        image_root: folder or URL that COCO ``file_name`` is relative to (default: image folders: relative
+            to the input folder; tar members: ``<tar stem>/<member>``).
         storage_block: name of a Prefect Secret (or ``json/<name>``) block holding fsspec credentials
             (``{"key": ..., "secret": ...}``); default: credentials from the environment / ``~/.aws``.
 

@@ -353,6 +353,10 @@ _ANNOTATE_GROUPS = {
         "max_pixels",
         "images_per_virtual_shard",
         "allow_provenance_mismatch",
+        "retry_errors",
+        "relabel_changed",
+        "coco_max_images_per_file",
+        "image_root",
     ],
 }
 

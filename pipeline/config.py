@@ -173,6 +173,10 @@ class AnnotateConfig(WeightsSettings):
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the input (e.g. S3 endpoint)")
     output_storage_options: dict[str, Any] | None = Field(None, description="fsspec options for the output (default: storage_options)")
     allow_provenance_mismatch: bool = Field(False, description="allow adding labels to an output written with other settings")
+    retry_errors: bool = Field(False, description="relabel the retryable error rows (network, timeout, vanished file, out of memory) of committed shards and replace those shards atomically")
+    relabel_changed: bool = Field(False, description="relabel committed shards whose source changed since their commit (size, ETag or mtime) and replace them atomically")
+    coco_max_images_per_file: int = Field(50_000, ge=1, description="labelled images per COCO file; past it the export is split into numbered parts listed in coco/index.json")
+    image_root: str | None = Field(None, description="COCO file_name is relative to this folder or URL (default: image folders: relative to the input folder; tar members: <tar stem>/<member>)")
 
     @field_validator("input")
     @classmethod
@@ -431,7 +435,13 @@ class EvaluateConfig(BaseModel):
 
 @dataclass
 class RunSummary:
-    """What a run did. ``images`` counts every input sample (labelled + errors) of the shards processed now."""
+    """What a run did. ``images`` counts every input sample (labelled + errors) of the shards processed now.
+
+    ``shards_retried`` / ``shards_relabelled``: committed shards replaced by ``retry_errors`` /
+    ``relabel_changed``; ``changed_shards``: ``{"count", "first"}`` of committed shards whose source changed
+    since their commit (relabelled only with ``relabel_changed``); ``coco``: URLs of the COCO files
+    (``panoptic``, ``instances``, ``index``), ``coco_parts`` / ``coco_parts_rebuilt``: parts of the export and how
+    many this run rebuilt."""
 
     run_id: str
     output: str
@@ -451,6 +461,11 @@ class RunSummary:
     coco: dict[str, str] = field(default_factory=dict)
     lease_takeover: dict[str, Any] | None = None
     """The stale lease this run took over (``LeaseRecord`` fields: run_id, host, pid, since, renewed_at ...)."""
+    shards_retried: int = 0
+    shards_relabelled: int = 0
+    changed_shards: dict[str, Any] = field(default_factory=dict)
+    coco_parts: int = 0
+    coco_parts_rebuilt: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

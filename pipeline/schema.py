@@ -17,7 +17,8 @@ key             string, sample key, unique within a shard (WebDataset key, or re
                 percent-encoded, reversibly (``bad%FF.jpg``; in such names a literal ``%`` is ``%25``), see
                 :func:`pipeline.shards.encode_name` / :func:`~pipeline.shards.decode_name`. Ordinary names
                 (no ``%`` followed by two hex digits) are stored unchanged
-image_id        int64, stable id of the image in this output (see :func:`image_id_for`)
+image_id        int64, stable id of the image in this output, < 2**53: ``seq << 28 | rank`` (the shard's commit
+                sequence number, the key's rank among the shard's sorted keys; see :func:`image_id`), set at commit
 image_url       string, where the image is, in a form ``fsspec.open`` opens as it is: the file's URL for
                 image folders (``file:///data/a.jpg``, ``s3://b/a.jpg``); fsspec's chained URL of the
                 member for WebDataset shards (``tar://cats/001.jpg::s3://b/shard-000.tar``; storage options
@@ -61,7 +62,6 @@ Schema-level metadata: ``odise_annotate.schema_version`` (ASCII int) and ``odise
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -75,6 +75,7 @@ __all__ = [
     "METADATA_VERSION_KEY",
     "RunProvenance",
     "error_row",
+    "image_id",
     "image_id_for",
     "label_row",
     "output_schema",
@@ -228,9 +229,31 @@ def provenance_from_schema(schema: pa.Schema) -> RunProvenance | None:
     return None if raw is None else RunProvenance.from_json(raw)
 
 
+IMAGE_ID_RANK_BITS = 28
+"""Low bits of an image / annotation id: the rank of the key (or the instance's index) within its shard."""
+MAX_SHARD_SEQ = 2**25
+"""Commit sequence numbers are < 2**25, so ids stay < 2**53 (exact in JavaScript / JSON readers)."""
+
+
+def image_id(seq: int, rank: int) -> int:
+    """The image id of the key with ``rank`` (0-based, among the shard's sorted keys) in the shard committed with
+    sequence number ``seq``: ``seq << 28 | rank`` (< 2**53). Limits: ``seq`` < 2**25 shards, ``rank`` < 2**28
+    images per shard. The same layout numbers COCO instance annotations (``rank`` = the instance's running index
+    within its shard). Replacing a shard keeps its ``seq``, so the ids of an unchanged key set do not change.
+
+    Raises:
+        ValueError: ``seq`` or ``rank`` out of range.
+    """
+    if not 0 <= seq < MAX_SHARD_SEQ:
+        raise ValueError(f"shard sequence number {seq} out of range [0, {MAX_SHARD_SEQ})")
+    if not 0 <= rank < 2**IMAGE_ID_RANK_BITS:
+        raise ValueError(f"rank {rank} out of range [0, 2**{IMAGE_ID_RANK_BITS}): too many images in one shard")
+    return seq << IMAGE_ID_RANK_BITS | rank
+
+
 def image_id_for(shard_id: str, key: str) -> int:
-    """Stable positive int64 image id: first 15 hex digits of ``sha1(shard_id + "/" + key)`` (< 2**60)."""
-    return int(hashlib.sha1(f"{shard_id}/{key}".encode()).hexdigest()[:15], 16)
+    """Placeholder image id (0) carried by staging rows; the real id, :func:`image_id`, is assigned at commit."""
+    return 0
 
 
 def label_row(

@@ -92,7 +92,7 @@ import re
 import tarfile
 import time
 import zlib
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -591,29 +591,38 @@ def _virtual_shards(
 
 
 def exclude_labelled_images(
-    shards: Sequence[ShardRef], committed: Mapping[str, Mapping[str, Any]], per_shard: int
+    shards: Sequence[ShardRef],
+    committed: Mapping[str, Mapping[str, Any]],
+    per_shard: int,
+    load_members: Callable[[Mapping[str, Any]], Sequence[str]] | None = None,
 ) -> list[ShardRef]:
     """Keep a rerun over a grown (or regrouped) image folder from labelling any image twice.
 
     Virtual shards are named after their member list, so adding one image to a folder renames the
     group it falls in; without care, a rerun would label that group's old images again. ``committed``
-    is :func:`pipeline.annotate.commit.committed_shards` (markers of image shards list their ``members``). For
-    each folder whose pending shards hold images some committed shard already labelled, those images
-    are dropped and the rest regrouped into ``<folder>#rest-<index>`` shards (deterministic, so an
-    interrupted rerun resumes them). Tar shards, committed shards and untouched folders are unchanged.
+    is :func:`pipeline.annotate.commit.committed_shards` (small markers: an image shard's marker names its
+    folder, ``root``, and its member list file); ``load_members(marker)`` reads a committed shard's member
+    list (:func:`pipeline.annotate.commit.load_members`; older markers carry ``members`` inline). Member
+    lists are loaded only for folders that have pending (uncommitted) shards, i.e. folders that grew or were
+    regrouped. For each such folder, images some committed shard already labelled are dropped and the rest
+    regrouped into ``<folder>#rest-<index>`` shards (deterministic, so an interrupted rerun resumes them).
+    Tar shards, committed shards and untouched folders are unchanged.
     """
-    covered = {m for marker in committed.values() for m in marker.get("members") or ()}
-    if not covered:
-        return list(shards)
-    out: list[ShardRef] = []
     pending: dict[str, list[ShardRef]] = {}
     access = {m: a for shard in shards for m, a in zip(shard.members, shard.access_urls)}
+    out: list[ShardRef] = []
     for shard in shards:
         if shard.kind == "images" and shard.shard_id not in committed:
             pending.setdefault(shard.root, []).append(shard)
         else:
             out.append(shard)
     for root, group in pending.items():
+        covered: set[str] = set()
+        for marker in committed.values():
+            if marker.get("members"):  # markers written before member lists moved out of them
+                covered.update(marker["members"])
+            elif marker.get("kind") == "images" and marker.get("root") == root and load_members is not None:
+                covered.update(load_members(marker))
         members = [m for shard in group for m in shard.members]
         if not any(m in covered for m in members):
             out.extend(group)

@@ -8,30 +8,45 @@ the annotate commits, the training checkpoints and the exports share one meaning
   which is also all-or-nothing). Readers never see half a file.
 * :func:`list_files` / :func:`list_children` list fresh (fsspec's listing cache is invalidated first) and skip
   hidden names, so temp files of a writer in progress are never taken for outputs.
+* :func:`open_atomic` streams a large file (a shard's final Parquet, a COCO part) through a local file and
+  publishes it atomically, so nothing of its size is held in memory.
+* :func:`cat_many` fetches many small files concurrently; a missing file is left out, a transient failure is
+  retried with backoff and then raised, never taken for "missing".
 
 Functions are stateless and take plain, picklable arguments (usable in Ray tasks).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import posixpath
 import shutil
+import tempfile
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+log = logging.getLogger(__name__)
+
+RETRY_DELAYS_S = (0.2, 1.0, 3.0)
+"""Backoff between attempts of :func:`cat_many` (4 attempts in all)."""
+
 __all__ = [
+    "cat_many",
     "create_exclusive",
     "delete",
     "fs_root",
     "is_local",
     "list_children",
     "list_files",
+    "open_atomic",
     "put_local_file",
     "read_bytes",
     "remove_empty_dir",
@@ -153,11 +168,19 @@ def put_local_file(fs, local_path: str, path: str) -> None:
 
 
 def read_bytes(fs, path: str) -> bytes | None:
-    """The whole file, or None when it does not exist."""
-    try:
-        return fs.cat_file(path)
-    except FileNotFoundError:
-        return None
+    """The whole file, or None when it does not exist. Transient failures (anything but "not found" /
+    "permission denied") are retried after :data:`RETRY_DELAYS_S`, then raised: never taken for "missing"."""
+    for attempt in range(len(RETRY_DELAYS_S) + 1):
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            if _permanent(exc) or attempt == len(RETRY_DELAYS_S):
+                raise
+            log.warning("reading %s failed (%s: %s); retrying", path, type(exc).__name__, exc)
+            time.sleep(RETRY_DELAYS_S[attempt])
+    return None  # not reached
 
 
 def list_files(fs, folder: str) -> list[str]:
@@ -208,3 +231,77 @@ def remove_empty_dir(fs, folder: str) -> None:
             os.rmdir(folder)
         except OSError:
             pass
+
+
+@contextlib.contextmanager
+def open_atomic(fs, path: str, *, durable: bool = True) -> Iterator[Any]:
+    """A binary file object to stream a whole file into; ``path`` appears only when the block ends cleanly.
+
+    Locally the data goes to a hidden temp file beside ``path`` (``.name.tmp-<uuid>``, fsync'ed when ``durable``)
+    that is then renamed over ``path``; on object stores it goes to a local temporary file that is uploaded in
+    one ``put_file`` (a single PUT or a multipart upload: all or nothing). An exception inside the block (or
+    a crash) publishes nothing and leaves ``path`` as it was.
+    """
+    if is_local(fs):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    else:
+        handle, tmp = tempfile.mkstemp(prefix="odise-upload-")
+        os.close(handle)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            if durable and is_local(fs):
+                os.fsync(f.fileno())
+        if is_local(fs):
+            os.replace(tmp, path)
+        else:
+            fs.put_file(tmp, path)
+            fs.invalidate_cache(path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _permanent(exc: BaseException) -> bool:
+    return isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
+
+
+def cat_many(fs, paths: list[str], *, chunk: int = 256, what: str = "file") -> Iterator[tuple[str, bytes]]:
+    """``(path, bytes)`` of every file of ``paths`` that exists, in order, fetched ``chunk`` at a time concurrently.
+
+    A missing file is left out (logged). Any other failure (connection reset, timeout, throttling, a server
+    error) is retried, each failed path again, after :data:`RETRY_DELAYS_S`; a path that still fails raises
+    ``OSError`` naming it (with the cause chained): a transient fault is never taken for a missing file.
+    """
+    for start in range(0, len(paths), chunk):
+        part = paths[start : start + chunk]
+        try:
+            blobs = fs.cat(part, on_error="return")  # a list in -> {path: bytes or exception} out
+        except Exception:  # noqa: BLE001 - e.g. the listing behind a local expand_path: fetch one by one
+            blobs = {}
+        if not isinstance(blobs, dict):
+            blobs = {part[0]: blobs}
+        for path in part:
+            value = blobs[path] if path in blobs else _fetch_one(fs, path)
+            attempt = 0
+            while isinstance(value, BaseException) and not _permanent(value) and attempt < len(RETRY_DELAYS_S):
+                log.warning("reading %s %s failed (%s: %s); retrying", what, path, type(value).__name__, value)
+                time.sleep(RETRY_DELAYS_S[attempt])
+                attempt += 1
+                value = _fetch_one(fs, path)
+            if isinstance(value, FileNotFoundError):
+                log.warning("%s %s vanished after listing; skipped", what, path)
+                continue
+            if isinstance(value, BaseException):
+                raise OSError(f"cannot read {what} {path}: {type(value).__name__}: {value}") from value
+            yield path, value
+
+
+def _fetch_one(fs, path: str) -> bytes | BaseException:
+    try:
+        return fs.cat_file(path)
+    except Exception as exc:  # noqa: BLE001 - classified by the caller
+        return exc

@@ -10,20 +10,26 @@ Steps:
    heartbeat, released at the end, also on Ctrl-C and errors; a stale one is taken over and the summary
    says so); under it, provenance (model, weights sha256, vocabulary and its hash, thresholds, versions,
    licences) is written to ``<output>/provenance.json`` (a rerun into the same output must use the same
-   settings), leftovers of interrupted runs are cleaned and already-committed shards are skipped;
+   settings); the commit markers are read once (small, concurrently); leftovers of interrupted runs are
+   cleaned; the plan: shards not committed yet (each gets the next commit sequence number), committed
+   shards to replace (``retry_errors``: only their retryable error rows are read again; ``relabel_changed``:
+   shards whose source stamp changed; replacements an interrupted run left), and the sources that changed
+   since their commit (reported);
 3. Ray Data streaming: one read task per shard (stream the tar, decode, resize; CPU) -> an actor pool
    with one model per GPU (built once per actor) -> encode (RLE, PNG) and write staging files (CPU); the
-   driver only sees small records (keys written per shard) and commits a shard (atomically, marker last)
-   as soon as all of its keys are staged, and only while it still holds the lease; model replicas are
-   spread over the cluster's nodes; local paths are refused on a cluster with nodes on other hosts unless
-   ``shared_filesystem``;
-4. COCO exports are merged from the committed shards; ``summary.json`` is written.
+   driver only sees small records (keys written per shard) and commits a shard (streaming its staging
+   files, atomically, marker last) as soon as all of its keys are staged, and only while it still holds the
+   lease, then forgets its keys; model replicas are spread over the cluster's nodes; local paths are refused
+   on a cluster with nodes on other hosts unless ``shared_filesystem``;
+4. the COCO export is brought up to date (only stale parts are rebuilt); ``summary.json`` is written from the
+   markers alone. A run with nothing to do reads markers, lists folders, and writes only ``summary.json``.
 
 No Prefect import here: flows call this function.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import posixpath
@@ -32,7 +38,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.annotate.checks import CheckedInputs, check_cluster_paths, check_inputs
@@ -238,17 +244,126 @@ def _encode_stage(batch, **kwargs):
 # --------------------------------------------------------------------------------------------------------
 # 4. driver
 # --------------------------------------------------------------------------------------------------------
-def _category_counts(out_url: str, storage_options: dict, parquet_rel: str) -> Counter:
+@dataclass(frozen=True)
+class _RetryShard(ShardRef):
+    """A committed shard whose retryable error rows are relabelled: the read stage reads only ``only_keys``."""
+
+    only_keys: tuple[str, ...] = ()
+
+
+@dataclass
+class _WorkPlan:
+    """What this run labels: ``todo`` (new shards, then replacements), each shard's commit ``seqs`` and
+    ``modes`` (None: first commit, ``"retry"`` / ``"relabel"``: replacement), ``retry_keys`` per retried
+    shard, ``direct``: interrupted retries with nothing left to relabel (re-committed from the base alone),
+    ``stamps`` (source stamps of the listed shards), ``changed`` (committed shards whose source changed),
+    ``shards`` (the listed shards, new images of grown folders regrouped), ``listed`` (those plus committed
+    image shards of listed folders, for the summary), ``new`` (how many of ``todo`` are first commits)."""
+
+    todo: list[ShardRef] = field(default_factory=list)
+    seqs: dict[str, int] = field(default_factory=dict)
+    modes: dict[str, str | None] = field(default_factory=dict)
+    retry_keys: dict[str, list[str]] = field(default_factory=dict)
+    direct: list[str] = field(default_factory=list)
+    stamps: dict[str, Any] = field(default_factory=dict)
+    changed: list[str] = field(default_factory=list)
+    listed: list[ShardRef] = field(default_factory=list)
+    shards: list[ShardRef] = field(default_factory=list)
+    new: int = 0
+
+
+def _retryable_keys(out: str, out_opts: dict, marker: dict) -> list[str]:
+    """Keys of the committed shard's rows whose ``retryable`` is true (reads two columns of its Parquet)."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
     from fsspec.core import url_to_fs
 
-    fs, root = url_to_fs(out_url, **storage_options)
-    with fs.open(posixpath.join(root.rstrip("/"), parquet_rel), "rb") as fh:
-        table = pq.read_table(fh, columns=["segments"])
-    counts: Counter = Counter()
-    for segments in table.column("segments").to_pylist():
-        counts.update(s["category_name"] for s in segments or [])
-    return counts
+    fs, root = url_to_fs(out, **out_opts)
+    with fs.open(posixpath.join(root.rstrip("/"), marker["parquet"]), "rb") as fh:
+        table = pq.read_table(fh, columns=["key", "retryable"])
+    return sorted(table.filter(pc.fill_null(table.column("retryable"), False)).column("key").to_pylist())
+
+
+def _plan_work(config: AnnotateConfig, shards: list[ShardRef], done: dict[str, dict]) -> _WorkPlan:
+    """Decide what to label: shards not committed yet, committed shards to replace (``retry_errors``,
+    ``relabel_changed``, replacements an interrupted run left), with their commit sequence numbers."""
+    from pipeline.annotate.commit import (
+        load_members,
+        next_seq,
+        pending_replacements,
+        source_changed,
+        source_stamps,
+    )
+    from pipeline.shards import SHARD_ERROR_KEY, exclude_labelled_images
+
+    out, out_opts = config.output, config.out_storage_options
+    plan = _WorkPlan()
+    listed_roots = {s.root for s in shards if s.kind == "images"}
+    # an image folder that grew since a committed run: label only its new images (never one twice);
+    # member lists are loaded only for such folders
+    shards = exclude_labelled_images(
+        shards, done, config.images_per_virtual_shard, load_members=lambda m: load_members(out, out_opts, m)
+    )
+    plan.shards = shards
+    by_id = {s.shard_id: s for s in shards}
+    # committed image shards of a listed folder count as listed (not stale) in the summary
+    plan.listed = list(shards) + [
+        ShardRef(url=str(m.get("shard", "")), shard_id=sid, kind="images")
+        for sid, m in done.items()
+        if sid not in by_id and (m.get("root") or str(m.get("shard", "")).split("#", 1)[0]) in listed_roots
+    ]
+    plan.stamps = source_stamps(shards, config.storage_options)
+    plan.changed = sorted(sid for sid in by_id if sid in done and source_changed(done[sid], plan.stamps.get(sid)))
+    seq = next_seq(done)
+    for s in shards:
+        if s.shard_id not in done:
+            plan.todo.append(s)
+            plan.modes[s.shard_id], plan.seqs[s.shard_id] = None, seq
+            seq += 1
+    plan.new = len(plan.todo)
+
+    pending = pending_replacements(out, out_opts)
+    relabel = set(plan.changed) if config.relabel_changed else set()
+    relabel |= {sid for sid, rec in pending.items() if sid in done and rec.get("mode") == "relabel"}
+    retry = {sid for sid, m in done.items() if int(m.get("n_retryable") or 0) > 0} if config.retry_errors else set()
+    retry |= {sid for sid, rec in pending.items() if sid in done and rec.get("mode") == "retry"}
+    retry_keys = {}
+    for sid in sorted(retry - relabel):
+        keys = _retryable_keys(out, out_opts, done[sid])
+        if SHARD_ERROR_KEY in keys:  # a shard-level error (e.g. a tar still being written): relabel it whole
+            relabel.add(sid)
+        else:
+            retry_keys[sid] = keys
+    for sid in sorted(relabel):
+        ref = by_id.get(sid)
+        if ref is None:
+            log.warning("shard %s is to be relabelled but is not in the input any more; left as it is", sid)
+            continue
+        plan.todo.append(ref)
+        plan.modes[sid], plan.seqs[sid] = "relabel", int(done[sid].get("seq", 0))
+    for sid, keys in retry_keys.items():
+        marker = done[sid]
+        if not keys:
+            plan.direct.append(sid)
+            continue
+        ref = by_id.get(sid)
+        wanted = set(keys)
+        if ref is None and marker.get("kind") == "images" and marker.get("root") in listed_roots:
+            root = str(marker["root"]).rstrip("/") + "/"
+            members = tuple(u for u in load_members(out, out_opts, marker) if u.removeprefix(root) in wanted)
+            ref = ShardRef(url=str(marker["shard"]), shard_id=sid, kind="images", members=members, root=marker["root"])
+        elif ref is not None and ref.kind == "images":
+            root = ref.root.rstrip("/") + "/"
+            ref = dataclasses.replace(ref, members=tuple(u for u in ref.members if u.removeprefix(root) in wanted))
+        if ref is None:
+            log.warning("shard %s has retryable errors but is not in the input any more; not retried", sid)
+            continue
+        if ref.kind == "images" and not ref.members:  # keys not found among the members: read them all
+            ref = by_id.get(sid, ref)
+        plan.todo.append(_RetryShard(**dataclasses.asdict(ref), only_keys=tuple(keys)))
+        plan.modes[sid], plan.seqs[sid] = "retry", int(marker.get("seq", 0))
+        plan.retry_keys[sid] = keys
+    return plan
 
 
 class ImageTotals:
@@ -364,49 +479,84 @@ def _label_under_lease(
     started: float,
     on_progress: Callable[[dict[str, Any]], None] | None,
 ) -> RunSummary:
-    """Steps 2-4 of :func:`run_annotation`, while ``lease`` is held."""
+    """Steps 2-4 of :func:`run_annotation`, while ``lease`` is held.
+
+    Driver cost does not grow with the images: it keeps the small commit markers (no key or member lists),
+    the keys of the shards in flight (freed at their commit), and commits stream their staging files.
+    """
+    from pipeline.annotate.coco import finalize_coco
     from pipeline.annotate.commit import (
+        begin_replacement,
         clean_uncommitted,
         commit_shard,
         committed_shards,
-        finalize_coco,
         write_run_summary,
     )
-    from pipeline.shards import exclude_labelled_images
 
     shards: list[ShardRef] = list(checked.shards)
     out, out_opts = config.output, config.out_storage_options
     # 2. provenance, cleanup, resume
     provenance = _settle_provenance(config, checked)
     provenance = type(provenance)(**{**provenance.to_dict(), "run_id": run_id})
-    cleaned = clean_uncommitted(out, out_opts)
+    done = committed_shards(out, out_opts)  # small markers, fetched concurrently, read once per run
+    cleaned = clean_uncommitted(out, out_opts, committed=done)
     if cleaned:
         log.info("cleaned leftovers of %d interrupted shard(s): %s", len(cleaned), cleaned[:10])
-    done = committed_shards(out, out_opts)
-    # an image folder that grew since a committed run: label only its new images (never one twice)
-    listed_members = {m for s in shards for m in s.members}
-    shards = exclude_labelled_images(shards, done, config.images_per_virtual_shard)
-    # committed shards that labelled images still listed count as listed (not stale) in the summary
-    listed_ids = {s.shard_id for s in shards}
-    covering = [
-        ShardRef(url=str(m.get("shard", "")), shard_id=sid, kind="images")
-        for sid, m in done.items()
-        if sid not in listed_ids and listed_members.intersection(m.get("members") or ())
-    ]
-    todo = [s for s in shards if s.shard_id not in done]
+    plan = _plan_work(config, shards, done)
     summary = RunSummary(
         run_id=run_id,
         output=out,
-        shards_total=len(shards),
-        shards_skipped=len(shards) - len(todo),
+        shards_total=len(plan.shards),
+        shards_skipped=sum(1 for s in plan.shards if s.shard_id in done and not plan.modes.get(s.shard_id)),
         plumbing_check=config.is_plumbing_check,
     )
     summary.lease_takeover = lease.taken_over.to_dict() if lease.taken_over is not None else None
-    log.info("%d shard(s): %d to label, %d already committed", len(shards), len(todo), summary.shards_skipped)
+    summary.changed_shards = {"count": len(plan.changed), "first": plan.changed[:20], "relabelled": config.relabel_changed}
+    if plan.changed and not config.relabel_changed:
+        log.warning(
+            "%d committed shard(s) changed at the source since their commit (first: %s); rerun with "
+            "--relabel-changed to relabel them", len(plan.changed), plan.changed[:5],
+        )
+    log.info(
+        "%d shard(s): %d to label, %d already committed, %d to replace",
+        summary.shards_total, plan.new, summary.shards_skipped, len(plan.todo) - plan.new + len(plan.direct),
+    )  # fmt: skip
     categories = checked.vocabulary.coco_categories()
     counts: Counter = Counter()
 
+    def record(sid: str, info, old: dict | None, staged: int) -> None:
+        """Count a finished commit (a replacement counts what changed) and keep its marker."""
+        mode = plan.modes.get(sid)
+        summary.shards_committed += 1
+        if mode == "retry" and old is not None:
+            fixed = info.n_labelled - int(old.get("n_labelled", 0))
+            summary.shards_retried += 1
+            summary.images += staged
+            summary.labelled += fixed
+            summary.errors += staged - fixed
+            summary.segments += info.n_segments - int(old.get("n_segments", 0))
+        else:
+            summary.shards_relabelled += mode == "relabel"
+            summary.images += info.n_images
+            summary.labelled += info.n_labelled
+            summary.errors += info.n_errors
+            summary.segments += info.n_segments
+        counts.update(info.category_counts)
+        done[sid] = info.to_marker()
+
+    for sid in plan.modes:
+        if plan.modes[sid] is not None:
+            begin_replacement(out, out_opts, sid, mode=plan.modes[sid], run_id=run_id)
+    for sid in plan.direct:  # an interrupted retry with nothing left to relabel: finish it from the base
+        begin_replacement(out, out_opts, sid, mode="retry", run_id=run_id)
+        shard = {"url": done[sid]["shard"], "shard_id": sid, "kind": done[sid].get("kind"), "root": done[sid].get("root")}
+        info = commit_shard(out, out_opts, shard=shard, expected_keys=0, provenance=provenance,
+                            categories=categories, write_coco=config.write_coco, replace="retry", retry_keys=())  # fmt: skip
+        plan.modes[sid] = "retry"
+        record(sid, info, done[sid], 0)
+
     # 3. Ray pipeline
+    todo = plan.todo
     if todo:
         import ray
 
@@ -422,42 +572,44 @@ def _label_under_lease(
             device, gpus_per_actor, actors = _resources(config)
             ds = _build_dataset(config, todo, checked, provenance, device, gpus_per_actor, actors)
             by_id = {s.shard_id: s for s in todo}
-            keys: dict[str, set[str]] = {s.shard_id: set() for s in todo}
+            keys: dict[str, set[str]] = {s.shard_id: set() for s in todo}  # freed at each shard's commit
             totals: dict[str, int] = {}
             image_totals = ImageTotals(todo)
+            staged_total = 0
             committing: dict[str, Future] = {}  # submitted commits
+            staged_keys: dict[str, int] = {}  # keys each submitted commit staged
             harvested: set[str] = set()  # commits whose result is counted
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="commit") as pool:
 
-                def commit(sid: str):
+                def commit(sid: str, expected: set[str]):
                     lease.ensure_held()  # a run that lost the output's lease commits nothing more
-                    info = commit_shard(
+                    return commit_shard(
                         out,
                         out_opts,
                         shard=by_id[sid],
-                        expected_keys=set(keys[sid]),
+                        expected_keys=expected,
                         provenance=provenance,
                         categories=categories,
                         write_coco=config.write_coco,
+                        seq=plan.seqs[sid],
+                        source=plan.stamps.get(sid),
+                        replace=plan.modes.get(sid),
+                        retry_keys=plan.retry_keys.get(sid),
                     )
-                    return info, _category_counts(out, out_opts, info.parquet)
 
                 def maybe_commit(sid: str) -> None:
                     if sid in totals and sid not in committing and len(keys[sid]) >= totals[sid]:
-                        committing[sid] = pool.submit(commit, sid)
+                        staged_keys[sid] = totals[sid]
+                        committing[sid] = pool.submit(commit, sid, keys.pop(sid))
 
                 def harvest(block: bool) -> None:
                     for sid, fut in committing.items():
                         if sid in harvested or not (block or fut.done()):
                             continue
-                        info, cats = fut.result()
+                        info = fut.result()
                         harvested.add(sid)
-                        summary.shards_committed += 1
-                        summary.images += info.n_images
-                        summary.labelled += info.n_labelled
-                        summary.errors += info.n_errors
-                        summary.segments += info.n_segments
-                        counts.update(cats)
+                        plan.retry_keys.pop(sid, None)
+                        record(sid, info, done.get(sid), staged_keys[sid])
                         if on_progress is not None:
                             on_progress(progress("shard"))
 
@@ -467,7 +619,7 @@ def _label_under_lease(
                         "shards_done": summary.shards_committed + summary.shards_skipped,
                         "shards_total": summary.shards_total,
                         "images": summary.images,
-                        "images_staged": sum(len(k) for k in keys.values()),
+                        "images_staged": staged_total,
                         **image_totals.as_dict(),
                         "errors": summary.errors,
                         "segments": summary.segments,
@@ -484,7 +636,10 @@ def _label_under_lease(
                                 totals[sid] = rec["count"]
                                 image_totals.shard_ended(sid, rec["count"])
                             elif rec["type"] == "staged":
-                                keys[sid].update(rec["keys"])
+                                if sid not in committing:
+                                    before = len(keys[sid])
+                                    keys[sid].update(rec["keys"])
+                                    staged_total += len(keys[sid]) - before
                                 summary.overlays.extend(posixpath.join(out, o) for o in rec["overlays"])
                                 if on_progress is not None:
                                     on_progress(progress("images"))
@@ -506,10 +661,19 @@ def _label_under_lease(
             if started_ray:
                 ray.shutdown()
 
-    # 4. exports and summary
+    # 4. exports and summary (from the markers alone: a run with nothing to do reads no fragment, no Parquet)
     lease.ensure_held()
     if config.write_coco:
-        summary.coco = dict(finalize_coco(out, out_opts, categories))
+        coco = finalize_coco(
+            out,
+            out_opts,
+            categories,
+            markers=done,
+            max_images_per_file=config.coco_max_images_per_file,
+            image_root=config.image_root,
+        )
+        summary.coco = {k: coco[k] for k in ("panoptic", "instances", "index")}
+        summary.coco_parts, summary.coco_parts_rebuilt = int(coco["parts"]), int(coco["rebuilt"])
     summary.elapsed_s = round(time.perf_counter() - started, 3)
     summary.images_per_s = round(summary.images / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
     summary.category_counts = dict(counts.most_common())
@@ -517,9 +681,13 @@ def _label_under_lease(
         out,
         out_opts,
         provenance=None,
-        shards=[*shards, *covering],
+        shards=plan.listed,
+        markers=done,
         # (errors by reason are the file's top-level "errors_by_reason", over every committed shard)
-        extra={"last_run": redact({k: v for k, v in summary.to_dict().items() if k != "error_reasons"}, keys=False)},
+        extra={
+            "last_run": redact({k: v for k, v in summary.to_dict().items() if k != "error_reasons"}, keys=False),
+            "changed_shards": redact(summary.changed_shards, keys=False),
+        },
     )
     summary.error_reasons = dict(totals_file.get("errors_by_reason", {}))
     return summary

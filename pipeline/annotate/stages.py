@@ -172,6 +172,7 @@ class ReadShard:
 
     Undecodable / oversized samples become error rows (the job goes on); the shard's end is marked by an
     ``end`` row carrying the number of samples, so the driver knows when every row of a shard has arrived.
+    A shard item with ``only_keys`` (a list; ``--retry-errors``) yields, and counts, only those keys.
     """
 
     def __init__(
@@ -266,8 +267,12 @@ class ReadShard:
             shard_keys = 0  # rows with the shard-level key seen so far (keys stay unique)
             self._decoded = 0  # overlays go to the first images of a shard that decode
             self._overlay_names: set[str] = set()
+            only = shard.get("only_keys")  # --retry-errors: read only these keys (None: every key)
+            only = set(only) if only is not None else None
             try:
                 for sample in iter_samples(ref, self.storage_options):
+                    if only is not None and sample.key not in only:
+                        continue
                     shard_keys += sample.key.startswith(SHARD_ERROR_KEY)
                     rows.append(self._decode(shard, sample, self._decoded))
                     total += 1
