@@ -1024,8 +1024,8 @@ def iter_tar(
             kind, retryable = classify(exc, stage="read")
             if retryable and kind != "out_of_memory" and failures < len(RETRY_DELAYS_S):
                 log.warning(
-                    "%s: %s (%s: %s); reading it again in %.1f s",
-                    url, kind, type(exc).__name__, exc, RETRY_DELAYS_S[failures],
+                    "%s: %s (%s); reading it again in %.1f s",
+                    url, kind, redact_text(f"{type(exc).__name__}: {exc}"), RETRY_DELAYS_S[failures],
                 )
                 time.sleep(RETRY_DELAYS_S[failures])
                 failures += 1
@@ -1138,7 +1138,7 @@ def _read_one(fs, path: str, url: str, first: BaseException) -> bytes | BaseExce
         kind, retryable = classify(exc, stage="read")
         if not retryable or kind == "out_of_memory":
             return exc
-        log.warning("%s: %s (%s: %s); reading it again in %.1f s", url, kind, type(exc).__name__, exc, delay)
+        log.warning("%s: %s (%s); reading it again in %.1f s", url, kind, redact_text(f"{type(exc).__name__}: {exc}"), delay)
         time.sleep(delay)
         try:
             fs.invalidate_cache(path)

@@ -103,7 +103,7 @@ def write_annotate_output(
     import pyarrow.parquet as pq
 
     from pipeline.encode import encode_result
-    from pipeline.schema import RunProvenance, error_row, label_row, rows_to_table
+    from pipeline.schema import RunProvenance, error_row, image_id, label_row, rows_to_table
 
     options = dict(storage_options or {})
     rng = np.random.default_rng(seed)
@@ -177,9 +177,13 @@ def write_annotate_output(
             tar.addfile(info, io.BytesIO(data))
     put(tar_url, buf.getvalue())
 
-    # 3. the annotate output: one Parquet file per shard, rows sorted by key, and provenance.json
-    for shard_id, rows in ((IMAGES_SHARD_ID, folder_rows), (TAR_SHARD_ID, tar_rows)):
-        table = rows_to_table(sorted(rows, key=lambda r: r["key"]), provenance)
+    # 3. the annotate output: one Parquet file per shard, rows sorted by key, ids as a commit assigns them
+    #    (shard sequence numbers 1, 2; the key's rank in its shard), and provenance.json
+    for seq, (shard_id, rows) in enumerate(((IMAGES_SHARD_ID, folder_rows), (TAR_SHARD_ID, tar_rows)), start=1):
+        rows = sorted(rows, key=lambda r: r["key"])
+        for rank, row in enumerate(rows):
+            row["image_id"] = image_id(seq, rank)
+        table = rows_to_table(rows, provenance)
         sink = io.BytesIO()
         pq.write_table(table, sink)
         put(f"{output}/parquet/{shard_id}.parquet", sink.getvalue())
