@@ -28,15 +28,19 @@ def _config(inputs: list[str], out: Path, **kw) -> AnnotateConfig:
 
 
 def test_copy_images_excludes_image_root_and_names_are_deterministic():
-    from pipeline.annotate.coco import copied_image_name
+    from pipeline.annotate.coco import copied_image_name, png_names
 
     with pytest.raises(ValueError, match="copy_images and image_root='/data' exclude each other"):
         AnnotateConfig(input="x", output="o", copy_images=True, image_root="/data")
     assert copied_image_name("images", "sid", "cats/001.jpg", "jpg") == "sid/cats/001.jpg"
     assert copied_image_name("tar", "sid", "cats/001", "jpg") == "sid/cats/001.jpg"
+    assert copied_image_name("tar", "sid", "a.jpg", "jpg") == "sid/a.jpg.jpg"  # member a.jpg.jpg
+    assert copied_image_name("images", "sid", "A.JPG", "jpg") == "sid/A.JPG"  # the name as it is
     odd = copied_image_name("images", "sid", "my photo #1.JPG", "jpg")
-    assert odd.startswith("sid/my_photo_1.JPG-") and odd.endswith(".jpg") and "/" not in odd[4:]
-    assert odd == copied_image_name("images", "sid", "my photo #1.JPG", "jpg")
+    assert odd.startswith("sid/my_photo_1-") and odd.endswith(".JPG") and "/" not in odd[4:]
+    # the same stem as the image's panoptic PNG (detectron2 finds <png stem>.jpg)
+    (png,) = png_names([("my photo #1.JPG", "jpg")]).values()
+    assert odd[len("sid/") :].removesuffix(".JPG") == png.removesuffix(".png")
 
 
 @pytest.mark.slow
@@ -106,6 +110,9 @@ def test_copy_images_makes_a_self_contained_output(tmp_path, photos, ray_local):
     assert sorted(im["file_name"] for im in panoptic["images"]) == sorted(
         by_url[u]["file_name"] for u in by_url
     )
+    # detectron2's panoptic loader looks for images/<PNG file_name with .jpg>: true of every image here
+    for ann in panoptic["annotations"]:
+        assert (out / "images" / (ann["file_name"].removesuffix(".png") + ".jpg")).is_file(), ann["file_name"]
 
     # pycocotools: annotations per image, file names that open
     coco = COCO(str(out / "coco" / "instances.json"))

@@ -42,3 +42,31 @@ def test_flow_report_layout_names_the_current_files():
     assert "coco/panoptic.json" not in many
     no_coco = _layout(RunSummary(run_id="r", output="/data/out"), config)
     assert "coco/" not in no_coco and "`overlays/<shard>/<name>.jpg`" in no_coco
+
+
+def test_output_format_page_documents_every_column_kind_and_file():
+    """docs/output-format.md stays exact: every Parquet column, every error kind with its retryable flag,
+    every provenance key and every marker field is in it."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from pipeline.annotate.commit import CommitInfo
+    from pipeline.errors import KINDS
+    from pipeline.schema import COLUMNS, RunProvenance
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "output-format.md").read_text()
+    section = page[page.index("## 1. An annotate output") : page.index("## 2. Exports")]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    for column in COLUMNS:
+        assert any(re.match(rf"\| [^|]*`{column}`", r) for r in rows), column
+    for kind, spec in KINDS.items():
+        (row,) = [r for r in rows if re.match(rf"\| [^|]*`{kind}`", r) and re.search(r"\| (yes|no) \|", r)]
+        assert re.search(r"\| (yes|no) \|", row).group(1) == ("yes" if spec.retryable else "no"), kind
+    for key in (f.name for f in dataclasses.fields(RunProvenance)):
+        assert f"`{key}`" in section, key
+    for name in {f.name for f in dataclasses.fields(CommitInfo)} - {"category_counts"}:
+        assert f"`{name}`" in section, name
+    for path in ("parquet/", "coco/index.json", "coco/_parts/", "overlays/", "images/", "_commits/", "_members/",
+                 "_replacing/", "_staging/", "_lease.json"):  # fmt: skip
+        assert path in section, path

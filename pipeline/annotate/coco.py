@@ -198,16 +198,16 @@ def default_file_name(kind: str, shard_url: str, key: str, ext: str | None) -> s
 def copied_image_name(kind: str, shard_id: str, key: str, ext: str | None) -> str:
     """Where ``--copy-images`` puts an image, relative to ``<output>/images/`` (= its COCO ``file_name``).
 
-    ``<shard_id>/<member>``: the member is the image's name in its source (the key for image folders:
-    ``cats/001.jpg``; ``<key>.<ext>`` for tar members: ``cats/001.jpg``), kept as it is (sub-folders
-    included) when its components are safe (:func:`key_to_filename`); otherwise ``<sanitised>-<sha1 prefix>.<ext>``.
+    ``<shard_id>/<stem><extension>``: the image's own name (the key for image folders, ``<key>.<ext>`` for tar
+    members), its stem (:func:`image_stem`) made file-safe as the PNG names are (:func:`key_to_filename`:
+    unchanged when safe, sub-folders included), its extension kept as it is. So a copy and its panoptic PNG
+    share a stem (``<shard_id>/astronaut.jpg`` beside ``coco/panoptic/<shard_id>/astronaut.png``, the pairing
+    detectron2's panoptic loader assumes; except where :func:`png_names` had to rename a colliding PNG).
     Deterministic, and unique within a shard (keys are), so a rerun or a retry rewrites the same file.
     """
     member = key if kind == "images" else _member(key, ext)
-    name = key_to_filename(member)
-    if name != member and ext:
-        name = f"{name}.{ext}"
-    return f"{shard_id}/{name}"
+    stem = image_stem(key, ext)
+    return f"{shard_id}/{key_to_filename(stem)}{member[len(stem) :]}"
 
 
 def default_coco_url(kind: str, shard_url: str, root: str, key: str, ext: str | None) -> str:
