@@ -28,7 +28,22 @@ def _config(inputs: list[str], out: Path, **kw) -> AnnotateConfig:
 
 
 def test_copy_images_excludes_image_root_and_names_are_deterministic():
+    import inspect
+
+    from flows.annotate import annotate
+    from flows.cli import _options_from, build_annotate_parser
+    from flows.params import ParameterError, annotate_config
     from pipeline.annotate.coco import copied_image_name, png_names
+
+    # the command-line flag and the flow parameter reach the config
+    parser = build_annotate_parser()
+    params = _options_from(
+        parser.parse_args(["--input", "x", "--output", "o", "--copy-images"]), AnnotateConfig
+    )
+    assert annotate_config(params).copy_images is True
+    assert inspect.signature(annotate.fn).parameters["copy_images"].default is False
+    with pytest.raises(ParameterError, match="copy_images and image_root"):
+        annotate_config({"input": "x", "output": "o", "copy_images": True, "image_root": "/data"})
 
     with pytest.raises(ValueError, match="copy_images and image_root='/data' exclude each other"):
         AnnotateConfig(input="x", output="o", copy_images=True, image_root="/data")
