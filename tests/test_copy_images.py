@@ -159,3 +159,39 @@ def test_copy_images_makes_a_self_contained_output(tmp_path, photos, ray_local):
     before = {p: p.stat().st_mtime_ns for p in copies}
     noop = run_annotation(_config(inputs, out))
     assert noop.images == 0 and {p: p.stat().st_mtime_ns for p in copies} == before
+
+
+@pytest.mark.slow
+def test_copy_images_from_and_to_s3(tmp_path, photos, ray_local, s3_bucket, s3_storage_options):
+    """A tar on S3 labelled into an output on S3: the copies are objects under <output>/images/ with the
+    members' original bytes, named as COCO file_name says."""
+    import s3fs
+
+    from pipeline.annotate.run import run_annotation
+
+    fs = s3fs.S3FileSystem(**s3_storage_options)
+    samples = {
+        "cats/001": jpeg_bytes(photos["chelsea"], (64, 48)),
+        "rocket": jpeg_bytes(photos["rocket"], (48, 64)),
+    }
+    local = write_tar(tmp_path / "shard-000.tar", webdataset_members(samples))
+    fs.put(str(local), f"{s3_bucket}/in/shard-000.tar")
+    out = f"s3://{s3_bucket}/labels"
+    summary = run_annotation(
+        _config(
+            [f"s3://{s3_bucket}/in/shard-000.tar"],
+            out,
+            vocab_file="coco_panoptic",
+            storage_options=s3_storage_options,
+        )
+    )
+    assert summary.labelled == 2 and summary.errors == 0
+    index = json.loads(fs.cat(f"{s3_bucket}/labels/coco/index.json"))
+    assert index["image_root"] == f"s3://{s3_bucket}/labels/images/" and index["images_copied"] is True
+    instances = json.loads(fs.cat(f"{s3_bucket}/labels/coco/instances.json"))
+    got = {
+        im["coco_url"]: fs.cat(f"{s3_bucket}/labels/images/{im['file_name']}") for im in instances["images"]
+    }
+    tar = f"s3://{s3_bucket}/in/shard-000.tar"
+    assert got == {f"tar://{key}.jpg::{tar}": data for key, data in samples.items()}
+    assert len(fs.find(f"{s3_bucket}/labels/images")) == 2
