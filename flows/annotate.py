@@ -242,6 +242,23 @@ def _existing_overlays(config: AnnotateConfig, storage_block: str | None, limit:
     return [posixpath.join(prefix, r) for r in rel]
 
 
+def _layout(summary: RunSummary, config: AnnotateConfig) -> str:
+    """The output's files, in words (the report's "Layout" line)."""
+    parts = ["`parquet/<shard>.parquet` (one row per image: segments, RLE masks, panoptic PNG, `image_url`)"]
+    if summary.coco_parts > 1:
+        parts.append(f"`coco/index.json` listing {summary.coco_parts} parts (`coco/panoptic-NNNNN.json` + "
+                     "`coco/instances-NNNNN.json`)")  # fmt: skip
+    elif summary.coco:
+        parts.append("`coco/panoptic.json` + `coco/instances.json` (listed in `coco/index.json`)")
+    if summary.coco:
+        parts.append("`coco/panoptic/<shard>/<name>.png` (the image's name with its extension replaced: "
+                     "`astronaut.jpg` -> `astronaut.png`)")  # fmt: skip
+    parts.append("`overlays/<shard>/<name>.jpg`")
+    if config.copy_images:
+        parts.append("`images/<shard>/<name>` (the images, copied; COCO `file_name` is relative to `images/`)")
+    return ", ".join([*parts, "`provenance.json`", "`summary.json`"])
+
+
 @task(name="report", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_io_error)
 @redacted_errors
 def report(
@@ -327,8 +344,7 @@ def report(
         f"| segments | {summary.segments} |",
         f"| time | {summary.elapsed_s:.1f} s ({summary.images_per_s:.2f} images/s) |",
         "",
-        "Layout: `parquet/` (one row per image: segments, RLE masks, panoptic PNG), `coco/panoptic.json` + "
-        "`coco/panoptic/<shard>/<key>.png`, `coco/instances.json`, `overlays/`, `provenance.json`, `summary.json`.",
+        f"Layout: {_layout(summary, config)}. Every file and column: docs/output-format.md.",
         "",
     ]
     for name, url in sorted(summary.coco.items()):
@@ -403,6 +419,7 @@ def annotate(
     relabel_changed: bool = _D("relabel_changed"),
     coco_max_images_per_file: int = _D("coco_max_images_per_file"),
     image_root: str | None = None,
+    copy_images: bool = _D("copy_images"),
     storage_block: str | None = None,
 ) -> RunSummary:
     """Label every image of ``input`` into ``output`` (Parquet + COCO panoptic + overlays).
@@ -462,6 +479,9 @@ def annotate(
             parts (``coco/panoptic-00000.json``, ...) listed in ``coco/index.json``.
         image_root: folder or URL that COCO ``file_name`` is relative to (default: image folders: relative
             to the input folder; tar members: ``<tar stem>/<member>``).
+        copy_images: copy every image's original bytes to ``<output>/images/<shard_id>/<name>`` and make COCO
+            ``file_name`` relative to that folder: the output is self-contained (detectron2, FiftyOne and CVAT
+            open it as it is). Not with ``image_root``; an output is labelled with it on or off, not both.
         storage_block: name of a Prefect Secret (or ``json/<name>``) block holding fsspec credentials
             (``{"key": ..., "secret": ...}``); default: credentials from the environment / ``~/.aws``.
 

@@ -357,6 +357,7 @@ _ANNOTATE_GROUPS = {
         "relabel_changed",
         "coco_max_images_per_file",
         "image_root",
+        "copy_images",
     ],
 }
 
@@ -595,7 +596,7 @@ class _ProgressBar:
             self.bar = None
 
 
-def _print_summary(summary: Any, output: str) -> None:
+def _print_summary(summary: Any, output: str, *, copied_images: bool = False) -> None:
     join = (
         (lambda *p: "/".join([output.rstrip("/"), *p]))
         if "://" in output
@@ -609,9 +610,18 @@ def _print_summary(summary: Any, output: str) -> None:
     print(f"  output:      {output}")
     print(f"  parquet:     {join('parquet')}  (one row per image: segments, RLE masks, panoptic PNG)")
     if summary.coco:
-        print(
-            f"  COCO:        {join('coco', 'panoptic.json')}, {join('coco', 'instances.json')}, PNGs in {join('coco', 'panoptic')}"
-        )
+        parts = getattr(summary, "coco_parts", 1) or 1
+        if parts > 1:  # numbered parts: the index lists them
+            print(
+                f"  COCO:        {join('coco', 'index.json')} lists {parts} parts (panoptic-NNNNN.json + "
+                f"instances-NNNNN.json), PNGs in {join('coco', 'panoptic')}"
+            )
+        else:
+            print(
+                f"  COCO:        {join('coco', 'panoptic.json')}, {join('coco', 'instances.json')}, PNGs in {join('coco', 'panoptic')}"
+            )
+    if copied_images:
+        print(f"  images:      {join('images')}  (copies of the inputs; COCO file_name is relative to it)")
     shown = summary.overlays[:3]
     if shown:
         print(f"  overlays:    {len(summary.overlays)} written, e.g. {shown[0]}")
@@ -664,7 +674,7 @@ def annotate_main(argv: Sequence[str] | None = None) -> int:
                 summary = annotate(**params, storage_block=ns.storage_block)
         finally:
             bar.close()
-        _print_summary(summary, config.output)
+        _print_summary(summary, config.output, copied_images=config.copy_images)
         if summary.plumbing_check:
             print(PLUMBING_BANNER.format(model=config.model), file=sys.stderr)
         return 0

@@ -1,15 +1,19 @@
 """``python -m flows.serve``: serve the deployments of ``prefect.yaml`` without a work pool or worker.
 
-One long-running process registers ``annotate/nightly`` (cron ``0 2 * * *`` UTC), ``annotate/adhoc``,
-``train/finetune`` and ``evaluate/score`` with the Prefect API (``PREFECT_API_URL``) and runs their flow
-runs itself, as subprocesses. The deployments (names, parameters, schedules, tags, descriptions and
-concurrency limits) are read from ``prefect.yaml`` so both ways of deploying stay the same; work-pool settings and pull steps
-are ignored: the process ``chdir``s into ``--workdir`` (default: ``examples/`` next to ``prefect.yaml``,
-the pull step's directory), so relative paths in parameters resolve as they do for a worker.
+One long-running process registers the deployments of ``prefect.yaml`` with the Prefect API
+(``PREFECT_API_URL``): ``annotate/nightly`` (official model; cron ``0 2 * * *`` UTC, shipped INACTIVE),
+``annotate/adhoc`` (official model), ``annotate/plumbing`` (tiny model on the sample photos: an offline
+plumbing check), ``train/finetune``, ``evaluate/score`` and ``export/adhoc``, and runs their flow runs itself,
+as subprocesses. The deployments (names, parameters, schedules with their ``active`` flag, tags,
+descriptions and concurrency limits) are read from ``prefect.yaml`` so both ways of deploying stay the same;
+work-pool settings and pull steps are ignored: the process ``chdir``s into ``--workdir`` (default:
+``examples/`` next to ``prefect.yaml``, the pull step's directory), so relative paths in parameters resolve
+as they do for a worker. An inactive schedule stays off until it is resumed
+(``prefect deployment schedule resume annotate/nightly <schedule id>``) or ``active: true`` is set.
 
     python -m flows.serve                         # all deployments of prefect.yaml
-    python -m flows.serve --only nightly adhoc    # a subset
-    prefect deployment run annotate/adhoc --param vocab_file=classes.txt
+    python -m flows.serve --only plumbing annotate/adhoc   # a subset
+    prefect deployment run annotate/plumbing      # the offline plumbing check (tiny model)
 """
 
 from __future__ import annotations

@@ -177,6 +177,11 @@ class AnnotateConfig(WeightsSettings):
     relabel_changed: bool = Field(False, description="relabel committed shards whose source changed since their commit (size, ETag or mtime) and replace them atomically")
     coco_max_images_per_file: int = Field(50_000, ge=1, description="labelled images per COCO file; past it the export is split into numbered parts listed in coco/index.json")
     image_root: str | None = Field(None, description="COCO file_name is relative to this folder or URL (default: image folders: relative to the input folder; tar members: <tar stem>/<member>)")
+    copy_images: bool = Field(
+        False,
+        description="copy every image's original bytes into <output>/images/<shard_id>/<name> (COCO file_name "
+        "relative to that folder), so the output opens as it is in detectron2, FiftyOne, CVAT; excludes image_root",
+    )
 
     @field_validator("input")
     @classmethod
@@ -234,6 +239,15 @@ class AnnotateConfig(WeightsSettings):
     def _vocab_given(self):
         if not (self.vocab_file or self.vocab or self.caption or self.merge_vocab or self.preset == "demo"):
             raise ValueError("give vocab_file, vocab, caption, merge_vocab or preset='demo'")
+        return self
+
+    @model_validator(mode="after")
+    def _copy_images_or_image_root(self):
+        if self.copy_images and self.image_root:
+            raise ValueError(
+                f"copy_images and image_root={self.image_root!r} exclude each other: with copy_images the images "
+                "are copied to <output>/images/, which is the COCO image root"
+            )
         return self
 
     @model_validator(mode="after")

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from helpers import tar_bytes
 from PIL import Image
 
 CATEGORIES = [
@@ -162,20 +162,14 @@ def write_annotate_output(
             image_ext="jpg",
         )
     ]
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        members = [("broken.jpg", b"\xff\xd8 not a jpeg")]
-        for key, spec in TAR_SAMPLES.items():
-            data = _image(rng, spec[0], spec[1], spec[2])
-            expected.image_bytes[key] = data
-            members.append((TAR_MEMBERS[key], data))
-            members.append((f"{key}.json", json.dumps({"key": key}).encode()))
-            add(key, spec, tar_url, TAR_SHARD_ID, tar_rows, "jpg")
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    put(tar_url, buf.getvalue())
+    members = [("broken.jpg", b"\xff\xd8 not a jpeg")]
+    for key, spec in TAR_SAMPLES.items():
+        data = _image(rng, spec[0], spec[1], spec[2])
+        expected.image_bytes[key] = data
+        members.append((TAR_MEMBERS[key], data))
+        members.append((f"{key}.json", json.dumps({"key": key}).encode()))
+        add(key, spec, tar_url, TAR_SHARD_ID, tar_rows, "jpg")
+    put(tar_url, tar_bytes(members))
 
     # 3. the annotate output: one Parquet file per shard, rows sorted by key, ids as a commit assigns them
     #    (shard sequence numbers 1, 2; the key's rank in its shard), and provenance.json

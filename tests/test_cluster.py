@@ -9,13 +9,12 @@ tests/test_checks.py, since every node here shares one host).
 
 from __future__ import annotations
 
-import io
 import json
 import socket
-import tarfile
 import threading
 
 import pytest
+from helpers import jpeg_bytes, webdataset_members, write_tar
 
 import pipeline
 from pipeline.annotate.checks import check_cluster_paths
@@ -49,26 +48,11 @@ def two_node_cluster():
         ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-def _jpeg(arr, size) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).resize(size).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
 def _shard(path, photos, prefix: str, n: int) -> list[str]:
     names = sorted(photos)
-    keys = []
-    with tarfile.open(path, "w") as tar:
-        for i in range(n):
-            key = f"{prefix}-{i:03d}"
-            data = _jpeg(photos[names[i % len(names)]], (64 + 8 * i, 48))
-            info = tarfile.TarInfo(f"{key}.jpg")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-            keys.append(key)
-    return keys
+    samples = {f"{prefix}-{i:03d}": jpeg_bytes(photos[names[i % len(names)]], (64 + 8 * i, 48)) for i in range(n)}
+    write_tar(path, webdataset_members(samples))
+    return list(samples)
 
 
 def test_two_node_cluster_labels_into_s3_with_replicas_on_both_nodes(

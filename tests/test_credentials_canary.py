@@ -23,9 +23,7 @@ output file, log, Prefect record and Ray Train run state.
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,6 +31,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from helpers import jpeg_bytes, tar_bytes, webdataset_members
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -116,24 +115,6 @@ class _AuthServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
-
-
-def _jpeg(arr, size: int = 64) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).resize((size, size)).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def _tar(images: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for key, data in images.items():
-            info = tarfile.TarInfo(f"{key}.jpg")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def _s3(s3_endpoint: str):
@@ -242,13 +223,13 @@ def test_annotate_flow_records_no_canary(
     header, token, key_id, session = (_canary(t) for t in ("hdr", "tok", "AKIA", "sts"))
     server = _AuthServer(header, token)
     try:
-        server.files["/auth/shard-a.tar"] = _tar(
-            {"astronaut": _jpeg(photos["astronaut"]), "coffee": _jpeg(photos["coffee"])}
-        )
+        shard_a = {"astronaut": jpeg_bytes(photos["astronaut"], 64), "coffee": jpeg_bytes(photos["coffee"], 64)}
+        server.files["/auth/shard-a.tar"] = tar_bytes(webdataset_members(shard_a))
         bucket = f"canary-{uuid.uuid4().hex[:10]}"
         fs = _s3(s3_endpoint)
         fs.mkdir(bucket)
-        fs.pipe(f"{bucket}/shards/shard-b.tar", _tar({"chelsea": _jpeg(photos["chelsea"])}))
+        shard_b = {"chelsea": jpeg_bytes(photos["chelsea"], 64)}
+        fs.pipe(f"{bucket}/shards/shard-b.tar", tar_bytes(webdataset_members(shard_b)))
         presigned = _presign(s3_endpoint, bucket, "shards/shard-b.tar", key_id, session)
         signature = _signature(presigned)
         manifest = tmp_path / "inputs.txt"
@@ -310,10 +291,8 @@ def test_python_api_redacts_presigned_input_vocabulary_and_weights(
     bucket = f"canary-{uuid.uuid4().hex[:10]}"
     fs = _s3(s3_endpoint)
     fs.mkdir(bucket)
-    fs.pipe(
-        f"{bucket}/in/shard-c.tar",
-        _tar({"rocket": _jpeg(photos["rocket"]), "coffee": _jpeg(photos["coffee"])}),
-    )
+    shard_c = {"rocket": jpeg_bytes(photos["rocket"], 64), "coffee": jpeg_bytes(photos["coffee"], 64)}
+    fs.pipe(f"{bucket}/in/shard-c.tar", tar_bytes(webdataset_members(shard_c)))
     fs.pipe(f"{bucket}/vocab/classes.txt", (EXAMPLES / "classes.txt").read_bytes())
     local_ckpt = tmp_path / "tiny.pth"
     save_checkpoint(odise_model.build_odise("tiny", seed=3), local_ckpt)
@@ -540,9 +519,10 @@ def test_signed_shards_are_named_by_their_object_url_and_read_errors_hide_the_si
     server = _AuthServer(header, token)
     options = {"headers": {"Authorization": f"Bearer {header}"}}
     try:
-        server.files["/d/s.tar"] = _tar({"a": _jpeg(photos["coffee"]), "b": _jpeg(photos["rocket"])})
-        server.files["/d/img/x.jpg"] = _jpeg(photos["chelsea"])
-        server.files["/d/img/y.jpg"] = _jpeg(photos["astronaut"])
+        samples = {"a": jpeg_bytes(photos["coffee"], 64), "b": jpeg_bytes(photos["rocket"], 64)}
+        server.files["/d/s.tar"] = tar_bytes(webdataset_members(samples))
+        server.files["/d/img/x.jpg"] = jpeg_bytes(photos["chelsea"], 64)
+        server.files["/d/img/y.jpg"] = jpeg_bytes(photos["astronaut"], 64)
         manifest = tmp_path / "m.txt"
         manifest.write_text(
             "".join(f"{server.url}/d/{n}?token={token}\n" for n in ("s.tar", "img/x.jpg", "img/y.jpg"))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import tar_bytes, write_tar
 from PIL import Image
 
 from pipeline.errors import (
@@ -208,11 +209,7 @@ def test_non_utf8_file_names_in_a_folder_and_a_tar(tmp_path):
         assert f.read() == _jpeg(3)
 
     path = tmp_path / "shard.tar"
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
-        for name, data in [(os.fsdecode(b"cats/bad\xff.jpg"), _jpeg(5)), ("cats/ok.jpg", _jpeg(6))]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
+    write_tar(path, [(os.fsdecode(b"cats/bad\xff.jpg"), _jpeg(5)), ("cats/ok.jpg", _jpeg(6))], format=tarfile.GNU_FORMAT)
     (tar_shard,) = list_shards(str(path))
     got = read_shard(tar_shard)
     assert [s.key for s in got] == ["cats/bad%FF", "cats/ok"] and all(s.error is None for s in got)
@@ -228,13 +225,8 @@ def test_member_urls_open_on_s3_as_they_are(s3_bucket, s3_storage_options, tmp_p
     import s3fs
 
     fs = s3fs.S3FileSystem(**s3_storage_options)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in [("cats/001.jpg", _jpeg(7)), ("cats/001.json", b"{}"), ("dogs/002.png", _jpeg(8))]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    fs.pipe(f"{s3_bucket}/shard-000.tar", buf.getvalue())
+    members = [("cats/001.jpg", _jpeg(7)), ("cats/001.json", b"{}"), ("dogs/002.png", _jpeg(8))]
+    fs.pipe(f"{s3_bucket}/shard-000.tar", tar_bytes(members))
     (shard,) = list_shards(f"s3://{s3_bucket}/shard-000.tar", s3_storage_options)
     samples = read_shard(shard, s3_storage_options)
     assert [s.image_url for s in samples] == [
@@ -250,16 +242,7 @@ def test_member_urls_open_on_s3_as_they_are(s3_bucket, s3_storage_options, tmp_p
 def test_labeled_shard_interface(tmp_path):
     """The one tar reader serves labeled shards too: every field of a sample, by key."""
     path = tmp_path / "labeled.tar"
-    with tarfile.open(path, "w") as tf:
-        for name, data in [
-            ("a.jpg", b"img"),
-            ("a.panoptic.png", b"png"),
-            ("a.segments.json", b"{}"),
-            ("b.jpg", b"x"),
-        ]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
+    write_tar(path, [("a.jpg", b"img"), ("a.panoptic.png", b"png"), ("a.segments.json", b"{}"), ("b.jpg", b"x")])
     samples = list(iter_tar(str(path), fields=None))
     assert [(s.key, s.files) for s in samples] == [
         ("a", {"jpg": b"img", "panoptic.png": b"png", "segments.json": b"{}"}),

@@ -12,6 +12,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from helpers import tar_bytes
 from PIL import Image
 
 from pipeline.evaluate.metrics import PanopticEvaluator
@@ -281,16 +282,6 @@ def test_s3_roundtrip(tmp_path, s3_bucket, s3_storage_options):
         assert_record_matches(r, expected)
 
 
-def _tar_bytes(members):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def test_shard_reader_skips_unsafe_members_and_checks_samples(tmp_path):
     id_map = np.array([[1, 1], [0, 2]])
     segs = [
@@ -304,7 +295,7 @@ def test_shard_reader_skips_unsafe_members_and_checks_samples(tmp_path):
         ("a/1.segments.json", meta),
     ]
     shard = tmp_path / "s.tar"
-    shard.write_bytes(_tar_bytes([("../evil.jpg", b"x"), ("/abs.jpg", b"y"), *good, ("x/../2.jpg", b"z")]))
+    shard.write_bytes(tar_bytes([("../evil.jpg", b"x"), ("/abs.jpg", b"y"), *good, ("x/../2.jpg", b"z")]))
     records = list(iter_labeled_shards(str(shard)))
     assert len(records) == 1 and records[0].key == "a/1"
     np.testing.assert_array_equal(records[0].id_map, id_map)
@@ -313,11 +304,11 @@ def test_shard_reader_skips_unsafe_members_and_checks_samples(tmp_path):
         "s.tar"
     ]
     # A sample without its panoptic PNG is an error naming the shard and key.
-    shard.write_bytes(_tar_bytes([good[0], good[2]]))
+    shard.write_bytes(tar_bytes([good[0], good[2]]))
     with pytest.raises(ValueError, match=r"sample 'a/1' has no panoptic.png"):
         list(iter_labeled_shards(str(shard)))
     # Unknown categories are caught when categories are given.
-    shard.write_bytes(_tar_bytes(good))
+    shard.write_bytes(tar_bytes(good))
     with pytest.raises(ValueError, match="unknown category_id 3"):
         list(iter_labeled_shards(str(shard), categories={1: CATEGORIES[0]}))
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
+from helpers import add_member, jpeg_bytes
 from PIL import Image
 
 from pipeline.annotate.stages import overlay_file_name
@@ -40,22 +41,10 @@ EXPECTED = {
 }
 
 
-def _jpeg(arr: np.ndarray, size: tuple[int, int]) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).resize(size).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
 def _png(arr: np.ndarray, size: tuple[int, int]) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).resize(size).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tf.addfile(info, io.BytesIO(data))
 
 
 def _rows(out: Path) -> list[dict]:
@@ -79,18 +68,18 @@ def test_every_stage_fails_for_one_sample_and_the_run_goes_on(tmp_path, photos):
     with tarfile.open(tar_path, "w", format=tarfile.GNU_FORMAT) as tf:
         for i, fault in enumerate(EXPECTED):
             arr = photos[names[i % len(names)]]
-            _add(tf, f"{fault}.jpg", _jpeg(arr, (64 + 8 * (i % 3), 48)))
-            _add(tf, f"{fault}.json", json.dumps({"odise_fault": fault}).encode())
+            add_member(tf, f"{fault}.jpg", jpeg_bytes(arr, (64 + 8 * (i % 3), 48)))
+            add_member(tf, f"{fault}.json", json.dumps({"odise_fault": fault}).encode())
         for i in range(3):
-            _add(tf, f"good-{i}.jpg", _jpeg(photos[names[i]], (56, 48)))
-        _add(tf, f"{bad_member}.jpg", _jpeg(photos[names[0]], (48, 64)))
+            add_member(tf, f"good-{i}.jpg", jpeg_bytes(photos[names[i]], (56, 48)))
+        add_member(tf, f"{bad_member}.jpg", jpeg_bytes(photos[names[0]], (48, 64)))
     folder = tmp_path / "folder"
     folder.mkdir()
     bad_file = os.fsdecode(b"bad\xff.jpg")
-    (folder / bad_file).write_bytes(_jpeg(photos[names[1]], (64, 48)))
+    (folder / bad_file).write_bytes(jpeg_bytes(photos[names[1]], (64, 48)))
     (folder / "astro.png").write_bytes(_png(photos[names[2]], (64, 48)))
-    (folder / "astro.jpg").write_bytes(_jpeg(photos[names[3]], (48, 64)))
-    (folder / "100%.jpg").write_bytes(_jpeg(photos[names[0]], (64, 64)))
+    (folder / "astro.jpg").write_bytes(jpeg_bytes(photos[names[3]], (48, 64)))
+    (folder / "100%.jpg").write_bytes(jpeg_bytes(photos[names[0]], (64, 64)))
 
     out = tmp_path / "out"
     env = dict(os.environ)
@@ -322,8 +311,8 @@ def test_read_stage_rows_carry_kind_flag_and_location(tmp_path, photos):
     full = io.BytesIO()
     with tarfile.open(fileobj=full, mode="w") as tf:
         for i in range(3):
-            _add(tf, f"k{i}.jpg", _jpeg(arr, (48 + 8 * i, 40)))
-        _add(tf, "txt.jpg", b"not an image at all")
+            add_member(tf, f"k{i}.jpg", jpeg_bytes(arr, (48 + 8 * i, 40)))
+        add_member(tf, "txt.jpg", b"not an image at all")
     data = full.getvalue()
     cut = tmp_path / "cut.tar"
     cut.write_bytes(

@@ -13,21 +13,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
+from helpers import jpeg_bytes, webdataset_members, write_tar
 from PIL import Image
 
 import pipeline
 from pipeline.annotate.checks import OutputError, check_inputs
 
 pytestmark = pytest.mark.slow
-
-
-def _jpeg(arr, size=None, quality=90) -> bytes:
-    im = Image.fromarray(arr)
-    if size:
-        im = im.resize(size)
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def _png(arr) -> bytes:
@@ -46,15 +38,7 @@ def _huge_png() -> bytes:
 
 def write_shard(path, samples):
     """Write a WebDataset tar shard; ``samples`` is a list of (key, {ext: bytes})."""
-    import tarfile
-
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                info.mtime = 0
-                tar.addfile(info, io.BytesIO(data))
+    write_tar(path, webdataset_members(samples))
 
 
 def good_samples(photos, prefix, n):
@@ -64,7 +48,7 @@ def good_samples(photos, prefix, n):
         arr = photos[names[i % len(names)]]
         scale = 0.3 + 0.1 * (i % 3)
         size = (max(32, int(arr.shape[1] * scale)), max(32, int(arr.shape[0] * scale)))
-        out.append((f"{prefix}-{i:04d}", {"jpg": _jpeg(arr, size), "json": json.dumps({"i": i}).encode()}))
+        out.append((f"{prefix}-{i:04d}", {"jpg": jpeg_bytes(arr, size), "json": json.dumps({"i": i}).encode()}))
     return out
 
 
@@ -120,7 +104,7 @@ def test_end_to_end_local_with_faulty_samples(tmp_path, photos, ray_local):
     write_shard(shards / "shard-000000.tar", good[:3])
     bad = [
         ("corrupt", {"jpg": b"\xff\xd8\xff\xe0" + os.urandom(300)}),
-        ("truncated", {"jpg": _jpeg(photos["coffee"])[:2000]}),
+        ("truncated", {"jpg": jpeg_bytes(photos["coffee"])[:2000]}),
         ("zero", {"jpg": b""}),
         ("text", {"jpg": b"hello, I am not an image"}),
         ("huge", {"png": _huge_png()}),
@@ -252,12 +236,12 @@ def test_rerun_over_a_grown_image_folder_labels_only_the_new_images(tmp_path, ph
     folder.mkdir()
     names = sorted(photos)
     for i, name in enumerate(names[:3]):
-        (folder / f"b{i}.jpg").write_bytes(_jpeg(photos[name], (64, 48)))
+        (folder / f"b{i}.jpg").write_bytes(jpeg_bytes(photos[name], (64, 48)))
     out = tmp_path / "out"
     first = pipeline.run_annotation(config(str(folder), str(out), overlays=0, images_per_virtual_shard=2))
     assert first.images == 3
-    (folder / "a_new.jpg").write_bytes(_jpeg(photos[names[0]], (48, 64)))  # sorts first: shifts every group
-    (folder / "c_new.jpg").write_bytes(_jpeg(photos[names[1]], (48, 64)))
+    (folder / "a_new.jpg").write_bytes(jpeg_bytes(photos[names[0]], (48, 64)))  # sorts first: shifts every group
+    (folder / "c_new.jpg").write_bytes(jpeg_bytes(photos[names[1]], (48, 64)))
     second = pipeline.run_annotation(config(str(folder), str(out), overlays=0, images_per_virtual_shard=2))
     assert second.images == 2 and second.errors == 0
     rows = read_rows(str(out))
@@ -307,7 +291,7 @@ def test_malformed_vocabulary_names_the_line(tmp_path, photos):
 def test_output_inside_input_is_refused(tmp_path, photos):
     folder = tmp_path / "images"
     folder.mkdir()
-    (folder / "a.jpg").write_bytes(_jpeg(photos["coffee"], (64, 48)))
+    (folder / "a.jpg").write_bytes(jpeg_bytes(photos["coffee"], (64, 48)))
     with pytest.raises(OutputError, match="inside the input"):
         check_inputs(config(str(folder), str(folder / "labels")))
     (tmp_path / "a-file").write_text("x")

@@ -4,20 +4,18 @@ no-op rerun that reads markers only, and SIGKILL of ``odise-annotate`` during a 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from helpers import jpeg_bytes, webdataset_members, write_tar
 from test_coco import check_export
 
 import pipeline
@@ -27,20 +25,6 @@ from pipeline.schema import RunProvenance, error_row
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def jpeg(arr, size) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).resize(size).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def write_tar(path: Path, samples: dict[str, bytes]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, data in samples.items():
-            info = tarfile.TarInfo(f"{key}.jpg")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def config(inp, out, **kw) -> pipeline.AnnotateConfig:
@@ -60,7 +44,7 @@ def test_retry_errors_relabels_only_the_transient_failures(tmp_path, photos, ray
     folder = tmp_path / "photos"
     folder.mkdir()
     for name in ("astronaut", "coffee", "chelsea"):
-        (folder / f"{name}.jpg").write_bytes(jpeg(photos[name], (64, 48)))
+        (folder / f"{name}.jpg").write_bytes(jpeg_bytes(photos[name], (64, 48)))
     out = tmp_path / "out"
     first = pipeline.run_annotation(config(folder, out))
     assert first.labelled == 3
@@ -104,10 +88,9 @@ def test_retry_errors_relabels_only_the_transient_failures(tmp_path, photos, ray
 def test_relabel_changed_and_a_noop_rerun_that_reads_markers_only(tmp_path, photos, ray_local):
     shards = tmp_path / "shards"
     shards.mkdir()
-    write_tar(
-        shards / "a.tar", {"a0": jpeg(photos["astronaut"], (64, 48)), "a1": jpeg(photos["coffee"], (48, 64))}
-    )
-    write_tar(shards / "b.tar", {"b0": jpeg(photos["chelsea"], (64, 48))})
+    a_samples = {"a0": jpeg_bytes(photos["astronaut"], (64, 48)), "a1": jpeg_bytes(photos["coffee"], (48, 64))}
+    write_tar(shards / "a.tar", webdataset_members(a_samples))
+    write_tar(shards / "b.tar", webdataset_members({"b0": jpeg_bytes(photos["chelsea"], (64, 48))}))
     out = tmp_path / "out"
     first = pipeline.run_annotation(config(shards, out))
     assert first.images == 3 and first.changed_shards["count"] == 0
@@ -118,8 +101,9 @@ def test_relabel_changed_and_a_noop_rerun_that_reads_markers_only(tmp_path, phot
 
     # a.tar is rewritten at the source (an image replaced, one added)
     time.sleep(0.01)
-    write_tar(shards / "a.tar", {"a0": jpeg(photos["rocket"], (64, 48)), "a1": jpeg(photos["coffee"], (48, 64)),
-                                 "a2": jpeg(photos["chelsea"], (40, 40))})  # fmt: skip
+    a_samples = {"a0": jpeg_bytes(photos["rocket"], (64, 48)), "a1": jpeg_bytes(photos["coffee"], (48, 64)),
+                 "a2": jpeg_bytes(photos["chelsea"], (40, 40))}  # fmt: skip
+    write_tar(shards / "a.tar", webdataset_members(a_samples))
     seen = pipeline.run_annotation(config(shards, out))
     assert seen.changed_shards == {"count": 1, "first": [sid_a], "relabelled": False} and seen.images == 0
     assert json.loads((out / "summary.json").read_text())["changed_shards"]["count"] == 1

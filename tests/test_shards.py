@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import add_member, tar_bytes
 from PIL import Image
 
 from pipeline.shards import (
@@ -35,24 +36,6 @@ def jpeg(seed: int, size: tuple[int, int] = (24, 32)) -> bytes:
     img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-def add_member(
-    tf: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = ""
-) -> None:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.size = len(data) if kind == tarfile.REGTYPE else 0
-    info.linkname = link
-    tf.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
-
-
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for name, data in members:
-            add_member(tf, name, data)
     return buf.getvalue()
 
 

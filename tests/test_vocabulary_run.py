@@ -13,7 +13,7 @@ import pytest
 from flows.params import ParameterError, annotate_config
 from odise_model.vocabulary import VocabularyError, load_vocabulary, parse_inline_vocabulary
 from pipeline.annotate.checks import resolve_vocabulary
-from pipeline.config import PRESETS, AnnotateConfig
+from pipeline.config import PRESETS, AnnotateConfig, TrainConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -94,12 +94,29 @@ def test_command_line_and_flow_parameters():
     assert {"vocab", "caption", "preset"} <= set(schema)
 
 
+def test_training_vocabulary_of_a_demo_output_keeps_repeated_names():
+    """categories.json of a --preset demo output repeats display names; training builds its vocabulary anyway."""
+    from pipeline.train.data import class_index_map, training_vocabulary, vocabulary_from_categories
+
+    demo = resolve_vocabulary(cfg(preset="demo"))
+    categories = {c["id"]: c for c in demo.coco_categories()}
+    vocab = training_vocabulary(None, categories)
+    assert vocab.names == demo.names and vocab.names.count("person") == 3
+    assert [c.synonyms for c in vocab] == [c.synonyms for c in demo]
+    assert class_index_map(vocab, categories) == {c.id: k for k, c in enumerate(demo)}
+    # names only (no synonyms), repeated: still one class per id
+    plain = vocabulary_from_categories({1: {"name": "person", "isthing": 1}, 2: {"name": "Person", "isthing": 0}})
+    assert [(c.id, c.name, c.isthing) for c in plain] == [(1, "person", True), (2, "Person", False)]
+
+
 # --- a run --------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_demo_preset_run_end_to_end(tmp_path, ray_local):
     """odise-annotate's pipeline with the demo preset, inline classes and a caption: the ~1.5k-class list
     reaches the model replicas (as canonical text, repeats included), the thresholds are the demo's, and
-    the provenance records the inline vocabulary."""
+    the provenance records the inline vocabulary. Then the loop on that output, whose display names repeat
+    (COCO's, ADE's and LVIS's ``person``): convert to training shards, train 2 steps, score the output
+    against the converted shards."""
     import shutil
 
     from pipeline.annotate.run import run_annotation
@@ -144,3 +161,25 @@ def test_demo_preset_run_end_to_end(tmp_path, ray_local):
     ids = {c["id"]: c["name"] for c in provenance["categories"]}
     segments = [s for r in rows if r["error"] is None for s in r["segments"]]
     assert segments and all(ids[s["category_id"]] == s["category_name"] for s in segments)
+
+    # the loop on a demo-labelled output: repeated display names are separate classes, told apart by id
+    from pipeline.evaluate.run import EvaluateConfig, run_evaluation
+    from pipeline.export.loop import annotate_to_shards
+    from pipeline.groundtruth import read_categories
+    from pipeline.train.data import training_vocabulary
+    from pipeline.train.run import run_training
+
+    assert names.count("person") == 3 and len(set(names)) < len(names)
+    data = tmp_path / "data" / "train"
+    converted = annotate_to_shards(str(out), str(data))
+    assert converted.samples == summary.labelled
+    categories = read_categories(str(data))
+    vocab = training_vocabulary(None, categories, source=str(data / "categories.json"))
+    assert len(vocab) == len(names) and vocab.names.count("person") == 3 and vocab.has_repeats()
+    trained = run_training(
+        TrainConfig(train=str(data), output=str(tmp_path / "run"), model="tiny", max_steps=2, batch_size=1,
+                    crop_size=64, num_points=256, log_every=1, checkpoint_every=2, eval_every=0)
+    )  # fmt: skip
+    assert trained.steps == 2 and list((tmp_path / "run" / "checkpoints").glob("model_*.pth"))
+    scored = run_evaluation(EvaluateConfig(ground_truth_shards=str(data), predictions=str(out), instance_ap=False))
+    assert scored.num_images == summary.labelled and scored.overall.pq == pytest.approx(1.0)

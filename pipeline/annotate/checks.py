@@ -210,6 +210,7 @@ def check_inputs(config: AnnotateConfig) -> CheckedInputs:
         from pipeline.annotate.commit import check_provenance
 
         existing = check_provenance(config.output, config.out_storage_options, new)
+        _check_copy_images(config, existing)
     return CheckedInputs(
         output=config.output,
         vocabulary=vocabulary,
@@ -221,6 +222,22 @@ def check_inputs(config: AnnotateConfig) -> CheckedInputs:
         provenance=existing,
         conditional_writes=conditional,
     )
+
+
+def _check_copy_images(config: AnnotateConfig, existing: RunProvenance | None) -> None:
+    """An output is labelled with ``copy_images`` on or off, not both: its COCO ``file_name`` of every image is
+    relative to one root (``<output>/images/`` or the defaults)."""
+    if existing is None:
+        return
+    was = bool(existing.settings.get("copy_images", False))
+    if was != config.copy_images:
+        from pipeline.annotate.commit import ProvenanceMismatchError
+
+        raise ProvenanceMismatchError(
+            f"{config.output} was labelled {'with' if was else 'without'} copy_images (--copy-images; "
+            "provenance.json settings.copy_images); give the same setting, or use a new output folder "
+            "(odise-export --copy-images makes a self-contained copy of an existing output)"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -361,6 +378,7 @@ def provenance_for(config: AnnotateConfig, checked: CheckedInputs | Mapping[str,
             "plumbing_check": config.is_plumbing_check,
             "input_resize": {"short_side": model_cfg.input.short_side, "max_size": model_cfg.input.max_size},
             "include_png": config.include_png,
+            "copy_images": config.copy_images,
             "vocabulary": redact(vocab_config.vocabulary_settings, keys=False),
         },
     )

@@ -23,7 +23,10 @@ for image folders, the path relative to the folder that was labelled (the sample
 for tar members ``<tar stem>/<member>`` (``shard-000/cats/001.jpg``: the layout you get by extracting each
 tar into a folder named after it). With ``image_root`` (``--image-root``), images under that root are named
 relative to it (tar members: ``<tar path relative to the root, without .tar>/<member>``); images outside it
-keep the default name.
+keep the default name. With ``copy_images`` (``--copy-images``; recorded in ``provenance.json`` as
+``settings.copy_images``) the read stage copies every image's original bytes to ``<output>/images/`` and
+``file_name`` is the copy's path relative to that folder, :func:`copied_image_name`
+(``<shard_id>/<name>``); ``index.json``'s ``image_root`` is then that folder's URL.
 
 **Parts.** Committed shards are grouped by their commit sequence number ``seq``: part *i* holds the shards
 with ``seq_start[i] <= seq < seq_start[i + 1]``. Existing boundaries are kept from ``index.json``; new shards
@@ -71,6 +74,8 @@ from pipeline.storage import (
 
 __all__ = [
     "DEFAULT_MAX_IMAGES_PER_FILE",
+    "COPIED_IMAGES_DIR",
+    "copied_image_name",
     "default_coco_url",
     "default_file_name",
     "finalize_coco",
@@ -88,6 +93,8 @@ COCO_DIR = "coco"
 PARTS_DIR = "coco/_parts"
 PNG_DIR = "coco/panoptic"
 INDEX_FILE = "coco/index.json"
+COPIED_IMAGES_DIR = "images"
+"""Folder of the output that ``--copy-images`` copies the images into (the COCO image root then)."""
 FRAGMENT_SUFFIX = ".jsonl"
 DEFAULT_MAX_IMAGES_PER_FILE = 50_000
 INDEX_FORMAT = 1
@@ -186,6 +193,21 @@ def default_file_name(kind: str, shard_url: str, key: str, ext: str | None) -> s
     if kind == "images":
         return key
     return f"{posixpath.basename(_tar_base(shard_url.split('::')[-1]))}/{_member(key, ext)}"
+
+
+def copied_image_name(kind: str, shard_id: str, key: str, ext: str | None) -> str:
+    """Where ``--copy-images`` puts an image, relative to ``<output>/images/`` (= its COCO ``file_name``).
+
+    ``<shard_id>/<stem><extension>``: the image's own name (the key for image folders, ``<key>.<ext>`` for tar
+    members), its stem (:func:`image_stem`) made file-safe as the PNG names are (:func:`key_to_filename`:
+    unchanged when safe, sub-folders included), its extension kept as it is. So a copy and its panoptic PNG
+    share a stem (``<shard_id>/astronaut.jpg`` beside ``coco/panoptic/<shard_id>/astronaut.png``, the pairing
+    detectron2's panoptic loader assumes; except where :func:`png_names` had to rename a colliding PNG).
+    Deterministic, and unique within a shard (keys are), so a rerun or a retry rewrites the same file.
+    """
+    member = key if kind == "images" else _member(key, ext)
+    stem = image_stem(key, ext)
+    return f"{shard_id}/{key_to_filename(stem)}{member[len(stem) :]}"
 
 
 def default_coco_url(kind: str, shard_url: str, root: str, key: str, ext: str | None) -> str:
@@ -494,6 +516,7 @@ def finalize_coco(
     markers: Mapping[str, Mapping[str, Any]] | None = None,
     max_images_per_file: int = DEFAULT_MAX_IMAGES_PER_FILE,
     image_root: str | None = None,
+    copied_images: bool = False,
     description: str = "ODISE open-vocabulary panoptic pseudo-labels",
 ) -> dict[str, Any]:
     """Bring the COCO export up to date with the committed shards, rebuilding only stale parts (module doc).
@@ -507,8 +530,8 @@ def finalize_coco(
     * ``instances[-NNNNN].json``: the same ``images``; ``annotations`` with ``id``, RLE ``segmentation``,
       ``area``, ``bbox``, ``iscrowd`` 0, ``score``; ``categories`` = *all* categories (things and stuff, with
       ``isthing``) so category ids mean the same in both files;
-    * ``index.json``: ``{"format", "schema_version", "max_images_per_file", "image_root", "settings_digest",
-      "digest", "n_images", "n_panoptic_annotations", "n_instance_annotations", "parts": [{"index",
+    * ``index.json``: ``{"format", "schema_version", "max_images_per_file", "image_root", "images_copied",
+      "settings_digest", "digest", "n_images", "n_panoptic_annotations", "n_instance_annotations", "parts": [{"index",
       "panoptic", "instances", "seq_start", "seq_range": [lo, hi], "n_shards", "n_images",
       "n_panoptic_annotations", "n_instance_annotations", "digest"}], "written_at"}``.
 
@@ -518,16 +541,21 @@ def finalize_coco(
         markers: ``{shard_id: marker}`` of every committed shard (default: read them all).
         max_images_per_file: labelled images per part before the export is split into numbered parts.
         image_root: base that ``file_name`` is made relative to (module doc); default: per-source defaults.
+        copied_images: the images were copied to ``<output>/images/`` (``--copy-images``): the fragments'
+            ``file_name`` is relative to that folder, which ``index.json`` records as the image root.
 
     Returns:
         ``{"panoptic": URL, "instances": URL, "index": URL, "parts": "N", "rebuilt": "K"}``; with several parts
         ``panoptic`` / ``instances`` are the ``panoptic-*.json`` / ``instances-*.json`` patterns.
 
     Raises:
-        ValueError: a committed shard uses a category id that is not in ``categories``.
+        ValueError: a committed shard uses a category id that is not in ``categories``; both
+            ``image_root`` and ``copied_images``.
     """
     if max_images_per_file < 1:
         raise ValueError(f"max_images_per_file must be >= 1, got {max_images_per_file}")
+    if image_root and copied_images:
+        raise ValueError(f"image_root ({image_root}) and copied_images exclude each other: copies are under images/")
     fs, root = fs_root(out_url, storage_options)
     if markers is None:
         from pipeline.annotate.commit import committed_shards
@@ -535,10 +563,14 @@ def finalize_coco(
         markers = committed_shards(out_url, storage_options)
     pan_cats, inst_cats, known = _categories(categories)
     norm_root = _normalise_root(image_root)
+    recorded_root = norm_root
+    if copied_images:  # file_name is already relative to <output>/images/ (the fragments say so)
+        recorded_root = fs.unstrip_protocol(posixpath.join(root, COPIED_IMAGES_DIR)).rstrip("/") + "/"
     settings = json_bytes(
         {
             "categories": pan_cats,
             "image_root": norm_root,
+            **({"copied_images": True} if copied_images else {}),  # absent otherwise: older digests stay valid
             "max_images_per_file": max_images_per_file,
             "description": description,
             "schema_version": SCHEMA_VERSION,
@@ -606,7 +638,8 @@ def finalize_coco(
             "format": INDEX_FORMAT,
             "schema_version": SCHEMA_VERSION,
             "max_images_per_file": max_images_per_file,
-            "image_root": norm_root,
+            "image_root": recorded_root,
+            "images_copied": copied_images,
             "settings_digest": settings_digest,
             "digest": digest,
             "n_images": sum(e["n_images"] for e in entries),

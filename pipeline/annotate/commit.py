@@ -80,6 +80,7 @@ from pipeline.annotate.coco import (
     FRAGMENT_SUFFIX,
     PARTS_DIR,
     PNG_DIR,
+    copied_image_name,
     default_coco_url,
     default_file_name,
     finalize_coco,
@@ -640,6 +641,7 @@ class _Pass2Sink:
         self.reasons: Counter = Counter()
         self.categories: Counter = Counter()
         self.n_instances = 0
+        self.copied_images = False  # --copy-images: COCO file_name is the copy's name under <output>/images/
 
     def add(self, rows: pa.Table, from_base: bool) -> None:
         pngs: dict[str, bytes] = {}
@@ -673,7 +675,9 @@ class _Pass2Sink:
             row,
             seq=self.seq,
             first_instance=self.n_instances,
-            file_name=default_file_name(self.kind, self.shard_url, key, ext),
+            file_name=copied_image_name(self.kind, self.sid, key, ext)
+            if self.copied_images
+            else default_file_name(self.kind, self.shard_url, key, ext),
             coco_url=row.get("image_url")
             or default_coco_url(self.kind, self.shard_url, self.shard_root, key, ext),
             png_file=png_file,
@@ -793,6 +797,7 @@ def write_shard_outputs(
     with tempfile.TemporaryDirectory(prefix="odise-commit-") as tmp:
         sink = _Pass2Sink(fs, root, shard=(shard_url, sid, kind, shard_root), seq=seq, names=names, known=known,
                           fragment=os.path.join(tmp, "fragment.jsonl") if write_coco else None)  # fmt: skip
+        sink.copied_images = bool(provenance.settings.get("copy_images"))  # the output's setting (provenance)
         try:
             winners = _winners(fs, sources, best, rank_of, seq, schema, batch_rows)
             with open_atomic(fs, posixpath.join(root, parquet_rel)) as raw:

@@ -188,6 +188,8 @@ def _build_dataset(config: AnnotateConfig, todo, checked: CheckedInputs, provena
             "shard_index": shard_index,
             "overlays_per_shard": per_shard,
             "overlays_total": config.overlays,
+            "copy_to": config.output if config.copy_images else None,
+            "copy_storage_options": config.out_storage_options,
         },
         batch_size=1,
         batch_format="pyarrow",
@@ -671,6 +673,7 @@ def _label_under_lease(
             markers=done,
             max_images_per_file=config.coco_max_images_per_file,
             image_root=config.image_root,
+            copied_images=config.copy_images,
         )
         summary.coco = {k: coco[k] for k in ("panoptic", "instances", "index")}
         summary.coco_parts, summary.coco_parts_rebuilt = int(coco["parts"]), int(coco["rebuilt"])

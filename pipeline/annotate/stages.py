@@ -25,7 +25,12 @@ sample's error row (``error`` names the image's location, ``error_kind`` and ``r
 
 * read / decode (:class:`ReadShard`): the reader never raises for a shard's content or storage errors
   (:mod:`pipeline.shards`); an unexpected exception or ``MemoryError`` decoding one image becomes its row
-  (``decode_error`` / ``out_of_memory``; a ``MemoryError`` is retried once after freeing memory).
+  (``decode_error`` / ``out_of_memory``; a ``MemoryError`` is retried once after freeing memory). With
+  ``copy_to`` (``--copy-images``) every image that decodes is copied, its original bytes unchanged, to
+  ``<output>/images/<shard_id>/<name>`` (:func:`pipeline.annotate.coco.copied_image_name`: deterministic, so a
+  rerun or a Ray retry rewrites the same file, atomically); a copy that still fails after the retries of
+  :data:`WRITE_DELAYS_S` makes the image an error row (its storage kind, e.g. ``network``, retryable), so a
+  labelled row's copy always exists and ``--retry-errors`` copies it later.
 * model (:class:`Annotator`): a batch whose forward pass raises is retried one image at a time, so only
   the culprit gets ``model_error``. Out of memory (``torch.cuda.OutOfMemoryError`` or ``MemoryError``)
   in a batch retries each image alone (batch 1) with post-processing in chunks of queries
@@ -186,7 +191,11 @@ class ReadShard:
         overlays_per_shard: int,
         overlays_total: int,
         rows_per_batch: int = 8,
+        copy_to: str | None = None,
+        copy_storage_options: dict | None = None,
     ) -> None:
+        self.copy_to = copy_to
+        self.copy_storage_options = copy_storage_options or {}
         self.storage_options = storage_options
         self.short_side = short_side
         self.max_size = max_size
@@ -212,6 +221,25 @@ class ReadShard:
                 _free_memory()
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _copy(self, shard: dict, sample, location: str) -> None:
+        """Copy the sample's original bytes under ``<copy_to>/images/`` (atomic whole-file write); storage
+        errors that may pass are retried after :data:`WRITE_DELAYS_S`, then raised."""
+        from pipeline.annotate.coco import COPIED_IMAGES_DIR, copied_image_name
+        from pipeline.storage import fs_root, write_bytes
+
+        fs, root = fs_root(self.copy_to, self.copy_storage_options)
+        rel = copied_image_name(shard.get("kind", ""), shard["shard_id"], sample.key, sample.image_ext)
+        dest = posixpath.join(root, COPIED_IMAGES_DIR, rel)
+        for attempt in range(len(WRITE_DELAYS_S) + 1):
+            try:
+                write_bytes(fs, dest, sample.image_bytes, durable=False)
+                return
+            except Exception as exc:
+                if not (is_storage_error(exc) and classify(exc, stage="stage")[1]) or attempt == len(WRITE_DELAYS_S):
+                    raise
+                log.warning("copying %s to %s failed (%s: %s); retrying", location, dest, type(exc).__name__, exc)
+            time.sleep(WRITE_DELAYS_S[attempt])
+
     def _decode(self, shard: dict, sample, position: int) -> dict[str, Any]:
         """Row of one sample; ``position`` = number of images of this shard decoded so far."""
         from pipeline.images import ImageDecodeError
@@ -235,6 +263,13 @@ class ReadShard:
         except Exception as exc:  # noqa: BLE001 - MemoryError, decoder bugs: this image's row, not the job
             _set_error(row, *_exception_text("decode", exc, location))
             return row
+        if self.copy_to:
+            try:
+                self._copy(shard, sample, location)
+            except Exception as exc:  # noqa: BLE001 - this image's row: no labelled row without its copy
+                kind = classify(exc, stage="stage")[0]
+                _set_error(row, f"copying the image (--copy-images) failed: {type(exc).__name__}: {exc} [{location}]", kind)
+                return row
         index = self.shard_index.get(shard["shard_id"], 0)
         overlay = position < self.overlays_per_shard and index * self.overlays_per_shard + position < self.overlays_total
         self._decoded += 1

@@ -162,6 +162,11 @@ def vocabulary_from_categories(
 
     The class order is the order of ``categories``; a ``synonyms`` list (as written by
     ``Vocabulary.coco_categories``) is used when present, else the name alone.
+
+    Classes may share display names and synonyms (the vocabulary allows repeats, as a file with
+    ``#! allow-repeats`` does): a dataset's categories are keyed by id, and an output labelled with
+    ``--preset demo`` has COCO's, ADE20K's and LVIS's ``person`` as three classes. Such classes get the
+    same text embedding, so the model cannot tell them apart (a training run logs how many repeat).
     """
     from odise_model.vocabulary import Category, Vocabulary
 
@@ -172,7 +177,17 @@ def vocabulary_from_categories(
         if synonyms[0] != name:
             synonyms = (name, *[s for s in synonyms if s != name])
         cats.append(Category(int(cat_id), name, synonyms, bool(info.get("isthing", 1))))
-    return Vocabulary(tuple(cats), source=source)
+    vocabulary = Vocabulary(tuple(cats), source=source, allow_repeats=True)
+    repeated = len(cats) - len({c.name.casefold() for c in cats})
+    if repeated:
+        logger.info(
+            "%s: %d categor%s repeat an earlier display name (e.g. a --preset demo output); they are kept "
+            "as separate classes, told apart by id only",
+            source,
+            repeated,
+            "y" if repeated == 1 else "ies",
+        )
+    return vocabulary
 
 
 def class_index_map(
