@@ -332,10 +332,10 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
 
 def pack_masks(masks: torch.Tensor) -> torch.Tensor:
     """``NxHxW`` bool -> ``N x ceil(H*W/8)`` uint8, bit order of ``numpy.packbits`` (computed on the device)."""
-    n = masks.shape[0]
-    flat = masks.reshape(n, -1)
+    n, h, w = masks.shape
+    flat = masks.reshape(n, h * w)  # explicit width: -1 is ambiguous when there are no masks (n == 0)
     pad = (-flat.shape[1]) % 8
     if pad:
         flat = F.pad(flat, (0, pad))
     weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32, device=masks.device)
-    return (flat.view(n, -1, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+    return (flat.view(n, flat.shape[1] // 8, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)

@@ -279,6 +279,10 @@ def test_mask_boxes_and_packing_match_numpy():
     assert boxes[0] == [3, 2, 5, 3] and boxes[2] == [0, 0, 0, 0]
     packed = pack_masks(torch.from_numpy(masks)).numpy()
     assert np.array_equal(packed, np.stack([np.packbits(m.reshape(-1)) for m in masks]))
+    # no masks at all (an image whose segments are all stuff: no instances) gives zero rows, not an error
+    none = pack_masks(torch.zeros((0, 7, 9), dtype=torch.bool))
+    assert none.shape == (0, 8) and none.dtype == torch.uint8
+    assert mask_boxes(torch.zeros((0, 7, 9), dtype=torch.bool)).shape == (0, 4)
 
 
 def test_resize_mask_logits_crops_padding_before_resizing():

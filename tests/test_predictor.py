@@ -77,6 +77,11 @@ def test_any_vocabulary(model, photos, tmp_path):
         vocab = odise_model.load_vocabulary(spec)
         result = odise_model.Predictor(model, vocab).predict(photos[0])[0]
         _check_result(result, photos[0].shape, vocab)
+    # only stuff classes: no instance can exist, and post-processing must not fail on zero instance masks
+    vocab = odise_model.load_vocabulary(["sky [stuff]", "grass [stuff]", "wall [stuff]"])
+    result = odise_model.Predictor(model, vocab).predict(photos[0])[0]
+    _check_result(result, photos[0].shape, vocab)
+    assert result.instances == []
 
 
 def test_image_kinds(model):
