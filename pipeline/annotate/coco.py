@@ -59,7 +59,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.encode import category_colour, rle_area
+from pipeline.encode import category_colour, coco_instance_annotation, coco_segment_info
 from pipeline.schema import SCHEMA_VERSION, image_id
 from pipeline.storage import (
     cat_many,
@@ -268,36 +268,16 @@ def fragment_record(
         "instances": [{id, image_id, category_id, segmentation (RLE), area, bbox, iscrowd, score}]}``.
     """
     iid, width, height = int(row["image_id"]), int(row["width"]), int(row["height"])
-    instances = []
-    for j, inst in enumerate(row["instances"] or ()):
-        rle = {"size": [int(v) for v in inst["rle"]["size"]], "counts": inst["rle"]["counts"]}
-        instances.append(
-            {
-                "id": image_id(seq, first_instance + j),
-                "image_id": iid,
-                "category_id": int(inst["category_id"]),
-                "segmentation": rle,
-                "area": float(rle_area(rle)),
-                "bbox": [float(v) for v in inst["bbox"]],
-                "iscrowd": 0,
-                "score": float(inst["score"]),
-            }
-        )
+    instances = [
+        coco_instance_annotation(inst, ann_id=image_id(seq, first_instance + j), image_id=iid)
+        for j, inst in enumerate(row["instances"] or ())
+    ]
     return {
         "image": {"id": iid, "file_name": file_name, "coco_url": coco_url, "width": width, "height": height},
         "panoptic": {
             "image_id": iid,
             "file_name": png_file,
-            "segments_info": [
-                {
-                    "id": int(s["id"]),
-                    "category_id": int(s["category_id"]),
-                    "area": int(s["area"]),
-                    "bbox": [float(v) for v in s["bbox"]],
-                    "iscrowd": 0,
-                }
-                for s in row["segments"] or ()
-            ],
+            "segments_info": [coco_segment_info(s) for s in row["segments"] or ()],
         },
         "instances": instances,
     }

@@ -38,9 +38,9 @@ import os
 import numpy as np
 from PIL import Image
 
-from pipeline.encode import rle_area
+from pipeline.encode import coco_instance_annotation
 from pipeline.export._io import JsonArraySpool, JsonObjectSpool, assemble_json, put_json, put_local
-from pipeline.export.base import ExportContext, Writer, coco_categories, semantic_map
+from pipeline.export.base import ExportContext, Writer, coco_categories, coco_image, semantic_map
 from pipeline.export.reader import ExportItem
 
 __all__ = ["FiftyOneWriter", "local_path_or_url"]
@@ -76,31 +76,14 @@ class FiftyOneWriter(Writer):
         self.next_image_id += 1
         self.images.add(
             {
-                "id": image_id,
-                "file_name": item.name,
-                "width": item.width,
-                "height": item.height,
-                "coco_url": item.image_url,
-                "odise_image_id": str(row["image_id"]),
+                **coco_image(item, image_id),
                 "key": row["key"],
                 "shard_id": row["shard_id"],
                 "uncertainty": round(item.uncertainty, 6),
             }
         )
         for inst in row["instances"]:
-            rle = {"size": [int(v) for v in inst["rle"]["size"]], "counts": inst["rle"]["counts"]}
-            self.annotations.add(
-                {
-                    "id": self.next_ann_id,
-                    "image_id": image_id,
-                    "category_id": int(inst["category_id"]),
-                    "bbox": [float(v) for v in inst["bbox"]],
-                    "area": float(rle_area(rle)),
-                    "segmentation": rle,
-                    "iscrowd": 0,
-                    "score": float(inst["score"]),
-                }
-            )
+            self.annotations.add(coco_instance_annotation(inst, ann_id=self.next_ann_id, image_id=image_id))
             self.next_ann_id += 1
         buf = io.BytesIO()
         Image.fromarray(semantic_map(item, self.dtype)).save(buf, format="PNG")
