@@ -13,8 +13,8 @@ Layout (``<export>/``)::
 ``labels.json``: ``images`` (``id`` 1..N in export order, ``file_name`` = ``<shard_id>/<stem>.<ext>`` relative
 to ``data/``, ``width``, ``height``, ``coco_url`` = the image's source URL, ``odise_image_id`` (string),
 ``key``, ``shard_id``, ``uncertainty``), ``annotations`` (one per kept instance: ``id``, ``image_id``,
-``category_id``, ``bbox`` [x, y, w, h], ``area``, ``segmentation`` {size, counts} compressed RLE,
-``iscrowd`` 0, ``score``), ``categories`` (all of the vocabulary, with ``isthing``).
+``category_id``, ``segmentation`` {size, counts} compressed RLE, ``area``, ``bbox`` [x, y, w, h],
+``iscrowd`` 0, ``score``; :func:`pipeline.encode.coco_instance_annotation`), ``categories`` (all of the vocabulary, with ``isthing``).
 
 Load it (FiftyOne >= 0.23; checked with 1.22's importers)::
 
