@@ -462,6 +462,14 @@ class WeightLoader:
             f"  searched:\n    {where}\n  how to provide: {_HINTS[kind]}"
         )
 
+    def _offline_error(
+        self, url: str, *, kind: str, spec: str, filename: str, searched: list[str]
+    ) -> WeightsNotFoundError:
+        """The error for a file that only a download from ``url`` could give, in offline mode."""
+        return self._not_found(
+            kind, spec, filename, [*searched, f"{url} (not tried: offline)"], "offline mode and no local copy"
+        )
+
     @staticmethod
     def _zoo_dir() -> Path | None:
         zoo = os.environ.get("ODISE_MODEL_ZOO")
@@ -505,13 +513,7 @@ class WeightLoader:
         if isinstance(cached, str):
             return Path(cached)
         if self.offline:
-            raise self._not_found(
-                kind,
-                spec,
-                filename,
-                [*searched, f"{url} (not tried: offline)"],
-                "offline mode and no local copy",
-            )
+            raise self._offline_error(url, kind=kind, spec=spec, filename=filename, searched=searched)
         logger.info("downloading %s into the Hugging Face cache %s", url, self.hub_cache_dir)
         try:
             path = hf_hub_download(
@@ -541,13 +543,7 @@ class WeightLoader:
         import fsspec
 
         if self.offline:
-            raise self._not_found(
-                kind,
-                spec,
-                filename,
-                [*searched, f"{url} (not tried: offline)"],
-                "offline mode and no local copy",
-            )
+            raise self._offline_error(url, kind=kind, spec=spec, filename=filename, searched=searched)
         dest.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
         fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)

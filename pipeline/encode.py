@@ -16,6 +16,7 @@ import colorsys
 import hashlib
 import io
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,6 +27,8 @@ if TYPE_CHECKING:  # only attributes are used: no import of the model package at
 
 __all__ = [
     "category_colour",
+    "coco_instance_annotation",
+    "coco_segment_info",
     "encode_result",
     "mask_to_rle",
     "panoptic_to_png",
@@ -322,6 +325,45 @@ def encode_result(result: PanopticResult, *, include_png: bool) -> dict[str, Any
         "semantic_png": (
             semantic_to_png(result.semantic_seg) if include_png and result.semantic_seg is not None else None
         ),
+    }
+
+
+def coco_segment_info(segment: Mapping[str, Any]) -> dict[str, Any]:
+    """The COCO panoptic ``segments_info`` entry of an output segment (a record of :func:`encode_result`).
+
+    Returns:
+        ``{"id": int, "category_id": int, "area": int (pixels), "bbox": [x, y, w, h] floats, "iscrowd": 0}``.
+    """
+    return {
+        "id": int(segment["id"]),
+        "category_id": int(segment["category_id"]),
+        "area": int(segment["area"]),
+        "bbox": [float(v) for v in segment["bbox"]],
+        "iscrowd": 0,
+    }
+
+
+def coco_instance_annotation(instance: Mapping[str, Any], *, ann_id: int, image_id: int) -> dict[str, Any]:
+    """The COCO instances annotation of an output instance (a record of :func:`encode_result`).
+
+    Args:
+        instance: ``{"category_id", "score", "bbox", "rle": {"size", "counts"}, ...}``.
+        ann_id, image_id: the annotation's and its image's ids in the COCO file.
+
+    Returns:
+        ``{"id", "image_id", "category_id", "segmentation": {"size": [h, w], "counts": str} (compressed RLE),
+        "area": float (pixels of the RLE), "bbox": [x, y, w, h] floats, "iscrowd": 0, "score": float}``.
+    """
+    rle = {"size": [int(v) for v in instance["rle"]["size"]], "counts": instance["rle"]["counts"]}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": int(instance["category_id"]),
+        "segmentation": rle,
+        "area": float(rle_area(rle)),
+        "bbox": [float(v) for v in instance["bbox"]],
+        "iscrowd": 0,
+        "score": float(instance["score"]),
     }
 
 

@@ -78,6 +78,7 @@ __all__ = [
     "image_id",
     "image_id_for",
     "label_row",
+    "output_field",
     "output_schema",
     "package_version",
     "provenance_from_schema",
@@ -136,6 +137,21 @@ _FIELDS = [
 ]
 COLUMNS = tuple(f.name for f in _FIELDS)
 _REQUIRED = ("run_id", "shard", "shard_id", "key")
+_FIELD_BY_NAME = {f.name: f for f in _FIELDS}
+
+
+def output_field(name: str, *, nullable: bool | None = None) -> pa.Field:
+    """The output schema's column ``name`` (one of :data:`COLUMNS`), for formats that carry it on unchanged.
+
+    Args:
+        name: the column's name (``KeyError`` naming the known columns otherwise).
+        nullable: override the field's nullability (None keeps the output schema's).
+    """
+    try:
+        got = _FIELD_BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"no output column {name!r}; known: {list(COLUMNS)}") from None
+    return got if nullable is None else got.with_nullable(nullable)
 
 
 def package_version() -> str:

@@ -118,6 +118,7 @@ __all__ = [
     "iter_tar_fileobj",
     "list_shards",
     "read_shard",
+    "split_key",
     "tar_member_url",
 ]
 
@@ -719,7 +720,7 @@ def _unsafe_reason(member: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _split_key(name: str) -> tuple[str, str]:
+def split_key(name: str) -> tuple[str, str]:
     """WebDataset ``(key, field)``: path up to the first dot of the file name, and the rest lowercased."""
     while name.startswith("./"):
         name = name[2:]
@@ -824,7 +825,7 @@ class _TarReader:
             reason = _unsafe_reason(member)
             if member.isdir() and reason is None:
                 continue
-            key, field = _split_key(member.name)
+            key, field = split_key(member.name)
             if group is None or key != group.key:
                 if group is not None:
                     yield self.finish(group)

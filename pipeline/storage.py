@@ -12,6 +12,8 @@ the annotate commits, the training checkpoints and the exports share one meaning
   publishes it atomically, so nothing of its size is held in memory.
 * :func:`cat_many` fetches many small files concurrently; a missing file is left out, a transient failure is
   retried with backoff and then raised, never taken for "missing".
+* :class:`JsonArraySpool` and :func:`write_json_object` build a big JSON file (a COCO file, Label Studio tasks)
+  one object at a time through local temp files, so memory does not grow with the number of objects.
 
 Functions are stateless and take plain, picklable arguments (usable in Ray tasks).
 """
@@ -19,6 +21,7 @@ Functions are stateless and take plain, picklable arguments (usable in Ray tasks
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import posixpath
@@ -28,7 +31,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
-from typing import Any
+from typing import IO, Any
 
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
@@ -39,11 +42,13 @@ RETRY_DELAYS_S = (0.2, 1.0, 3.0)
 """Backoff between attempts of :func:`cat_many` (4 attempts in all)."""
 
 __all__ = [
+    "JsonArraySpool",
     "cat_many",
     "create_exclusive",
     "delete",
     "fs_root",
     "is_local",
+    "json_bytes",
     "list_children",
     "list_files",
     "open_atomic",
@@ -52,6 +57,7 @@ __all__ = [
     "remove_empty_dir",
     "utc_now",
     "write_bytes",
+    "write_json_object",
     "write_many",
 ]
 
@@ -72,18 +78,28 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _temp_beside(path: str) -> str:
+    """A hidden temp name beside the local ``path`` (``.name.tmp-<uuid>``), its folder created."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+
+
+def _write_file(path: str, data: bytes, *, durable: bool) -> None:
+    """Write ``data`` to the local file ``path`` (fsync'ed when ``durable``)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def write_bytes(fs, path: str, data: bytes, *, durable: bool = True) -> None:
     """Write a whole file atomically: local temp file + ``os.replace``; remote single PUT/multipart."""
     if is_local(fs):
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        tmp = _temp_beside(path)
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
+            _write_file(tmp, data, durable=durable)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -104,14 +120,9 @@ def create_exclusive(fs, path: str, data: bytes) -> bool:
         NotImplementedError: another store (callers fall back to read-compare-write).
     """
     if is_local(fs):
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        tmp = _temp_beside(path)
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_file(tmp, data, durable=True)
             try:
                 os.link(tmp, path)
             except FileExistsError:
@@ -156,9 +167,7 @@ def write_many(fs, files: dict[str, bytes]) -> None:
 def put_local_file(fs, local_path: str, path: str) -> None:
     """Move a finished local file to ``path`` atomically (local: copy to hidden temp + replace)."""
     if is_local(fs):
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        tmp = _temp_beside(path)
         shutil.copyfile(local_path, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -243,9 +252,7 @@ def open_atomic(fs, path: str, *, durable: bool = True) -> Iterator[Any]:
     a crash) publishes nothing and leaves ``path`` as it was.
     """
     if is_local(fs):
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        tmp = _temp_beside(path)
     else:
         handle, tmp = tempfile.mkstemp(prefix="odise-upload-")
         os.close(handle)
@@ -263,6 +270,67 @@ def open_atomic(fs, path: str, *, durable: bool = True) -> Iterator[Any]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def json_bytes(obj: Any, *, indent: int | None = None, sort_keys: bool = False) -> bytes:
+    """UTF-8 JSON (non-ASCII kept), compact unless ``indent``; keys sorted when ``sort_keys``."""
+    separators = None if indent else (",", ":")
+    return json.dumps(obj, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys).encode(
+        "utf-8"
+    )
+
+
+class JsonArraySpool:
+    """The body of a JSON array (``obj,\\nobj,...``), appended one object at a time to a local temp file.
+
+    Args:
+        folder: local folder of the temp file (deleted when closed).
+        sort_keys: write each object with sorted keys (deterministic bytes).
+    """
+
+    def __init__(self, folder: str, *, sort_keys: bool = False) -> None:
+        self.file: IO[bytes] = tempfile.TemporaryFile(mode="w+b", dir=folder)
+        self.sort_keys = sort_keys
+        self.count = 0
+
+    def add(self, obj: Any) -> None:
+        if self.count:
+            self.file.write(b",\n")
+        self.file.write(json_bytes(obj, sort_keys=self.sort_keys))
+        self.count += 1
+
+    def copy_to(self, out: IO[bytes]) -> None:
+        """Copy the body so far to ``out``; more objects may be added afterwards."""
+        self.file.flush()
+        self.file.seek(0)
+        shutil.copyfileobj(self.file, out)
+        self.file.seek(0, os.SEEK_END)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def write_json_object(
+    out: IO[bytes],
+    head: dict[str, Any],
+    arrays: dict[str, JsonArraySpool],
+    tail: dict[str, Any],
+    *,
+    sort_keys: bool = False,
+) -> None:
+    """Write ``{**head, <name>: [<spooled array>], ..., **tail}`` (members in that order) to the binary file
+    ``out``; ``sort_keys`` sorts the keys inside the head and tail values."""
+    sep = b"{"
+    for name, value in (*head.items(), *arrays.items(), *tail.items()):
+        out.write(sep + json_bytes(name) + b":")
+        if isinstance(value, JsonArraySpool):
+            out.write(b"[\n")
+            value.copy_to(out)
+            out.write(b"\n]")
+        else:
+            out.write(json_bytes(value, sort_keys=sort_keys))
+        sep = b","
+    out.write(b"}\n" if sep == b"," else b"{}\n")
 
 
 def _permanent(exc: BaseException) -> bool:

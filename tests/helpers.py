@@ -5,6 +5,7 @@
 * :func:`tar_bytes` / :func:`write_tar`: a tar from ``(member name, bytes)`` pairs, in memory or to a file;
 * :func:`webdataset_members`: WebDataset samples (``{key: jpg bytes}`` or ``[(key, {ext: bytes})]``) as
   ``(member name, bytes)`` pairs (``<key>.<ext>``), so ``write_tar(path, webdataset_members(...))`` writes a shard.
+* :func:`openai_fp16`: which CLIP tensors OpenAI's file keeps in fp16 (for fake CLIP checkpoints).
 
 Tar members get ``mtime`` 0, so a shard's bytes depend only on its members (same input, same file).
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["add_member", "jpeg_bytes", "tar_bytes", "webdataset_members", "write_tar"]
+__all__ = ["add_member", "jpeg_bytes", "openai_fp16", "tar_bytes", "webdataset_members", "write_tar"]
 
 
 def jpeg_bytes(arr: np.ndarray, size: int | tuple[int, int] | None = None, quality: int = 90) -> bytes:
@@ -73,3 +74,22 @@ def webdataset_members(
     if isinstance(samples, Mapping):
         return [(f"{key}.{ext}", data) for key, data in samples.items()]
     return [(f"{key}.{e}", data) for key, fields in samples for e, data in fields.items()]
+
+
+_OPENAI_FP16_SUFFIXES = (
+    "attn.in_proj_weight",
+    "attn.in_proj_bias",
+    "attn.out_proj.weight",
+    "attn.out_proj.bias",
+    "mlp.c_fc.weight",
+    "mlp.c_fc.bias",
+    "mlp.c_proj.weight",
+    "mlp.c_proj.bias",
+)
+_OPENAI_FP16_KEYS = ("visual.conv1.weight", "visual.proj", "text_projection")
+
+
+def openai_fp16(key: str) -> bool:
+    """Whether OpenAI's CLIP ``.pt`` (its ``convert_weights``) holds tensor ``key`` (OpenAI layout) in fp16:
+    Linear / Conv / attention weights and biases and the projections; every other tensor is fp32."""
+    return key.endswith(_OPENAI_FP16_SUFFIXES) or key in _OPENAI_FP16_KEYS

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import openai_fp16
 from torch import nn
 
 import odise_model
@@ -159,28 +160,13 @@ def write_sd_ckpt(path, state: dict[str, torch.Tensor]) -> None:
         )
 
 
-OPENAI_FP16_SUFFIXES = (
-    "attn.in_proj_weight",
-    "attn.in_proj_bias",
-    "attn.out_proj.weight",
-    "attn.out_proj.bias",
-    "mlp.c_fc.weight",
-    "mlp.c_fc.bias",
-    "mlp.c_proj.weight",
-    "mlp.c_proj.bias",
-)
-
-
 def openai_clip_state(model, *, fp16: bool) -> dict[str, torch.Tensor]:
     """CLIP in the OpenAI file layout: our names + the metadata entries; with ``fp16`` the tensors OpenAI's
     ``convert_weights`` halves (Linear / Conv / attention weights, projections) are fp16, the rest fp32."""
     state = {}
     for key, value in model.clip.model.state_dict().items():
         value = value.detach().clone()
-        if fp16 and (
-            key.endswith(OPENAI_FP16_SUFFIXES)
-            or key in ("visual.conv1.weight", "visual.proj", "text_projection")
-        ):
+        if fp16 and openai_fp16(key):
             value = value.half()
         state[key] = value
     state.update(
@@ -969,13 +955,15 @@ def test_torchscript_archives_are_read_like_jit_load_without_it(tmp_path, how, m
         assert torch.equal(got[key], value), key
 
 
-def test_hostile_torchscript_archive_never_runs_its_code(tmp_path, capfd):
+def save_hostile_torchscript(path, buffer: torch.Tensor) -> None:
+    """A TorchScript archive (one buffer ``w`` = ``buffer``) whose ``__setstate__`` prints "CODE FROM THE FILE
+    RAN": ``torch.jit.load`` runs it, a loader that never executes the file's code does not."""
     from typing import Tuple  # noqa: UP035 - TorchScript needs typing.Tuple annotations
 
     class Hostile(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.register_buffer("w", torch.zeros(2))
+            self.register_buffer("w", buffer.clone())
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x
@@ -990,8 +978,12 @@ def test_hostile_torchscript_archive_never_runs_its_code(tmp_path, capfd):
             self.w = state[0]
             self.training = state[1]
 
-    path = tmp_path / "hostile.pt"
     torch.jit.script(Hostile()).save(str(path))
+
+
+def test_hostile_torchscript_archive_never_runs_its_code(tmp_path, capfd):
+    path = tmp_path / "hostile.pt"
+    save_hostile_torchscript(path, torch.zeros(2))
     capfd.readouterr()
     with pytest.raises(CheckpointError) as err:
         odise_model.build_odise("tiny", clip_weights=path)
@@ -1021,29 +1013,9 @@ def test_archive_the_inert_reader_refuses_never_reaches_jit_load_whatever_the_me
     its mtime restored was trusted without being hashed. Here the official file (random bytes standing in for
     it) was hashed, then replaced by a hostile archive of the same size with the mtime restored. The archive
     holds a complex tensor, which the inert reader does not read, and its ``__setstate__`` prints."""
-    from typing import Tuple  # noqa: UP035 - TorchScript needs typing.Tuple annotations
-
     from odise_model.weights_sources import RELEASES, remember_sha256
 
-    class Hostile(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.register_buffer("w", torch.zeros(3, dtype=torch.complex64))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x
-
-        @torch.jit.export
-        def __getstate__(self) -> Tuple[torch.Tensor, bool]:  # noqa: UP006
-            return (self.w, self.training)
-
-        @torch.jit.export
-        def __setstate__(self, state: Tuple[torch.Tensor, bool]) -> None:  # noqa: UP006
-            print("CODE FROM THE FILE RAN")
-            self.w = state[0]
-            self.training = state[1]
-
-    torch.jit.script(Hostile()).save(str(tmp_path / "hostile.pt"))
+    save_hostile_torchscript(tmp_path / "hostile.pt", torch.zeros(3, dtype=torch.complex64))
     data = (tmp_path / "hostile.pt").read_bytes()
     path = tmp_path / "ViT-L-14-336px.pt"
     path.write_bytes(os.urandom(len(data)))  # the official file, as far as the memo will know

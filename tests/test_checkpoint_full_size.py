@@ -32,6 +32,7 @@ import sys
 
 import pytest
 import torch
+from helpers import openai_fp16
 
 from odise_model.resources import config_file
 from odise_model.weights_sources import remember_sha256
@@ -42,17 +43,6 @@ MANIFEST = "odise_label_coco_50e"
 SD_PREFIX = "backbone.feature_extractor.ldm_extractor.ldm.ldm."
 CLIP_PREFIX = "clip_head.clip.clip."
 DTYPES = {"float32": torch.float32, "int64": torch.int64}
-OPENAI_FP16_SUFFIXES = (
-    "attn.in_proj_weight",
-    "attn.in_proj_bias",
-    "attn.out_proj.weight",
-    "attn.out_proj.bias",
-    "mlp.c_fc.weight",
-    "mlp.c_fc.bias",
-    "mlp.c_proj.weight",
-    "mlp.c_proj.bias",
-)
-OPENAI_FP16_KEYS = ("visual.conv1.weight", "visual.proj", "text_projection")
 
 
 def _rows() -> list[dict[str, str]]:
@@ -143,7 +133,7 @@ def official_files(tmp_path_factory):
         if r["key"].startswith(CLIP_PREFIX) and r["kind"] != "buffer_nonpersistent":
             key, shape = r["key"][len(CLIP_PREFIX) :], json.loads(r["shape"])
             value = rand(shape, torch.float32)
-            if key.endswith(OPENAI_FP16_SUFFIXES) or key in OPENAI_FP16_KEYS:
+            if openai_fp16(key):
                 value = value.half()
             clip[key] = value
             clip_fp32_bytes += 4 * _numel(shape)

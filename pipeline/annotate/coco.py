@@ -53,15 +53,15 @@ import logging
 import os
 import posixpath
 import re
-import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.encode import category_colour, rle_area
+from pipeline.encode import category_colour, coco_instance_annotation, coco_segment_info
 from pipeline.schema import SCHEMA_VERSION, image_id
 from pipeline.storage import (
+    JsonArraySpool,
     cat_many,
     delete,
     fs_root,
@@ -70,7 +70,9 @@ from pipeline.storage import (
     read_bytes,
     utc_now,
     write_bytes,
+    write_json_object,
 )
+from pipeline.storage import json_bytes as _json_bytes
 
 __all__ = [
     "DEFAULT_MAX_IMAGES_PER_FILE",
@@ -268,36 +270,16 @@ def fragment_record(
         "instances": [{id, image_id, category_id, segmentation (RLE), area, bbox, iscrowd, score}]}``.
     """
     iid, width, height = int(row["image_id"]), int(row["width"]), int(row["height"])
-    instances = []
-    for j, inst in enumerate(row["instances"] or ()):
-        rle = {"size": [int(v) for v in inst["rle"]["size"]], "counts": inst["rle"]["counts"]}
-        instances.append(
-            {
-                "id": image_id(seq, first_instance + j),
-                "image_id": iid,
-                "category_id": int(inst["category_id"]),
-                "segmentation": rle,
-                "area": float(rle_area(rle)),
-                "bbox": [float(v) for v in inst["bbox"]],
-                "iscrowd": 0,
-                "score": float(inst["score"]),
-            }
-        )
+    instances = [
+        coco_instance_annotation(inst, ann_id=image_id(seq, first_instance + j), image_id=iid)
+        for j, inst in enumerate(row["instances"] or ())
+    ]
     return {
         "image": {"id": iid, "file_name": file_name, "coco_url": coco_url, "width": width, "height": height},
         "panoptic": {
             "image_id": iid,
             "file_name": png_file,
-            "segments_info": [
-                {
-                    "id": int(s["id"]),
-                    "category_id": int(s["category_id"]),
-                    "area": int(s["area"]),
-                    "bbox": [float(v) for v in s["bbox"]],
-                    "iscrowd": 0,
-                }
-                for s in row["segments"] or ()
-            ],
+            "segments_info": [coco_segment_info(s) for s in row["segments"] or ()],
         },
         "instances": instances,
     }
@@ -305,7 +287,7 @@ def fragment_record(
 
 def json_bytes(obj: Any) -> bytes:
     """Compact, deterministic JSON (sorted keys, UTF-8)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _json_bytes(obj, sort_keys=True)
 
 
 def marker_digest(marker: Mapping[str, Any]) -> str:
@@ -318,34 +300,9 @@ def marker_digest(marker: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-class _JsonArrayFile:
-    """Append JSON objects to a local temp file as the body of a JSON array (bounded memory)."""
-
-    def __init__(self, folder: str):
-        self.file = tempfile.TemporaryFile(mode="w+b", dir=folder)
-        self.count = 0
-
-    def add(self, obj: Any) -> None:
-        if self.count:
-            self.file.write(b",\n")
-        self.file.write(json_bytes(obj))
-        self.count += 1
-
-    def copy_to(self, out) -> None:
-        self.file.seek(0)
-        shutil.copyfileobj(self.file, out)
-
-
-def _write_export(fs, dest: str, head: dict, arrays: dict[str, _JsonArrayFile], tail: dict) -> None:
+def _write_export(fs, dest: str, head: dict, arrays: dict[str, JsonArraySpool], tail: dict) -> None:
     with open_atomic(fs, dest) as out:
-        out.write(json_bytes(head)[:-1])  # "{...": keep the object open
-        for name, array in arrays.items():
-            out.write(f',"{name}":[\n'.encode())
-            array.copy_to(out)
-            out.write(b"\n]")
-        for name, value in tail.items():
-            out.write(f',"{name}":'.encode() + json_bytes(value))
-        out.write(b"}\n")
+        write_json_object(out, head, arrays, tail, sort_keys=True)
 
 
 @dataclass
@@ -455,7 +412,7 @@ def _build_part(fs, root: str, part: _Part, names: dict[str, str], ctx: dict[str
     known: set[int] = ctx["known"]
     image_root = ctx["image_root"]
     with tempfile.TemporaryDirectory(prefix="odise-coco-") as tmp:
-        images, pan_anns, inst_anns = _JsonArrayFile(tmp), _JsonArrayFile(tmp), _JsonArrayFile(tmp)
+        images, pan_anns, inst_anns = (JsonArraySpool(tmp, sort_keys=True) for _ in range(3))
         unknown: set[int] = set()
         for sid, line in _fragments(fs, root, part):
             rec = json.loads(line)

@@ -1,21 +1,24 @@
 """Output helpers shared by the export writers: streamed JSON files, batched small files, the output folder.
 
 Big JSON files (COCO ``labels.json``, Label Studio ``tasks.json``) are built in local temp files one object at a
-time and put whole at the end (atomic: a reader never sees half a file), so memory does not grow with the
-number of images. Small files (PNG masks, copied images) are written in batches, each file atomic
+time (:class:`pipeline.storage.JsonArraySpool`, shared with the annotate COCO export) and put whole at the end
+(atomic: a reader never sees half a file), so memory does not grow with the number of images. Small files (PNG masks, copied images) are written in batches, each file atomic
 (:func:`pipeline.storage.write_many`).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import posixpath
-import shutil
-import tempfile
-from typing import IO, Any
+from typing import Any
 
-from pipeline.storage import put_local_file, write_bytes, write_many
+from pipeline.storage import (
+    JsonArraySpool,
+    json_bytes,
+    put_local_file,
+    write_bytes,
+    write_json_object,
+    write_many,
+)
 
 __all__ = [
     "FileBatch",
@@ -26,35 +29,6 @@ __all__ = [
     "put_json",
     "put_local",
 ]
-
-
-def json_bytes(obj: Any, *, indent: int | None = None) -> bytes:
-    """UTF-8 JSON (non-ASCII kept), compact unless ``indent``."""
-    separators = None if indent else (",", ":")
-    return json.dumps(obj, ensure_ascii=False, indent=indent, separators=separators).encode("utf-8")
-
-
-class JsonArraySpool:
-    """The body of a JSON array (``obj,\\nobj,...``), appended one object at a time to a local temp file."""
-
-    def __init__(self, folder: str) -> None:
-        self.file: IO[bytes] = tempfile.TemporaryFile(mode="w+b", dir=folder)
-        self.count = 0
-
-    def add(self, obj: Any) -> None:
-        if self.count:
-            self.file.write(b",\n")
-        self.file.write(json_bytes(obj))
-        self.count += 1
-
-    def copy_to(self, out: IO[bytes]) -> None:
-        self.file.flush()
-        self.file.seek(0)
-        shutil.copyfileobj(self.file, out)
-        self.file.seek(0, os.SEEK_END)
-
-    def close(self) -> None:
-        self.file.close()
 
 
 class JsonObjectSpool:
@@ -85,20 +59,7 @@ def assemble_json(
 ) -> None:
     """Write ``{**head, <name>: [<spooled array>], ..., **tail}`` to the local file ``path``."""
     with open(path, "wb") as out:
-        out.write(b"{")
-        first = True
-        for name, value in head.items():
-            out.write((b"" if first else b",") + json_bytes(name) + b":" + json_bytes(value))
-            first = False
-        for name, array in arrays.items():
-            out.write((b"" if first else b",") + json_bytes(name) + b":[\n")
-            array.copy_to(out)
-            out.write(b"\n]")
-            first = False
-        for name, value in tail.items():
-            out.write((b"" if first else b",") + json_bytes(name) + b":" + json_bytes(value))
-            first = False
-        out.write(b"}\n")
+        write_json_object(out, head, arrays, tail)
 
 
 def put_json(fs: Any, path: str, obj: Any) -> None:

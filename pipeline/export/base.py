@@ -23,6 +23,7 @@ __all__ = [
     "ExportContext",
     "Writer",
     "coco_categories",
+    "coco_image",
     "panoptic_png",
     "segment_masks",
     "semantic_map",
@@ -89,6 +90,19 @@ def coco_categories(source: AnnotateOutput) -> list[dict[str, Any]]:
         }
         for c in source.categories
     ]
+
+
+def coco_image(item: ExportItem, image_id: int) -> dict[str, Any]:
+    """The COCO ``images`` entry of an item: ``{"id": image_id, "file_name": item.name, "width", "height",
+    "coco_url": the image's source URL, "odise_image_id": the output's image id as a string}``."""
+    return {
+        "id": image_id,
+        "file_name": item.name,
+        "width": item.width,
+        "height": item.height,
+        "coco_url": item.image_url,
+        "odise_image_id": str(item.row["image_id"]),
+    }
 
 
 def segment_masks(item: ExportItem) -> Iterator[tuple[dict[str, Any], np.ndarray]]:

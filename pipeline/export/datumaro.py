@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import os
 
-from pipeline.encode import rle_area
+from pipeline.encode import coco_instance_annotation, coco_segment_info
 from pipeline.export._io import JsonArraySpool, assemble_json, put_local
-from pipeline.export.base import ExportContext, Writer, coco_categories, panoptic_png
+from pipeline.export.base import ExportContext, Writer, coco_categories, coco_image, panoptic_png
 from pipeline.export.reader import ExportItem
 
 __all__ = ["DatumaroWriter"]
@@ -59,30 +59,9 @@ class DatumaroWriter(Writer):
         row = item.row
         image_id = self.next_image_id
         self.next_image_id += 1
-        self.images.add(
-            {
-                "id": image_id,
-                "file_name": item.name,
-                "width": item.width,
-                "height": item.height,
-                "coco_url": item.image_url,
-                "odise_image_id": str(row["image_id"]),
-            }
-        )
+        self.images.add(coco_image(item, image_id))
         for inst in row["instances"]:
-            rle = {"size": [int(v) for v in inst["rle"]["size"]], "counts": inst["rle"]["counts"]}
-            self.instances.add(
-                {
-                    "id": self.next_ann_id,
-                    "image_id": image_id,
-                    "category_id": int(inst["category_id"]),
-                    "segmentation": rle,
-                    "area": float(rle_area(rle)),
-                    "bbox": [float(v) for v in inst["bbox"]],
-                    "iscrowd": 0,
-                    "score": float(inst["score"]),
-                }
-            )
+            self.instances.add(coco_instance_annotation(inst, ann_id=self.next_ann_id, image_id=image_id))
             self.next_ann_id += 1
         png_name = f"{item.stem}.png"
         self.ctx.files.add(f"annotations/panoptic_{self.subset}/{png_name}", panoptic_png(item))
@@ -90,16 +69,7 @@ class DatumaroWriter(Writer):
             {
                 "image_id": image_id,
                 "file_name": png_name,
-                "segments_info": [
-                    {
-                        "id": int(s["id"]),
-                        "category_id": int(s["category_id"]),
-                        "area": int(s["area"]),
-                        "bbox": [float(v) for v in s["bbox"]],
-                        "iscrowd": 0,
-                    }
-                    for s in row["segments"]
-                ],
+                "segments_info": [coco_segment_info(s) for s in row["segments"]],
             }
         )
 

@@ -13,8 +13,8 @@ Layout (``<export>/``)::
 ``labels.json``: ``images`` (``id`` 1..N in export order, ``file_name`` = ``<shard_id>/<stem>.<ext>`` relative
 to ``data/``, ``width``, ``height``, ``coco_url`` = the image's source URL, ``odise_image_id`` (string),
 ``key``, ``shard_id``, ``uncertainty``), ``annotations`` (one per kept instance: ``id``, ``image_id``,
-``category_id``, ``bbox`` [x, y, w, h], ``area``, ``segmentation`` {size, counts} compressed RLE,
-``iscrowd`` 0, ``score``), ``categories`` (all of the vocabulary, with ``isthing``).
+``category_id``, ``segmentation`` {size, counts} compressed RLE, ``area``, ``bbox`` [x, y, w, h],
+``iscrowd`` 0, ``score``; :func:`pipeline.encode.coco_instance_annotation`), ``categories`` (all of the vocabulary, with ``isthing``).
 
 Load it (FiftyOne >= 0.23; checked with 1.22's importers)::
 
@@ -38,9 +38,9 @@ import os
 import numpy as np
 from PIL import Image
 
-from pipeline.encode import rle_area
+from pipeline.encode import coco_instance_annotation
 from pipeline.export._io import JsonArraySpool, JsonObjectSpool, assemble_json, put_json, put_local
-from pipeline.export.base import ExportContext, Writer, coco_categories, semantic_map
+from pipeline.export.base import ExportContext, Writer, coco_categories, coco_image, semantic_map
 from pipeline.export.reader import ExportItem
 
 __all__ = ["FiftyOneWriter", "local_path_or_url"]
@@ -76,31 +76,14 @@ class FiftyOneWriter(Writer):
         self.next_image_id += 1
         self.images.add(
             {
-                "id": image_id,
-                "file_name": item.name,
-                "width": item.width,
-                "height": item.height,
-                "coco_url": item.image_url,
-                "odise_image_id": str(row["image_id"]),
+                **coco_image(item, image_id),
                 "key": row["key"],
                 "shard_id": row["shard_id"],
                 "uncertainty": round(item.uncertainty, 6),
             }
         )
         for inst in row["instances"]:
-            rle = {"size": [int(v) for v in inst["rle"]["size"]], "counts": inst["rle"]["counts"]}
-            self.annotations.add(
-                {
-                    "id": self.next_ann_id,
-                    "image_id": image_id,
-                    "category_id": int(inst["category_id"]),
-                    "bbox": [float(v) for v in inst["bbox"]],
-                    "area": float(rle_area(rle)),
-                    "segmentation": rle,
-                    "iscrowd": 0,
-                    "score": float(inst["score"]),
-                }
-            )
+            self.annotations.add(coco_instance_annotation(inst, ann_id=self.next_ann_id, image_id=image_id))
             self.next_ann_id += 1
         buf = io.BytesIO()
         Image.fromarray(semantic_map(item, self.dtype)).save(buf, format="PNG")

@@ -41,7 +41,7 @@ from pipeline.export.base import ExportContext, Writer, panoptic_png
 from pipeline.export.images import GroupSpill, fetch_grouped
 from pipeline.export.labelstudio import original_file_name
 from pipeline.export.reader import ExportItem
-from pipeline.schema import INSTANCE_TYPE, SEGMENT_TYPE
+from pipeline.schema import output_field
 
 __all__ = ["HFWriter", "IMAGE_TYPE", "hf_schema"]
 
@@ -51,21 +51,13 @@ IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.stri
 
 def hf_schema(include_image: bool) -> pa.Schema:
     """The Arrow schema of the export's Parquet files (``huggingface`` metadata when images are included)."""
+    # the output's own column types (pipeline.schema), every column nullable in the export
+    carried = ("shard", "shard_id", "image_id", "image_url", "width", "height", "segments", "instances")
+    carried += ("panoptic_png", "semantic_png", "uncertainty", "branch_disagreement")
     fields = [
-        pa.field("key", pa.string()),
+        output_field("key", nullable=True),
         pa.field("file_name", pa.string()),
-        pa.field("shard", pa.string()),
-        pa.field("shard_id", pa.string()),
-        pa.field("image_id", pa.int64()),
-        pa.field("image_url", pa.string()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field("segments", pa.list_(SEGMENT_TYPE)),
-        pa.field("instances", pa.list_(INSTANCE_TYPE)),
-        pa.field("panoptic_png", pa.binary()),
-        pa.field("semantic_png", pa.binary()),
-        pa.field("uncertainty", pa.float32()),
-        pa.field("branch_disagreement", pa.float32()),
+        *(output_field(name, nullable=True) for name in carried),
         pa.field("review_uncertainty", pa.float32()),
     ]
     if not include_image:

@@ -5,22 +5,22 @@ Image URLs come from :func:`pipeline.export.reader.image_url_of`: plain file URL
 time would read the tar's index (every header) per image; instead:
 
 * :func:`fetch_grouped` reads entries whose tar members are *consecutive* per tar by streaming that tar once
-  (members matched by WebDataset key and extension, so ``./a.JPG`` matches ``a.jpg``), and plain files in
-  concurrent batches (``fs.cat``);
+  with the one tar reader, :func:`pipeline.shards.iter_tar` (members matched by WebDataset key and extension,
+  so ``./a.JPG`` matches ``a.jpg``; its rules for unsafe members, member size and truncation apply), and
+  plain files in concurrent batches (``fs.cat``);
 * :class:`GroupSpill` collects entries in any order on local disk (SQLite) and gives them back grouped by
   tar (for exports in uncertainty order, Label Studio tasks in review order): memory stays flat.
 
 A missing image never stops the caller: its entry comes back with ``data=None`` and an error naming the URL.
-Transient I/O errors (network) are raised, so a retried task can redo the work.
+Transient I/O errors (network; for tars, once the reader's own retries are spent) are raised, so a retried
+task can redo the work.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import re
 import sqlite3
-import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -28,7 +28,7 @@ from typing import Any, Generic, TypeVar
 
 from pipeline.export.reader import split_tar_url
 
-__all__ = ["Fetched", "GroupSpill", "fetch_grouped", "group_of", "split_member"]
+__all__ = ["Fetched", "GroupSpill", "fetch_grouped", "group_of"]
 
 T = TypeVar("T")
 
@@ -43,69 +43,61 @@ class Fetched(Generic[T]):
     error: str | None = None
 
 
-def split_member(name: str) -> tuple[str, str]:
-    """WebDataset ``(key, field)`` of a tar member name (:mod:`pipeline.shards` rules): ``./a/b.JPG`` -> ``("a/b", "jpg")``."""
-    while name.startswith("./"):
-        name = name[2:]
-    folder, _, base = name.rpartition("/")
-    if "." not in base or base.startswith("."):
-        return name, ""
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
 def group_of(url: str) -> str:
     """The tar URL an image URL lives in, or ``""`` for a plain file."""
     tar = split_tar_url(url)
     return tar[1] if tar else ""
 
 
-def _unsafe(name: str) -> bool:
-    return name.startswith("/") or ".." in name.split("/") or bool(re.match(r"^[A-Za-z]:", name))
+_TAR_DAMAGE = ("truncated_shard", "corrupt_shard", "shard_growing")
+"""Shard-level error kinds of :func:`pipeline.shards.iter_tar` that leave the rest of a tar's members missing;
+any other (a storage failure that outlasted the reader's retries) is raised."""
 
 
 def _fetch_tar(
     tar_url: str, entries: list[tuple[str, T]], storage_options: dict[str, Any]
 ) -> Iterator[Fetched[T]]:
-    import fsspec
+    """The wanted members of one tar, read by the one tar reader (:func:`pipeline.shards.iter_tar`: its
+    member rules, size limit and retries), in member order; then the entries not found, with why."""
+    from pipeline.shards import SHARD_ERROR_KEY, iter_tar, split_key
 
     wanted: dict[tuple[str, str], list[tuple[str, T]]] = {}
     for url, payload in entries:
         member = split_tar_url(url)
         assert member is not None
-        wanted.setdefault(split_member(member[0]), []).append((url, payload))
-    found: set[tuple[str, str]] = set()
-    try:
-        with fsspec.open(tar_url, "rb", **storage_options) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile() or _unsafe(member.name):
-                    continue
-                ident = split_member(member.name)
-                if ident not in wanted or ident in found:
-                    continue
-                extracted = tar.extractfile(member)
-                data = extracted.read() if extracted is not None else b""
-                found.add(ident)
-                for url, payload in wanted[ident]:
-                    yield Fetched(payload, url, data)
-                if len(found) == len(wanted):
-                    break
-    except FileNotFoundError:
-        for group in wanted.values():
-            for url, payload in group:
-                yield Fetched(payload, url, None, f"tar shard {tar_url} not found")
-        return
-    except (tarfile.TarError, EOFError) as exc:
-        reason = f"tar shard {tar_url} is unreadable or truncated ({type(exc).__name__}: {exc})"
-        for ident, group in wanted.items():
-            if ident not in found:
-                for url, payload in group:
-                    yield Fetched(payload, url, None, reason)
-        return
+        wanted.setdefault(split_key(member[0]), []).append((url, payload))
+    fields_of: dict[str, list[str]] = {}
+    for key, field in wanted:
+        fields_of.setdefault(key, []).append(field)
+    done: dict[tuple[str, str], str | None] = {}  # None: found, else why it cannot be read
+    rest = ""  # why the members not reached are missing
+    for sample in iter_tar(tar_url, storage_options, fields={field for _, field in wanted}):
+        if sample.key.startswith(SHARD_ERROR_KEY) and not sample.present:
+            if sample.error_kind == "vanished":
+                rest = f"tar shard {tar_url} not found"
+            elif sample.error_kind in _TAR_DAMAGE:
+                rest = f"tar shard {tar_url} is unreadable or truncated ({sample.error})"
+            else:  # transient I/O: let the caller's task be retried
+                raise OSError(f"cannot read tar shard {tar_url}: {sample.error}")
+            break
+        for field in fields_of.get(sample.key, ()):
+            ident = (sample.key, field)
+            data = sample.files.get(field)
+            if data is None:
+                if sample.error:
+                    done[ident] = f"{sample.key}.{field} in {tar_url} not read: {sample.error}"
+                continue
+            done[ident] = None
+            for url, payload in wanted[ident]:
+                yield Fetched(payload, url, data)
+        if len(done) == len(wanted):
+            break
     for ident, group in wanted.items():
-        if ident not in found:
-            for url, payload in group:
-                yield Fetched(payload, url, None, f"no member {ident[0]}.{ident[1]} in {tar_url}")
+        if ident in done and done[ident] is None:
+            continue
+        reason = done.get(ident) or rest or f"no member {ident[0]}.{ident[1]} in {tar_url}"
+        for url, payload in group:
+            yield Fetched(payload, url, None, reason)
 
 
 def _fetch_files(entries: list[tuple[str, T]], storage_options: dict[str, Any]) -> Iterator[Fetched[T]]:

@@ -187,6 +187,7 @@ def annotate_to_shards(
         storage_options: fsspec options for the input and the images; output_storage_options for the output
             (default: the same).
     """
+    from pipeline.encode import coco_segment_info
     from pipeline.export.base import panoptic_png
     from pipeline.export.labelstudio import original_file_name
     from pipeline.export.reader import SelectionStats, iter_items, open_output
@@ -206,16 +207,7 @@ def annotate_to_shards(
             if not row["segments"]:
                 summary.skipped_empty += 1
                 continue
-            segments_info = [
-                {
-                    "id": int(s["id"]),
-                    "category_id": int(s["category_id"]),
-                    "area": int(s["area"]),
-                    "bbox": [float(v) for v in s["bbox"]],
-                    "iscrowd": 0,
-                }
-                for s in row["segments"]
-            ]
+            segments_info = [coco_segment_info(s) for s in row["segments"]]
             image_id = int(row["image_id"])
             meta = {
                 "image_id": image_id,
