@@ -209,18 +209,22 @@ def test_actor_killed_mid_run_loses_nothing(tmp_path, photos, ray_local):
     killed = []
 
     def killer():
-        # kill the model actor's process once the first shard is committed (the others are in flight)
+        # kill the model actor's process once the first image is staged (the others are in flight; waiting for
+        # a whole shard's commit could let the model finish all 12 images first)
         if not first_commit.wait(timeout=180):
             return
-        for actor in ray._private.state.actors().values():
-            if "MapWorker" in actor.get("ActorClassName", "") and actor.get("State") == "ALIVE" and actor.get("Pid"):
-                os.kill(actor["Pid"], 9)
-                killed.append(actor["Pid"])
+        deadline = time.monotonic() + 10
+        while not killed and time.monotonic() < deadline:
+            for actor in ray._private.state.actors().values():
+                if "MapWorker" in actor.get("ActorClassName", "") and actor.get("State") == "ALIVE" and actor.get("Pid"):
+                    os.kill(actor["Pid"], 9)
+                    killed.append(actor["Pid"])
+            time.sleep(0.05)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     out = tmp_path / "out"
-    summary = pipeline.run_annotation(config(str(shards), str(out), overlays=0), on_progress=lambda p: p["event"] == "shard" and first_commit.set())
+    summary = pipeline.run_annotation(config(str(shards), str(out), overlays=0), on_progress=lambda p: p["images_staged"] > 0 and first_commit.set())
     thread.join(timeout=5)
     assert killed, "the test never found the model actor to kill"
     rows = read_rows(str(out))
