@@ -60,6 +60,66 @@ def s3_storage_options(s3_endpoint: str) -> dict:
 
 
 @pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One real ``prefect server start`` on 127.0.0.1:<free port> (SQLite in a temporary PREFECT_HOME) for the
+    whole session; yields the environment its clients need (``PREFECT_API_URL`` included).
+
+    Flow tests in this process point Prefect at it (``prefect_api`` fixtures), and console-script tests pass
+    ``PREFECT_API_URL`` to their subprocesses, instead of each starting a temporary server (about 6 s a
+    process, more with a fresh PREFECT_HOME's database). The README's main command is still tested in
+    Prefect's ephemeral mode (tests/test_cli.py). Clients filter by their own flow-run ids, so sharing is safe.
+    """
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+    from helpers import free_port, stop_process
+
+    home = tmp_path_factory.mktemp("prefect-server-home")
+    port = free_port()
+    env = dict(os.environ)
+    for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE"):
+        env.pop(name, None)
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
+    prefect = str(Path(sys.executable).parent / "prefect")
+    log = open(home / "server.log", "w")  # noqa: SIM115 - closed in teardown
+    server = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=home,
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop_process(server)
+            log.close()
+            pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield {**env, "PREFECT_API_URL": api}
+    stop_process(server)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def prefect_api(prefect_server):
+    """This process's Prefect client pointed at the session's server (for flows run in-process)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
+        yield prefect_server["PREFECT_API_URL"]
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """A local Ray with 2 CPUs shared by the tests of a session (started once; ~3 s)."""
     import ray

@@ -6,6 +6,7 @@
 * :func:`webdataset_members`: WebDataset samples (``{key: jpg bytes}`` or ``[(key, {ext: bytes})]``) as
   ``(member name, bytes)`` pairs (``<key>.<ext>``), so ``write_tar(path, webdataset_members(...))`` writes a shard.
 * :func:`openai_fp16`: which CLIP tensors OpenAI's file keeps in fp16 (for fake CLIP checkpoints).
+* :func:`free_port` / :func:`stop_process`: for the servers and workers tests start as processes.
 
 Tar members get ``mtime`` 0, so a shard's bytes depend only on its members (same input, same file).
 """
@@ -14,13 +15,25 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import socket
+import subprocess
 import tarfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["add_member", "jpeg_bytes", "openai_fp16", "tar_bytes", "webdataset_members", "write_tar"]
+__all__ = [
+    "add_member",
+    "free_port",
+    "jpeg_bytes",
+    "openai_fp16",
+    "stop_process",
+    "tar_bytes",
+    "webdataset_members",
+    "write_tar",
+]
 
 
 def jpeg_bytes(arr: np.ndarray, size: int | tuple[int, int] | None = None, quality: int = 90) -> bytes:
@@ -93,3 +106,22 @@ def openai_fp16(key: str) -> bool:
     """Whether OpenAI's CLIP ``.pt`` (its ``convert_weights``) holds tensor ``key`` (OpenAI layout) in fp16:
     Linear / Conv / attention weights and biases and the projections; every other tensor is fp32."""
     return key.endswith(_OPENAI_FP16_SUFFIXES) or key in _OPENAI_FP16_KEYS
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGINT (Prefect workers ignore SIGTERM while their server is gone), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)

@@ -1,13 +1,14 @@
 """Tests of flows/cli.py through the installed console scripts (subprocesses, as a user runs them).
 
-``odise-annotate --help`` documents every option; the tiny model on the shipped examples runs the whole
-flow locally (ephemeral Prefect, local Ray) and says it is a plumbing check; the official model offline
-with an empty weights cache stops at once with the missing file named (no Ray, no traceback, exit 2).
+``odise-annotate --help`` documents every option; Ctrl-C ends a run with exit code 130 and a rerun completes;
+the official model offline with an empty weights cache stops at once with the missing file named (no Ray, no
+traceback, exit 2). The README's main command on the shipped examples (the tiny model, ephemeral Prefect,
+local Ray, what the terminal shows) is tested as the first step of the README walk-through
+(tests/test_export_walkthrough.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -29,7 +30,8 @@ def _script(name: str) -> str:
     return str(path)
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
+def _env(tmp_path: Path, api_url: str | None = None) -> dict[str, str]:
+    """The environment of a console-script run: Prefect's ephemeral mode, or the server at ``api_url``."""
     env = dict(os.environ)
     env.update(
         PREFECT_HOME=str(tmp_path / "prefect-home"),
@@ -39,23 +41,18 @@ def _env(tmp_path: Path) -> dict[str, str]:
     )
     for name in ("PREFECT_API_URL", "ODISE_MODEL_ZOO", "ODISE_DEBUG"):
         env.pop(name, None)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
     return env
 
 
-def _run(args: list[str], tmp_path: Path, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+def _run(
+    args: list[str], tmp_path: Path, timeout: float, cwd: Path = REPO, api_url: str | None = None
+) -> subprocess.CompletedProcess:
+    env = _env(tmp_path, api_url)
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-NOISE = (
-    "| INFO",  # Prefect-formatted INFO lines (flow/task runs and forwarded pipeline logs)
-    "\tINFO ",  # Ray / Ray Data INFO lines ("... INFO streaming_executor.py:216 -- Execution plan ...")
-    "streaming_executor",
-    "Token authentication is enabled",
-    "core_worker.cc",
-    "has constructor arguments in the object store",
-    "Progress bars disabled",
-)
-"""Lines a user must not see on a successful run without ``-v``."""
 
 
 def _flags(help_text: str) -> set[str]:
@@ -97,76 +94,10 @@ def test_evaluate_and_train_help_document_every_config_field(tmp_path, script, m
         assert renamed.get(name, "--" + name.replace("_", "-")) in flags, name
 
 
-@pytest.mark.slow
-def test_tiny_run_on_the_examples_via_the_console_script(tmp_path):
-    out = tmp_path / "out"
-    started = time.perf_counter()
-    proc = _run(
-        [
-            _script("odise-annotate"),
-            "--input",
-            "examples/images",
-            "--vocab-file",
-            "examples/classes.txt",
-            "--output",
-            str(out),
-            "--model",
-            "tiny",
-            "--num-cpus",
-            "2",
-        ],
-        tmp_path,
-        timeout=540,
-    )
-    elapsed = time.perf_counter() - started
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "PLUMBING CHECK" in proc.stderr and "RANDOM weights" in proc.stderr
-    assert "labelled 4 image(s) (0 errors" in proc.stdout
-    assert "labelling" in proc.stderr and "4/4" in proc.stderr and "img/s" in proc.stderr  # the bar counts images
-    assert "shards=1/1" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    # without -v: no INFO noise from Ray, Ray Data or Prefect, no token notice, no native core_worker line
-    for noise in NOISE:
-        assert noise not in proc.stderr + proc.stdout, noise
-    for rel in ("provenance.json", "summary.json", "coco/panoptic.json", "coco/instances.json"):
-        assert (out / rel).is_file(), rel
-    assert list((out / "parquet").glob("*.parquet"))
-    assert len(list((out / "overlays").rglob("*.jpg"))) == 4
-    assert json.loads((out / "provenance.json").read_text())["settings"]["plumbing_check"] is True
-    print(f"tiny CLI run: {elapsed:.1f} s")
-
-    # odise-evaluate on that output, with its own COCO export as ground truth: PQ 100
-    proc = _run(
-        [
-            _script("odise-evaluate"),
-            "--ground-truth",
-            str(out / "coco" / "panoptic.json"),
-            "--ground-truth-png",
-            str(out / "coco" / "panoptic"),
-            "--predictions",
-            str(out),
-            "--json",
-            str(tmp_path / "pq.json"),
-            "--no-instance-ap",
-        ],
-        tmp_path,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert re.search(r"PQ All\s+100\.0", proc.stdout), proc.stdout
-    metrics = json.loads((tmp_path / "pq.json").read_text())
-    assert metrics["num_images"] == 4 and metrics["instance"] is None
-    # ... and the per-class table: every vocabulary category, absent ones marked
-    metrics_rows = [line for line in proc.stdout.splitlines() if re.match(r"\s+\d+ \S", line)]
-    assert len(metrics_rows) == len(metrics["panoptic"]["per_class"]), proc.stdout
-    counted = [r for r in metrics["panoptic"]["per_class"].values() if r["counted"]]
-    assert counted and all(r["pq"] == 1.0 for r in counted)
-    assert sum("(absent)" in line for line in metrics_rows) == len(metrics_rows) - len(counted)
-
-
-def test_ctrl_c_in_a_terminal_exits_130_and_a_rerun_completes(tmp_path):
+def test_ctrl_c_in_a_terminal_exits_130_and_a_rerun_completes(tmp_path, prefect_server):
     """Ctrl-C reaches the whole process group (the temporary Prefect server and Ray too): the command must
-    still end promptly with exit code 130, and the same command afterwards labels every image exactly once."""
+    still end promptly with exit code 130, and the same command afterwards labels every image exactly once
+    (the rerun talks to the session's Prefect server: no second temporary one to start)."""
     import signal
 
     import pyarrow.dataset as pads
@@ -194,7 +125,7 @@ def test_ctrl_c_in_a_terminal_exits_130_and_a_rerun_completes(tmp_path):
     assert proc.returncode == 130, stderr[-3000:]
     assert "interrupted" in stderr and waited < 60
     assert not (out / "_lease.json").exists()  # released on the way out: the rerun need not wait for its TTL
-    rerun = _run([*args, "-v"], tmp_path, timeout=540)
+    rerun = _run([*args, "-v"], tmp_path, timeout=540, api_url=prefect_server["PREFECT_API_URL"])
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "| INFO" in rerun.stderr and "already committed" in rerun.stderr  # -v shows the INFO lines
     keys = pads.dataset(str(out / "parquet"), format="parquet").to_table(columns=["key"]).column("key").to_pylist()

@@ -45,14 +45,6 @@ def _canary(tag: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # fixtures and helpers
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 class _AuthServer:
     """A local http server for files that demands ``Authorization: Bearer <header>`` and ``?token=<token>``."""
 

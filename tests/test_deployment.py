@@ -1,7 +1,7 @@
 """The deployment commands of README.md, run exactly as written, against a real ``prefect server``.
 
-A fixture starts ``prefect server start --host 127.0.0.1 --port <free port>`` (SQLite in a temporary
-PREFECT_HOME). The test then runs, from the repository root: ``prefect work-pool create``, ``prefect
+The session's ``prefect server start --host 127.0.0.1 --port <free port>`` (conftest's ``prefect_server``,
+SQLite in a temporary PREFECT_HOME) serves it. The test then runs, from the repository root: ``prefect work-pool create``, ``prefect
 --no-prompt deploy --all`` (the nightly schedule must arrive INACTIVE), and ``prefect deployment run
 annotate/nightly --param vocab_file=classes.txt``:
 
@@ -20,76 +20,18 @@ Fast tests check ``prefect.yaml`` itself and the deployments ``python -m flows.s
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from helpers import stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 PREFECT = str(Path(sys.executable).parent / "prefect")
 POOL = "local-process"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGINT (Prefect workers ignore SIGTERM while their server is gone), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """``prefect server start`` on 127.0.0.1:<free port>; yields the environment its clients need."""
-    import httpx
-
-    home = tmp_path_factory.mktemp("prefect-server-home")
-    port = _free_port()
-    env = dict(os.environ)
-    for name in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE"):
-        env.pop(name, None)
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
-    log = open(home / "server.log", "w")  # noqa: SIM115 - closed in teardown
-    server = subprocess.Popen(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=home,
-    )
-    api = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            _stop(server)
-            log.close()
-            pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield {**env, "PREFECT_API_URL": api}
-    _stop(server)
-    log.close()
 
 
 def _cli(args: list[str], env: dict[str, str], timeout: float = 180) -> str:
@@ -115,7 +57,7 @@ def _run_worker(env: dict[str, str], log_path: Path, timeout: float = 480) -> No
         except subprocess.TimeoutExpired:
             pass
         finally:
-            _stop(worker)  # before the server (fixture teardown)
+            stop_process(worker)  # before the server (fixture teardown)
 
 
 def _run_id(output: str) -> str:

@@ -1,5 +1,5 @@
-"""Tests of flows/: the annotate flow in-process under ``prefect_test_harness`` (a real temporary Prefect
-server), the evaluate flow on its output, parameter validation, the credential rules and the retry rule.
+"""Tests of flows/: the annotate flow in-process against the session's real ``prefect server`` (conftest's
+``prefect_api``), the evaluate flow on its output, parameter validation, the credential rules and the retry rule.
 
 One real plumbing-check run of the tiny model (the shipped examples -> S3 on a local moto server, with
 fake secrets in the environment and in a Prefect Secret block), then a rerun into the same output, then
@@ -25,19 +25,6 @@ BLOCK_SECRET = f"blockSECRET{uuid.uuid4().hex}"
 # --------------------------------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def prefect_api():
-    """A temporary Prefect server (SQLite) for this module's flow runs.
-
-    Module-scoped rather than session-scoped so that its API settings never leak into other test
-    modules of the same session (test_deployment.py talks to its own ``prefect server``).
-    """
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray with 2 CPUs, reused by the flow runs of this module (the pipeline reuses it)."""

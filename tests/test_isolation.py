@@ -52,7 +52,7 @@ def _rows(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_every_stage_fails_for_one_sample_and_the_run_goes_on(tmp_path, photos):
+def test_every_stage_fails_for_one_sample_and_the_run_goes_on(tmp_path, photos, prefect_server):
     """One CLI run over a tar whose marked samples fail in read, decode, model, post-processing, encode and
     staging, run out of memory (for good, or once), and a folder and a tar holding names that are not valid
     UTF-8: exit 0, exactly one error row per failing sample with the right kind and flag, every other image
@@ -95,7 +95,7 @@ def test_every_stage_fails_for_one_sample_and_the_run_goes_on(tmp_path, photos):
             "RAY_ADDRESS": "local",
         }
     )
-    env.pop("PREFECT_API_URL", None)
+    env["PREFECT_API_URL"] = prefect_server["PREFECT_API_URL"]  # the session's server: no temporary one
     script = Path(sys.executable).parent / "odise-annotate"
     if not script.exists():
         pytest.skip("console script odise-annotate is not installed (pip install -e .)")

@@ -134,18 +134,20 @@ def _script() -> str:
     return str(path)
 
 
-def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+def _env(tmp_path: Path, api_url: str, **extra: str) -> dict[str, str]:
+    """A console-script run's environment, talking to the session's Prefect server at ``api_url`` (which is
+    outside the process group the test kills)."""
     env = dict(os.environ)
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               ODISE_CACHE=str(tmp_path / "odise-cache"), HF_HUB_OFFLINE="1", **extra)  # fmt: skip
-    env.pop("PREFECT_API_URL", None)
+               ODISE_CACHE=str(tmp_path / "odise-cache"), HF_HUB_OFFLINE="1", PREFECT_API_URL=api_url,
+               **extra)  # fmt: skip
     return env
 
 
-def _run_until_paused(args: list[str], tmp_path: Path, point: str) -> str:
+def _run_until_paused(args: list[str], tmp_path: Path, point: str, api_url: str) -> str:
     """Start the CLI with the test-only pause hook at ``point``, SIGKILL its whole process group there."""
     flag = tmp_path / f"paused-{point}"
-    env = _env(tmp_path, ODISE_TEST_PAUSE_AT=point, ODISE_TEST_PAUSE_FILE=str(flag))
+    env = _env(tmp_path, api_url, ODISE_TEST_PAUSE_AT=point, ODISE_TEST_PAUSE_FILE=str(flag))
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # fmt: skip
     try:
@@ -162,21 +164,22 @@ def _run_until_paused(args: list[str], tmp_path: Path, point: str) -> str:
     return flag.read_text()
 
 
-def test_sigkill_during_commit_and_during_coco_assembly_then_rerun(tmp_path):
+def test_sigkill_during_commit_and_during_coco_assembly_then_rerun(tmp_path, prefect_server):
+    api_url = prefect_server["PREFECT_API_URL"]
     out = tmp_path / "out"
     args = [_script(), "--input", "examples/images", "--vocab-file", "examples/classes.txt", "--output", str(out),
             "--model", "tiny", "--num-cpus", "2", "--images-per-virtual-shard", "1", "--no-progress",
             "--overlays", "0", "--coco-max-images-per-file", "2"]  # fmt: skip
     # 1. killed after a shard's Parquet, PNGs and fragment are written, before its marker
-    paused = _run_until_paused(args, tmp_path, "commit")
+    paused = _run_until_paused(args, tmp_path, "commit", api_url)
     sid = paused.split()[1]
     assert (out / "parquet" / f"{sid}.parquet").exists() and not (out / "_commits" / f"{sid}.json").exists()
     # 2. the rerun commits everything, then is killed while it publishes the COCO export's first part
-    assert _run_until_paused(args, tmp_path, "coco").startswith("coco panoptic-00000.json")
+    assert _run_until_paused(args, tmp_path, "coco", api_url).startswith("coco panoptic-00000.json")
     assert len(list((out / "_commits").glob("*.json"))) == 4
     assert not (out / "coco" / "index.json").exists()  # the export was never completed
     # 3. the next rerun finishes: one row per key, the COCO parts agree with the Parquet
-    proc = subprocess.run(args, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(args, cwd=REPO, env=_env(tmp_path, api_url), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = rows_of(out)
     assert sorted(rows) == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"]
