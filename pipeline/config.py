@@ -11,6 +11,7 @@ Field names are the command-line flags (``--max-steps``) and the flow parameters
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -52,6 +53,14 @@ TINY_VARIANTS = ("tiny", "tiny_caption")
 def uses_pretrained(model: str, pretrained: bool | None) -> bool:
     """Whether weight sources left unset get the official files: yes by default, except for the tiny variants."""
     return pretrained if pretrained is not None else model not in TINY_VARIANTS
+
+
+def ray_init_address(ray_address: str | None) -> str:
+    """What ``ray.init(address=...)`` gets for a run's ``ray_address``: the option if given, else
+    ``$RAY_ADDRESS`` if set, else ``"local"``: a new local Ray. A bare ``ray.init()`` would instead join a
+    cluster that someone started with ``ray start`` on this machine, which an empty ``ray_address`` (start a
+    local Ray) must not do (and ``num_cpus`` cannot be given for a cluster that exists)."""
+    return ray_address or os.environ.get("RAY_ADDRESS") or "local"
 
 
 def check_sources(value: str | list[str], what: str) -> str | list[str]:

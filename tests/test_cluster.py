@@ -10,8 +10,12 @@ tests/test_checks.py, since every node here shares one host).
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from helpers import jpeg_bytes, webdataset_members, write_tar
@@ -22,6 +26,7 @@ from pipeline.annotate.checks import check_cluster_paths
 pytestmark = pytest.mark.slow
 
 OBJECT_STORE = 80 * 1024 * 1024
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +49,7 @@ def two_node_cluster():
         ray.shutdown()
     cluster.shutdown()
     if had_local:  # give the session's tests their local Ray back (tests/conftest.py ray_local)
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
 
 
@@ -119,3 +124,28 @@ def test_two_node_cluster_labels_into_s3_with_replicas_on_both_nodes(
         driver_host=host,
         driver_addresses={seen["driver_ip"]},
     )
+
+
+def test_without_ray_address_a_run_starts_its_own_ray_even_beside_a_running_cluster(two_node_cluster, tmp_path):
+    """A bare ``ray.init()`` joins the cluster running on this machine (and then refuses ``num_cpus``); a run
+    without ``ray_address`` (and without ``$RAY_ADDRESS``) starts its own local Ray, as documented."""
+    script = (
+        "import json, ray\n"
+        "from pipeline.annotate.run import _start_ray\n"
+        "from pipeline.config import AnnotateConfig\n"
+        "ray.init(include_dashboard=False)\n"
+        "bare = ray.get_runtime_context().gcs_address\n"
+        "ray.shutdown()\n"
+        f"config = AnnotateConfig(input={str(tmp_path)!r}, output={str(tmp_path / 'out')!r}, num_cpus=1)\n"
+        "assert _start_ray(config)\n"
+        "print(json.dumps({'bare': bare, 'run': ray.get_runtime_context().gcs_address,\n"
+        "                  'cpus': ray.cluster_resources().get('CPU')}))\n"
+        "ray.shutdown()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["bare"] == two_node_cluster.address  # the hazard is real here
+    assert seen["run"] != two_node_cluster.address and seen["cpus"] == 1.0

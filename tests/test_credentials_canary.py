@@ -437,7 +437,7 @@ def test_ray_train_run_state_holds_no_block_credentials(prefect_api, s3_endpoint
     monkeypatch.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         state = train_flow(
             train=f"s3://{bucket}/train",

@@ -44,7 +44,7 @@ from typing import Any
 from pipeline.annotate.checks import CheckedInputs, check_cluster_paths, check_inputs
 from pipeline.annotate.lease import LeaseMode, OutputLease
 from pipeline.annotate.stages import Annotator, overlay_plan
-from pipeline.config import AnnotateConfig, RunSummary
+from pipeline.config import AnnotateConfig, RunSummary, ray_init_address
 from pipeline.redact import install_log_redaction, redact, redact_text
 from pipeline.shards import ShardRef
 
@@ -84,10 +84,10 @@ def _start_ray(config: AnnotateConfig) -> bool:
     started = False
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
-        if config.ray_address:
-            ray.init(address=config.ray_address, **kwargs)
-        else:
-            ray.init(num_cpus=config.num_cpus, **kwargs)
+        address = ray_init_address(config.ray_address)
+        if address == "local":
+            kwargs["num_cpus"] = config.num_cpus
+        ray.init(address=address, **kwargs)
         started = True
     try:
         _check_cluster(config)

@@ -65,7 +65,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, ray_init_address
 from pipeline.redact import credential_findings, install_log_redaction
 from pipeline.storage import fs_root, is_local, list_files, read_bytes, write_bytes
 
@@ -733,7 +733,7 @@ def _run_with_ray(cfg: TrainConfig, credentials: CredentialsLoader | None = None
         )
     started = False
     if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=True)
+        ray.init(address=ray_init_address(cfg.ray_address), include_dashboard=False, log_to_driver=True)
         started = True
     try:
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else bool(ray.cluster_resources().get("GPU", 0))
