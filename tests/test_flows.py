@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -50,13 +51,33 @@ def _flush_logs() -> None:
     APILogHandler().flush()
 
 
-def _logs(flow_run_id) -> list[str]:
+def _logs(flow_run_id, wait_s: float = 15.0) -> list[str]:
+    """Every log message of a flow run, oldest first. The server stores logs shortly after it receives them,
+    so this reads (page by page) until two reads half a second apart agree, or ``wait_s`` has passed."""
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
 
     _flush_logs()
-    with _client() as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    return [log.message for log in logs]
+    log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+
+    def read() -> list[str]:
+        messages: list[str] = []
+        with _client() as client:
+            while True:
+                page = client.read_logs(log_filter=log_filter, offset=len(messages), sort=LogSort.TIMESTAMP_ASC)
+                messages += [log.message for log in page]
+                if not page:
+                    return messages
+
+    deadline = time.monotonic() + wait_s
+    messages = read()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        again = read()
+        if again == messages:
+            break
+        messages = again
+    return messages
 
 
 def _artifacts(flow_run_id) -> list:
