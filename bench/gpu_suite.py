@@ -72,7 +72,9 @@ import numpy as np
 START = time.perf_counter()
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, when not installed
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/measure.py, also when imported from elsewhere
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent)
+)  # bench/measure.py, also when imported from elsewhere
 from measure import (  # noqa: E402
     Report,
     SmiSampler,
@@ -576,7 +578,9 @@ def pipeline_run(cfg) -> dict[str, Any]:
 def training(cfg) -> dict[str, Any]:
     """Training steps/s at the official crop size (placeholder when odise_model.training is missing)."""
     if not has("odise_model.training"):
-        return {"skipped": "odise_model.training not available (placeholder: fill when pipeline.train.run lands)"}
+        return {
+            "skipped": "odise_model.training not available (placeholder: fill when pipeline.train.run lands)"
+        }
     if remaining(cfg) < cfg.training_min_s:
         return {"skipped": f"budget: {remaining(cfg):.0f} s left < {cfg.training_min_s} s"}
     import torch

@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--colour-coded", action="store_true", help="each shape category has its own hue (classes learnable from colour too)"
+        "--colour-coded",
+        action="store_true",
+        help="each shape category has its own hue (classes learnable from colour too)",
     )
     parser.add_argument(
         "--work-dir", default=None, help="where data and checkpoints go (default: a temp folder)"

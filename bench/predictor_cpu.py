@@ -18,7 +18,9 @@ from _common import machine, peak_rss_mib, sample_photos, write_result  # noqa: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])

@@ -186,7 +186,9 @@ def label(
     _notify({"event": "start", "output": config.output})
     with forward_logs("pipeline", "odise_model"):
         summary = run_annotation(
-            with_credentials(config, storage_block), checked=take_over(config, storage_block), on_progress=on_progress
+            with_credentials(config, storage_block),
+            checked=take_over(config, storage_block),
+            on_progress=on_progress,
         )
     if progress_artifact is not None:
         with contextlib.suppress(Exception):
@@ -255,7 +257,9 @@ def _layout(summary: RunSummary, config: AnnotateConfig) -> str:
                      "`astronaut.jpg` -> `astronaut.png`)")  # fmt: skip
     parts.append("`overlays/<shard>/<name>.jpg`")
     if config.copy_images:
-        parts.append("`images/<shard>/<name>` (the images, copied; COCO `file_name` is relative to `images/`)")
+        parts.append(
+            "`images/<shard>/<name>` (the images, copied; COCO `file_name` is relative to `images/`)"
+        )
     return ", ".join([*parts, "`provenance.json`", "`summary.json`"])
 
 
@@ -354,7 +358,9 @@ def report(
         md += [f"![{posixpath.basename(u)}]({_as_link(u)})" for u in overlays]
     ids["report"] = str(
         create_markdown_artifact(
-            markdown=redact_text("\n".join(md)), key=ARTIFACT_KEYS["report"], description=f"{flag}annotation report"
+            markdown=redact_text("\n".join(md)),
+            key=ARTIFACT_KEYS["report"],
+            description=f"{flag}annotation report",
         )
     )
     ids["output"] = str(

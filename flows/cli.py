@@ -29,7 +29,14 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["annotate_main", "evaluate_main", "train_main", "convert_main", "export_main", "build_annotate_parser"]
+__all__ = [
+    "annotate_main",
+    "evaluate_main",
+    "train_main",
+    "convert_main",
+    "export_main",
+    "build_annotate_parser",
+]
 
 PLUMBING_BANNER = """\
 ============================================================================================
@@ -370,7 +377,7 @@ _EXTRA_HELP = {
     "ade20k_150, lvis_1203, ade20k_847, pascal_context_459, pascal_context_59, pascal_voc_21",
     "vocab": "inline classes as in the ODISE demo: \"person, man; sky [stuff]\" (';' between classes, ',' "
     "between synonyms, the first is the name; optional [stuff]); added after the vocab file's classes",
-    "caption": "a caption whose nouns become classes: \"a man walking a dog on the beach\" -> man, dog, beach "
+    "caption": 'a caption whose nouns become classes: "a man walking a dog on the beach" -> man, dog, beach '
     "(no download; nouns outside the built-in lists' synonyms and a list of common nouns are missed)",
     "preset": "demo: the official ODISE demo: your classes (as things) + COCO + ADE20K-150 + LVIS (~1.5k classes), "
     "overlap threshold 0, alpha 0.35, beta 0.65; options given explicitly win (a merge-vocab list replaces "
@@ -880,7 +887,9 @@ def build_convert_parser() -> argparse.ArgumentParser:
         "output: --input), labelstudio (a Label Studio JSON export, e.g. after review: --input) (default: coco)",
     )
     group.add_argument(
-        "--input", metavar="URL", help="--from annotate: the annotate output; --from labelstudio: the exported JSON"
+        "--input",
+        metavar="URL",
+        help="--from annotate: the annotate output; --from labelstudio: the exported JSON",
     )
     group.add_argument("--ground-truth", metavar="JSON", help="COCO panoptic JSON (path or URL)")
     group.add_argument(
@@ -890,9 +899,14 @@ def build_convert_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--images", metavar="DIR", help="--from coco: folder of the images (path or URL)")
     group.add_argument(
-        "--output", required=True, metavar="URL", help="folder for the shards (created; same-named shards overwritten)"
+        "--output",
+        required=True,
+        metavar="URL",
+        help="folder for the shards (created; same-named shards overwritten)",
     )
-    group.add_argument("--samples-per-shard", type=int, default=1000, metavar="N", help="samples per shard (default: 1000)")
+    group.add_argument(
+        "--samples-per-shard", type=int, default=1000, metavar="N", help="samples per shard (default: 1000)"
+    )
     group.add_argument(
         "--shard-name",
         default="shard-{index:06d}.tar",
@@ -914,7 +928,9 @@ def build_convert_parser() -> argparse.ArgumentParser:
         help="keep only segments scored at least X; every other pixel is void (0) (reviewed Label Studio results "
         "carry no score and are always kept)",
     )
-    loop.add_argument("--max-images", type=int, metavar="N", help="--from annotate: convert the first N images only")
+    loop.add_argument(
+        "--max-images", type=int, metavar="N", help="--from annotate: convert the first N images only"
+    )
     loop.add_argument(
         "--categories",
         metavar="JSON",
@@ -945,16 +961,21 @@ def _read_captions(url: str, options: dict[str, Any]) -> dict[Any, Any]:
         with fsspec.open(url, "rt", encoding="utf-8", **options) as f:
             data = json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"captions file {url!r}: cannot read it as JSON ({type(exc).__name__}: {exc})") from None
+        raise ValueError(
+            f"captions file {url!r}: cannot read it as JSON ({type(exc).__name__}: {exc})"
+        ) from None
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         captions: dict[Any, list[str]] = {}
         for i, ann in enumerate(data["annotations"]):
             if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
-                raise ValueError(f"captions file {url!r}: annotations[{i}] needs image_id and a caption string")
+                raise ValueError(
+                    f"captions file {url!r}: annotations[{i}] needs image_id and a caption string"
+                )
             captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
         return captions
     if isinstance(data, dict) and all(
-        isinstance(v, str) or (isinstance(v, list) and all(isinstance(c, str) for c in v)) for v in data.values()
+        isinstance(v, str) or (isinstance(v, list) and all(isinstance(c, str) for c in v))
+        for v in data.values()
     ):
         # JSON object keys are strings; COCO image ids are usually ints.
         return {int(k) if k.isdigit() else k: v for k, v in data.items()}
@@ -1024,7 +1045,11 @@ def _convert_loop(ns: argparse.Namespace, options: dict[str, Any], where: Callab
         raise ValueError(f"--from {ns.source} needs --input")
     if ns.min_score is not None and not 0.0 <= ns.min_score <= 1.0:
         raise ValueError(f"--min-score must be in [0, 1], got {ns.min_score}")
-    common = {"samples_per_shard": ns.samples_per_shard, "storage_options": options, "min_score": ns.min_score}
+    common = {
+        "samples_per_shard": ns.samples_per_shard,
+        "storage_options": options,
+        "min_score": ns.min_score,
+    }
     if ns.source == "annotate":
         summary = annotate_to_shards(where(ns.input), where(ns.output), max_images=ns.max_images, **common)
     else:
@@ -1034,9 +1059,15 @@ def _convert_loop(ns: argparse.Namespace, options: dict[str, Any], where: Callab
         )
         print(
             f"tasks: {summary.reviewed} reviewed, {summary.unreviewed} not reviewed"
-            + (f" ({summary.skipped_unreviewed} skipped)" if ns.reviewed_only else " (their predictions used)")
+            + (
+                f" ({summary.skipped_unreviewed} skipped)"
+                if ns.reviewed_only
+                else " (their predictions used)"
+            )
         )
-    print(f"wrote {summary.samples} sample(s) ({summary.segments} segments) in {len(summary.shards)} shard(s)")
+    print(
+        f"wrote {summary.samples} sample(s) ({summary.segments} segments) in {len(summary.shards)} shard(s)"
+    )
     if summary.shards:
         print(f"  first shard: {summary.shards[0]}")
     print(f"  categories:  {summary.categories_url}")
@@ -1083,9 +1114,7 @@ def build_export_parser() -> argparse.ArgumentParser:
         "Exit codes: 0 ok, 1 failed, 2 bad options or inputs, 130 interrupted.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_fields(
-        parser, ExportConfig, _EXPORT_GROUPS, input={"metavar": "URL"}, output={"metavar": "URL"}
-    )
+    _add_fields(parser, ExportConfig, _EXPORT_GROUPS, input={"metavar": "URL"}, output={"metavar": "URL"})
     _add_common(parser)
     return parser
 
@@ -1112,7 +1141,10 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         check_export(config)
         summary = export(**params, storage_block=ns.storage_block)
         if summary["plumbing_check"]:
-            print("PLUMBING CHECK: these labels come from a model with random weights (--model tiny)", file=sys.stderr)
+            print(
+                "PLUMBING CHECK: these labels come from a model with random weights (--model tiny)",
+                file=sys.stderr,
+            )
         print(
             f"exported {summary['images']} image(s), {summary['segments']} segment(s) as {summary['format']} in "
             f"{summary['elapsed_s']:.1f} s ({summary['images_per_s']} images/s)"

@@ -160,7 +160,9 @@ def check_parameters(values: Mapping[str, Any]) -> None:
     Raises:
         ParameterError: ``invalid parameter <names>: <where and what>; <where credentials go instead>``.
     """
-    found = [(name, path, what) for name, value in values.items() for path, what in credential_findings(value)]
+    found = [
+        (name, path, what) for name, value in values.items() for path, what in credential_findings(value)
+    ]
     if not found:
         return
     names = list(dict.fromkeys(name for name, _, _ in found))

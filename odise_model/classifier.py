@@ -61,7 +61,11 @@ class VocabularyEmbedding:
 
     def to(self, device) -> VocabularyEmbedding:
         return VocabularyEmbedding(
-            self.text.to(device), self.maskclip_text.to(device), self.class_index.to(device), self.seen.to(device), self.num_classes
+            self.text.to(device),
+            self.maskclip_text.to(device),
+            self.class_index.to(device),
+            self.seen.to(device),
+            self.num_classes,
         )
 
     @classmethod
@@ -77,7 +81,9 @@ class VocabularyEmbedding:
         flat = [s for syns in synonyms for s in syns]
         class_index = torch.tensor([i for i, syns in enumerate(synonyms) for _ in syns], dtype=torch.long)
         text = encode_text(apply_prompt(flat, text_prompt))
-        maskclip = text if maskclip_prompt == text_prompt else encode_text(apply_prompt(flat, maskclip_prompt))
+        maskclip = (
+            text if maskclip_prompt == text_prompt else encode_text(apply_prompt(flat, maskclip_prompt))
+        )
         seen = torch.tensor([not seen_synonyms.isdisjoint(syns) for syns in synonyms], dtype=torch.bool)
         return cls(text.float(), maskclip.float(), class_index, seen, len(synonyms))
 
@@ -94,7 +100,9 @@ class OpenVocabHead(nn.Module):
         eos_coef: no-object weight.
     """
 
-    def __init__(self, *, kind: str, clip_dim: int, projection_dim: int, num_train_classes: int, eos_coef: float) -> None:
+    def __init__(
+        self, *, kind: str, clip_dim: int, projection_dim: int, num_train_classes: int, eos_coef: float
+    ) -> None:
         super().__init__()
         self.kind = kind
         self.text_proj = nn.Linear(clip_dim, projection_dim)
@@ -105,7 +113,9 @@ class OpenVocabHead(nn.Module):
         self.register_buffer("empty_weight", weight)
         self._cache: OrderedDict[tuple, VocabularyEmbedding] = OrderedDict()
 
-    def cached_embedding(self, key: tuple, build: Callable[[], VocabularyEmbedding], max_entries: int = 8) -> VocabularyEmbedding:
+    def cached_embedding(
+        self, key: tuple, build: Callable[[], VocabularyEmbedding], max_entries: int = 8
+    ) -> VocabularyEmbedding:
         """Text embeddings per vocabulary, built once (LRU of ``max_entries``)."""
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -119,7 +129,9 @@ class OpenVocabHead(nn.Module):
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def logits(self, mask_embed: torch.Tensor, vocab: VocabularyEmbedding, logit_scale: torch.Tensor) -> torch.Tensor:
+    def logits(
+        self, mask_embed: torch.Tensor, vocab: VocabularyEmbedding, logit_scale: torch.Tensor
+    ) -> torch.Tensor:
         """Diffusion-branch logits.
 
         Args:

@@ -36,8 +36,12 @@ class SharedCLIP(nn.Module):
             text_cfg=open_clip.model.CLIPTextCfg(**cfg.text_cfg),
             quick_gelu=cfg.quick_gelu,
         )
-        self.register_buffer("pixel_mean", torch.tensor(cfg.mean, device="cpu").view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.std, device="cpu").view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(cfg.mean, device="cpu").view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(cfg.std, device="cpu").view(1, 3, 1, 1), persistent=False
+        )
         self.requires_grad_(False)
         self.eval()
 
@@ -69,7 +73,9 @@ class SharedCLIP(nn.Module):
         """
         size = self.image_size
         if tiles.shape[-1] != size or tiles.shape[-2] != size:
-            tiles = F.interpolate(tiles, size=(size, size), mode="bicubic", align_corners=False, antialias=False)
+            tiles = F.interpolate(
+                tiles, size=(size, size), mode="bicubic", align_corners=False, antialias=False
+            )
         x = self._normalize(tiles).to(self.model.visual.conv1.weight.dtype)
         return self.model.encode_image(x)
 
@@ -82,7 +88,9 @@ class SharedCLIP(nn.Module):
         device = self.model.token_embedding.weight.device
         out = []
         for start in range(0, len(texts), batch_size):
-            tokens = open_clip.tokenize(list(texts[start : start + batch_size]), context_length=self.cfg.context_length)
+            tokens = open_clip.tokenize(
+                list(texts[start : start + batch_size]), context_length=self.cfg.context_length
+            )
             out.append(self.model.encode_text(tokens.to(device)).float())
         return torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=device)
 
@@ -122,7 +130,9 @@ class SharedCLIP(nn.Module):
         blocked[:, :, :num_masks] = True
         blocked[:, :num_masks, total - num_patches :] = patch_masked
         heads = visual.transformer.resblocks[0].attn.num_heads
-        attn_mask = torch.zeros(blocked.shape, dtype=x.dtype, device=x.device).masked_fill(blocked, float("-inf"))
+        attn_mask = torch.zeros(blocked.shape, dtype=x.dtype, device=x.device).masked_fill(
+            blocked, float("-inf")
+        )
         attn_mask = attn_mask.repeat_interleave(heads, dim=0)  # (B*heads) x L x L
         # 4. transformer, then ln_post + projection of the mask tokens
         x = visual.transformer(x, attn_mask=attn_mask)

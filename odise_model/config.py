@@ -230,7 +230,11 @@ _SECTIONS = {
     "classifier": ClassifierConfig,
     "postprocess": PostprocessConfig,
 }
-_PASSTHROUGH = {("stable_diffusion", "unet"), ("stable_diffusion", "vae"), ("stable_diffusion", "text_encoder")}
+_PASSTHROUGH = {
+    ("stable_diffusion", "unet"),
+    ("stable_diffusion", "vae"),
+    ("stable_diffusion", "text_encoder"),
+}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -324,11 +328,15 @@ def load_config(spec: str | os.PathLike | ODISEConfig) -> ODISEConfig:
 
 def _check(cfg: ODISEConfig, source: Path) -> None:
     if cfg.classifier.kind not in ("label", "caption"):
-        raise ConfigError(f"{source}: classifier.kind must be 'label' or 'caption', got {cfg.classifier.kind!r}")
+        raise ConfigError(
+            f"{source}: classifier.kind must be 'label' or 'caption', got {cfg.classifier.kind!r}"
+        )
     if cfg.classifier.maskclip_alignment not in ("official", "aligned"):
         raise ConfigError(f"{source}: classifier.maskclip_alignment must be 'official' or 'aligned'")
     for prompt in (cfg.classifier.text_prompt, cfg.classifier.maskclip_prompt):
         if prompt not in (None, "a", "photo", "scene"):
-            raise ConfigError(f"{source}: unknown prompt template {prompt!r} (use null, 'a', 'photo', 'scene')")
+            raise ConfigError(
+                f"{source}: unknown prompt template {prompt!r} (use null, 'a', 'photo', 'scene')"
+            )
     if cfg.input.tile_size % cfg.input.size_divisibility and cfg.input.size_divisibility % 8:
         raise ConfigError(f"{source}: input.size_divisibility must be a multiple of 8")

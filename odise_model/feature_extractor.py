@@ -66,12 +66,17 @@ def crop_tiles(image: torch.Tensor, boxes: Sequence[Box], tile_size: int) -> tor
     """
     crops = torch.stack([image[:, y1:y2, x1:x2] for (y1, x1, y2, x2) in boxes])
     if crops.shape[-1] != tile_size or crops.shape[-2] != tile_size:
-        crops = F.interpolate(crops, size=(tile_size, tile_size), mode="bicubic", align_corners=False, antialias=False)
+        crops = F.interpolate(
+            crops, size=(tile_size, tile_size), mode="bicubic", align_corners=False, antialias=False
+        )
     return crops
 
 
 def stitch_tiles(
-    tile_features: dict[str, torch.Tensor], boxes: Sequence[Box], image_size: tuple[int, int], strides: dict[str, int]
+    tile_features: dict[str, torch.Tensor],
+    boxes: Sequence[Box],
+    image_size: tuple[int, int],
+    strides: dict[str, int],
 ) -> dict[str, torch.Tensor]:
     """Write per-window feature maps into full-size maps and average where windows overlap.
 
@@ -120,7 +125,9 @@ class StableDiffusionTaps(nn.Module):
     the official code adds ``cond_emb``. This adds no parameters.
     """
 
-    def __init__(self, *, vae: nn.Module, unet: nn.Module, cfg: StableDiffusionConfig, tile_size: int) -> None:
+    def __init__(
+        self, *, vae: nn.Module, unet: nn.Module, cfg: StableDiffusionConfig, tile_size: int
+    ) -> None:
         super().__init__()
         self.vae = vae
         self.unet = unet
@@ -259,7 +266,9 @@ class FeatureProjections(nn.Module):
         super().__init__()
         self.projections = nn.ModuleList(
             nn.Sequential(
-                BottleneckBlock(c, cfg.dim, bottleneck_channels=cfg.bottleneck_dim, norm_groups=cfg.norm_groups)
+                BottleneckBlock(
+                    c, cfg.dim, bottleneck_channels=cfg.bottleneck_dim, norm_groups=cfg.norm_groups
+                )
             )
             for c in in_channels
         )

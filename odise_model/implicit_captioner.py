@@ -59,7 +59,9 @@ class ImplicitCaptioner(nn.Module):
             raise ValueError(
                 f"empty-prompt embedding has shape {tuple(embedding.shape)}, expected {tuple(self.uncond_context.shape)}"
             )
-        self.uncond_context = embedding.detach().to(self.uncond_context.device, self.uncond_context.dtype).clone()
+        self.uncond_context = (
+            embedding.detach().to(self.uncond_context.device, self.uncond_context.dtype).clone()
+        )
 
     def forward(self, clip_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``clip_embed``: ``NxD`` projected CLIP image embeddings (not normalised).

@@ -56,21 +56,34 @@ class BottleneckBlock(nn.Module):
     ``Cin != Cout``; convs have no bias.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, bottleneck_channels: int, norm_groups: int) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, *, bottleneck_channels: int, norm_groups: int
+    ) -> None:
         super().__init__()
 
         def gn(c: int) -> nn.GroupNorm:
             return nn.GroupNorm(norm_groups, c)
 
         if in_channels != out_channels:
-            self.shortcut = Conv2dNorm(in_channels, out_channels, kernel_size=1, bias=False, norm=gn(out_channels))
+            self.shortcut = Conv2dNorm(
+                in_channels, out_channels, kernel_size=1, bias=False, norm=gn(out_channels)
+            )
         else:
             self.shortcut = None
-        self.conv1 = Conv2dNorm(in_channels, bottleneck_channels, kernel_size=1, bias=False, norm=gn(bottleneck_channels))
-        self.conv2 = Conv2dNorm(
-            bottleneck_channels, bottleneck_channels, kernel_size=3, padding=1, bias=False, norm=gn(bottleneck_channels)
+        self.conv1 = Conv2dNorm(
+            in_channels, bottleneck_channels, kernel_size=1, bias=False, norm=gn(bottleneck_channels)
         )
-        self.conv3 = Conv2dNorm(bottleneck_channels, out_channels, kernel_size=1, bias=False, norm=gn(out_channels))
+        self.conv2 = Conv2dNorm(
+            bottleneck_channels,
+            bottleneck_channels,
+            kernel_size=3,
+            padding=1,
+            bias=False,
+            norm=gn(bottleneck_channels),
+        )
+        self.conv3 = Conv2dNorm(
+            bottleneck_channels, out_channels, kernel_size=1, bias=False, norm=gn(out_channels)
+        )
         for layer in (self.conv1, self.conv2, self.conv3, self.shortcut):
             if layer is not None:
                 c2_msra_fill(layer)
@@ -89,7 +102,9 @@ class MLP(nn.Module):
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
         super().__init__()
         hidden = [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip([input_dim, *hidden], [*hidden, output_dim]))
+        self.layers = nn.ModuleList(
+            nn.Linear(n, k) for n, k in zip([input_dim, *hidden], [*hidden, output_dim])
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
@@ -100,7 +115,14 @@ class MLP(nn.Module):
 
 
 def sine_position_encoding(
-    batch: int, height: int, width: int, num_pos_feats: int, *, device, dtype=torch.float32, temperature: float = 10000.0
+    batch: int,
+    height: int,
+    width: int,
+    num_pos_feats: int,
+    *,
+    device,
+    dtype=torch.float32,
+    temperature: float = 10000.0,
 ) -> torch.Tensor:
     """DETR / Mask2Former normalised sine position encoding (no padding mask).
 
@@ -109,8 +131,16 @@ def sine_position_encoding(
     """
     eps = 1e-6
     scale = 2 * math.pi
-    y_embed = torch.arange(1, height + 1, dtype=torch.float32, device=device).view(1, height, 1).expand(batch, height, width)
-    x_embed = torch.arange(1, width + 1, dtype=torch.float32, device=device).view(1, 1, width).expand(batch, height, width)
+    y_embed = (
+        torch.arange(1, height + 1, dtype=torch.float32, device=device)
+        .view(1, height, 1)
+        .expand(batch, height, width)
+    )
+    x_embed = (
+        torch.arange(1, width + 1, dtype=torch.float32, device=device)
+        .view(1, 1, width)
+        .expand(batch, height, width)
+    )
     y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
     x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
     dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=device)

@@ -171,7 +171,9 @@ class ODISE(nn.Module):
                 # 1c. projections at the window's resolution
                 taps = [t.to(proj_dtype) for t in taps]
                 if self.gradient_checkpointing != "none" and torch.is_grad_enabled():
-                    feats = torch.utils.checkpoint.checkpoint(self.projections, taps, window, use_reentrant=False)
+                    feats = torch.utils.checkpoint.checkpoint(
+                        self.projections, taps, window, use_reentrant=False
+                    )
                 else:
                     feats = self.projections(taps, window)
                 for k, (i, j) in enumerate(chunk):
@@ -201,7 +203,9 @@ class ODISE(nn.Module):
         """Diffusion-branch logits ``BxQx(K+1)`` (label) or ``BxQxK`` (caption) of one decoder output."""
         return self.head.logits(outputs.mask_embed, vocab, outputs.logit_scale)
 
-    def clip_logits(self, images: Sequence[torch.Tensor], mask_logits: torch.Tensor, vocab: VocabularyEmbedding) -> torch.Tensor:
+    def clip_logits(
+        self, images: Sequence[torch.Tensor], mask_logits: torch.Tensor, vocab: VocabularyEmbedding
+    ) -> torch.Tensor:
         """MaskCLIP logits ``BxQxK``.
 
         ``images``: per image ``3xhxw`` in [0, 1] (the resized, unpadded image); ``mask_logits``: ``BxQxHpxWp``
@@ -217,11 +221,15 @@ class ODISE(nn.Module):
             if aligned:
                 h, w = image.shape[-2:]
                 m = F.interpolate(m, scale_factor=stride, mode="bilinear", align_corners=False)[:, :, :h, :w]
-            imgs.append(F.interpolate(image[None].float(), size=(size, size), mode="bilinear", align_corners=False))
+            imgs.append(
+                F.interpolate(image[None].float(), size=(size, size), mode="bilinear", align_corners=False)
+            )
             masks.append(F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False))
         mask_embed = self.clip.mask_embed(torch.cat(imgs), torch.cat(masks)).float()
         text = F.normalize(vocab.maskclip_text.to(mask_embed), dim=-1)
-        logits = torch.einsum("bqc,nc->bqn", F.normalize(mask_embed, dim=-1), text) * self.clip.logit_scale.float()
+        logits = (
+            torch.einsum("bqc,nc->bqn", F.normalize(mask_embed, dim=-1), text) * self.clip.logit_scale.float()
+        )
         return ensemble_max(logits, vocab.class_index, vocab.num_classes)
 
     def class_log_probs(
@@ -250,7 +258,9 @@ class ODISE(nn.Module):
         if branches is not None:
             branches["diffusion_top"] = open_logits.argmax(-1)
             branches["clip_top"] = None if clip_logits is None else clip_logits.argmax(-1)
-        return fuse_probabilities(open_logits, clip_logits, vocab.seen, alpha=cfg.alpha, beta=cfg.beta, p_background=p_background)
+        return fuse_probabilities(
+            open_logits, clip_logits, vocab.seen, alpha=cfg.alpha, beta=cfg.beta, p_background=p_background
+        )
 
     # --- everything ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -273,7 +283,10 @@ class ODISE(nn.Module):
         None}``, each branch's top class per query (see :meth:`class_log_probs`); nothing else changes.
         """
         features = self.backbone_features(
-            images, tile_batch_size=tile_batch_size, full_decode=full_decode, sequential_tiles=sequential_tiles
+            images,
+            tile_batch_size=tile_batch_size,
+            full_decode=full_decode,
+            sequential_tiles=sequential_tiles,
         )
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, image in enumerate(images):
@@ -291,6 +304,9 @@ class ODISE(nn.Module):
                 results[i] = (log_probs[k], outputs.pred_masks[k].float())
                 if branches is not None:
                     clip_top = branches["clip_top"]
-                    extra = {"diffusion_top": branches["diffusion_top"][k], "clip_top": None if clip_top is None else clip_top[k]}
+                    extra = {
+                        "diffusion_top": branches["diffusion_top"][k],
+                        "clip_top": None if clip_top is None else clip_top[k],
+                    }
                     results[i] = (*results[i], extra)
         return results  # type: ignore[return-value]

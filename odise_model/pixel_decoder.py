@@ -48,7 +48,9 @@ def ms_deform_attn(
     for lvl, (h, w) in enumerate(spatial_shapes):
         value_l = value_list[lvl].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
         grid_l = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (N*M) x Lq x P x 2
-        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
+        sampled.append(
+            F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )
     weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, levels * points)
     out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(n, m * d, lq)
     return out.transpose(1, 2).contiguous()
@@ -94,13 +96,17 @@ class MSDeformAttn(nn.Module):
     ) -> torch.Tensor:
         """``query`` ``NxLqxC``, ``reference_points`` ``NxLqxLx2`` in [0, 1], ``value_input`` ``NxSxC`` -> ``NxLqxC``."""
         n, lq, _ = query.shape
-        value = self.value_proj(value_input).view(n, value_input.shape[1], self.n_heads, self.d_model // self.n_heads)
+        value = self.value_proj(value_input).view(
+            n, value_input.shape[1], self.n_heads, self.d_model // self.n_heads
+        )
         offsets = self.sampling_offsets(query).view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
         weights = F.softmax(weights, -1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
         shapes = torch.as_tensor(spatial_shapes, dtype=query.dtype, device=query.device)
         normalizer = torch.stack([shapes[:, 1], shapes[:, 0]], -1)  # (W, H) per level
-        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        locations = (
+            reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        )
         return self.output_proj(ms_deform_attn(value, spatial_shapes, locations, weights))
 
 
@@ -123,7 +129,9 @@ class DeformableEncoderLayer(nn.Module):
 class DeformableEncoder(nn.Module):
     """``MSDeformAttnTransformerEncoderOnly``: level embeddings + N encoder layers (params at ``encoder.layers.i``)."""
 
-    def __init__(self, *, d_model: int, ffn_dim: int, num_layers: int, n_levels: int, n_heads: int, n_points: int):
+    def __init__(
+        self, *, d_model: int, ffn_dim: int, num_layers: int, n_levels: int, n_heads: int, n_points: int
+    ):
         super().__init__()
         self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
         self.encoder = nn.Module()
@@ -138,7 +146,9 @@ class DeformableEncoder(nn.Module):
         nn.init.normal_(self.level_embed)
 
     @staticmethod
-    def reference_points(spatial_shapes: Sequence[tuple[int, int]], batch: int, device, dtype) -> torch.Tensor:
+    def reference_points(
+        spatial_shapes: Sequence[tuple[int, int]], batch: int, device, dtype
+    ) -> torch.Tensor:
         """Pixel centres of every level, normalised to [0, 1]: ``B x S x L x 2`` (x, y), no padding."""
         refs = []
         for h, w in spatial_shapes:
@@ -156,7 +166,11 @@ class DeformableEncoder(nn.Module):
         spatial_shapes = [(int(s.shape[2]), int(s.shape[3])) for s in srcs]
         src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         pos = torch.cat(
-            [p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1) for lvl, p in enumerate(pos_embeds)], 1
+            [
+                p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
+                for lvl, p in enumerate(pos_embeds)
+            ],
+            1,
         )
         reference_points = self.reference_points(spatial_shapes, src.shape[0], src.device, src.dtype)
         for layer in self.encoder.layers:
@@ -173,14 +187,21 @@ class PixelDecoder(nn.Module):
         cfg: :class:`PixelDecoderConfig`.
     """
 
-    def __init__(self, *, in_channels: dict[str, int], in_strides: dict[str, int], cfg: PixelDecoderConfig) -> None:
+    def __init__(
+        self, *, in_channels: dict[str, int], in_strides: dict[str, int], cfg: PixelDecoderConfig
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.in_features = sorted(in_strides, key=lambda k: in_strides[k])  # s2 .. s5
-        self.transformer_in_features = sorted(cfg.transformer_in_features, key=lambda k: in_strides[k])  # s3..s5
+        self.transformer_in_features = sorted(
+            cfg.transformer_in_features, key=lambda k: in_strides[k]
+        )  # s3..s5
         levels = len(self.transformer_in_features)
         self.input_proj = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(in_channels[name], cfg.conv_dim, kernel_size=1), nn.GroupNorm(cfg.norm_groups, cfg.conv_dim))
+            nn.Sequential(
+                nn.Conv2d(in_channels[name], cfg.conv_dim, kernel_size=1),
+                nn.GroupNorm(cfg.norm_groups, cfg.conv_dim),
+            )
             for name in self.transformer_in_features[::-1]
         )
         for proj in self.input_proj:
@@ -202,7 +223,11 @@ class PixelDecoder(nn.Module):
         self.fpn_features = self.in_features[: self.num_fpn_levels]
         for idx, name in enumerate(self.fpn_features):
             lateral = Conv2dNorm(
-                in_channels[name], cfg.conv_dim, kernel_size=1, bias=False, norm=nn.GroupNorm(cfg.norm_groups, cfg.conv_dim)
+                in_channels[name],
+                cfg.conv_dim,
+                kernel_size=1,
+                bias=False,
+                norm=nn.GroupNorm(cfg.norm_groups, cfg.conv_dim),
             )
             output = Conv2dNorm(
                 cfg.conv_dim,
@@ -233,7 +258,9 @@ class PixelDecoder(nn.Module):
                 x = features[name].to(dtype)
                 srcs.append(self.input_proj[idx](x))
                 b, _, h, w = x.shape
-                pos.append(sine_position_encoding(b, h, w, self.cfg.conv_dim // 2, device=x.device, dtype=dtype))
+                pos.append(
+                    sine_position_encoding(b, h, w, self.cfg.conv_dim // 2, device=x.device, dtype=dtype)
+                )
             # 2. deformable encoder over the concatenated levels
             memory, shapes = self.transformer(srcs, pos)
             batch = memory.shape[0]
@@ -244,6 +271,8 @@ class PixelDecoder(nn.Module):
             for idx, name in enumerate(self.fpn_features[::-1]):
                 level = self.num_fpn_levels - idx
                 lateral = getattr(self, f"adapter_{level}")(features[name].to(dtype))
-                y = lateral + F.interpolate(outs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+                y = lateral + F.interpolate(
+                    outs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
+                )
                 outs.append(getattr(self, f"layer_{level}")(y))
             return self.mask_features(outs[-1]), outs[: self.num_outputs]

@@ -34,7 +34,10 @@ MasksFor = Callable[[torch.Tensor], torch.Tensor]
 
 
 def resize_mask_logits(
-    mask_logits: torch.Tensor, padded_size: tuple[int, int], image_size: tuple[int, int], output_size: tuple[int, int]
+    mask_logits: torch.Tensor,
+    padded_size: tuple[int, int],
+    image_size: tuple[int, int],
+    output_size: tuple[int, int],
 ) -> torch.Tensor:
     """Official mask resizing: ``QxhxW`` (stride 4) -> bilinear to the padded input size -> crop to the
     resized image -> bilinear to the original image size. Returns ``QxHxW`` logits at ``output_size``.
@@ -91,7 +94,9 @@ def panoptic_inference(
     mask_ids = (cur_scores.view(-1, 1, 1) * cur_masks).argmax(0)
     queries = keep.nonzero().flatten().tolist()
     sigmoids = ((k, cur_masks[k]) for k in range(cur_classes.shape[0]))
-    _assign_segments(panoptic, segments, sigmoids, mask_ids, cur_scores, cur_classes, queries, isthing, overlap_threshold)
+    _assign_segments(
+        panoptic, segments, sigmoids, mask_ids, cur_scores, cur_classes, queries, isthing, overlap_threshold
+    )
     return panoptic, segments
 
 
@@ -175,6 +180,7 @@ def panoptic_inference_chunked(
             best_val = torch.where(better, vals, best_val)
             mask_ids = torch.where(better, args + start, mask_ids)
         del probs, vals, args
+
     # 2. segments, in query order, recomputing each chunk's probabilities
     def sigmoids() -> Iterator[tuple[int, torch.Tensor]]:
         for start, idx in _chunks(kept, chunk):
@@ -183,7 +189,9 @@ def panoptic_inference_chunked(
                 yield start + j, probs[j]
 
     queries = kept.tolist()
-    _assign_segments(panoptic, segments, sigmoids(), mask_ids, cur_scores, cur_classes, queries, isthing, overlap_threshold)
+    _assign_segments(
+        panoptic, segments, sigmoids(), mask_ids, cur_scores, cur_classes, queries, isthing, overlap_threshold
+    )
     return panoptic, segments
 
 
@@ -200,7 +208,9 @@ def semantic_argmax(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Te
     return (mask_pred.float().sigmoid().flatten(1).t() @ probs).argmax(-1).view(h, w)
 
 
-def semantic_argmax_chunked(mask_cls: torch.Tensor, masks_for: MasksFor, output_size: tuple[int, int], *, chunk: int = 8) -> torch.Tensor:
+def semantic_argmax_chunked(
+    mask_cls: torch.Tensor, masks_for: MasksFor, output_size: tuple[int, int], *, chunk: int = 8
+) -> torch.Tensor:
     """:func:`semantic_argmax` in bands of pixels, holding about ``4 * chunk`` full-size masks' worth of
     probabilities at a time (out-of-memory fallback; the masks are recomputed for every band, so the resize
     work grows by ``Q / (4 * chunk)``).
@@ -299,7 +309,9 @@ def instance_inference_chunked(
     return labels[order], final[order], queries[order]
 
 
-def instance_masks_chunked(masks_for: MasksFor, queries: torch.Tensor, *, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def instance_masks_chunked(
+    masks_for: MasksFor, queries: torch.Tensor, *, chunk: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Boxes ``Nx4`` (:func:`mask_boxes`) and bit-packed masks (:func:`pack_masks`) of ``masks_for(q) > 0``
     for distinct queries ``N``, ``chunk`` at a time."""
     boxes, packed = [], []
@@ -309,7 +321,9 @@ def instance_masks_chunked(masks_for: MasksFor, queries: torch.Tensor, *, chunk:
         packed.append(pack_masks(binary))
         del binary
     if not boxes:
-        return torch.zeros((0, 4), dtype=torch.long, device=queries.device), torch.zeros((0, 0), dtype=torch.uint8)
+        return torch.zeros((0, 4), dtype=torch.long, device=queries.device), torch.zeros(
+            (0, 0), dtype=torch.uint8
+        )
     return torch.cat(boxes), torch.cat(packed)
 
 

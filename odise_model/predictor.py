@@ -171,10 +171,14 @@ class Predictor:
             images = [images]
         results: list[PanopticResult] = []
         for start in range(0, len(images), self.batch_size):
-            results.extend(self.predict_prepared([self.prepare(im) for im in images[start : start + self.batch_size]]))
+            results.extend(
+                self.predict_prepared([self.prepare(im) for im in images[start : start + self.batch_size]])
+            )
         return results
 
-    def predict_prepared(self, prepared: Sequence[tuple[torch.Tensor, tuple[int, int], tuple[int, int]]]) -> list[PanopticResult]:
+    def predict_prepared(
+        self, prepared: Sequence[tuple[torch.Tensor, tuple[int, int], tuple[int, int]]]
+    ) -> list[PanopticResult]:
         """One model call on outputs of :meth:`prepare` / :meth:`prepare_resized` (all in one batch)."""
         return [raw.to_result() for raw in self.predict_prepared_raw(prepared)]
 
@@ -228,9 +232,14 @@ class Predictor:
         segments: list[Segment] = []
         segment_queries: list[int] = []
         if cfg.panoptic_on:
-            thresholds = {"object_mask_threshold": cfg.object_mask_threshold, "overlap_threshold": cfg.overlap_threshold}
+            thresholds = {
+                "object_mask_threshold": cfg.object_mask_threshold,
+                "overlap_threshold": cfg.overlap_threshold,
+            }
             if chunked:
-                pan, segs = panoptic_inference_chunked(mask_cls, masks_for, output_size, isthing, chunk=chunk_queries, **thresholds)
+                pan, segs = panoptic_inference_chunked(
+                    mask_cls, masks_for, output_size, isthing, chunk=chunk_queries, **thresholds
+                )
             else:
                 pan, segs = panoptic_inference(mask_cls, masks, isthing, **thresholds)
             if segs:
@@ -239,20 +248,30 @@ class Predictor:
                 boxes = mask_boxes(seg_masks).tolist()
                 for seg, area, box in zip(segs, areas, boxes):
                     cat = categories[seg.class_index]
-                    segments.append(Segment(seg.id, cat.id, cat.name, seg.isthing, seg.score, int(area), tuple(box)))
+                    segments.append(
+                        Segment(seg.id, cat.id, cat.name, seg.isthing, seg.score, int(area), tuple(box))
+                    )
                     segment_queries.append(seg.query)
             panoptic = pan.cpu().numpy().astype(np.int32)
         semantic = None
         if cfg.semantic_on:
             if chunked:
-                semantic = cat_ids[semantic_argmax_chunked(mask_cls, masks_for, output_size, chunk=chunk_queries)].cpu().numpy()
+                semantic = (
+                    cat_ids[semantic_argmax_chunked(mask_cls, masks_for, output_size, chunk=chunk_queries)]
+                    .cpu()
+                    .numpy()
+                )
             else:
                 semantic = cat_ids[semantic_argmax(mask_cls, masks)].cpu().numpy()
-        raw = RawPrediction(panoptic=panoptic, segments=segments, semantic=semantic, vocabulary=self.vocabulary)
+        raw = RawPrediction(
+            panoptic=panoptic, segments=segments, semantic=semantic, vocabulary=self.vocabulary
+        )
         if cfg.instance_on:
             options = {"topk": cfg.topk_per_image, "things_only": cfg.panoptic_on}
             if chunked:
-                classes, scores, queries = instance_inference_chunked(mask_cls, masks_for, isthing, chunk=chunk_queries, **options)
+                classes, scores, queries = instance_inference_chunked(
+                    mask_cls, masks_for, isthing, chunk=chunk_queries, **options
+                )
             else:
                 classes, scores, queries = instance_inference(mask_cls, masks, isthing, **options)
             unique, inverse = torch.unique(queries, return_inverse=True)
@@ -270,12 +289,22 @@ class Predictor:
         return raw
 
     @staticmethod
-    def _query_fields(raw: RawPrediction, mask_cls: torch.Tensor, cat_ids: torch.Tensor, segment_queries: list[int], branches: dict | None) -> None:
+    def _query_fields(
+        raw: RawPrediction,
+        mask_cls: torch.Tensor,
+        cat_ids: torch.Tensor,
+        segment_queries: list[int],
+        branches: dict | None,
+    ) -> None:
         """Per-query top classes and the image's uncertainty (read-only: from values already computed)."""
         num_classes = mask_cls.shape[-1] - 1
         top_prob, top = F.softmax(mask_cls.float(), dim=-1).max(-1)
         raw.query_top_prob = top_prob.cpu().numpy().astype(np.float32)
-        top_ids = torch.where(top < num_classes, cat_ids[top.clamp(max=num_classes - 1)], torch.zeros_like(top, dtype=cat_ids.dtype))
+        top_ids = torch.where(
+            top < num_classes,
+            cat_ids[top.clamp(max=num_classes - 1)],
+            torch.zeros_like(top, dtype=cat_ids.dtype),
+        )
         raw.query_top_class = top_ids.cpu().numpy().astype(np.int64)  # 0 = "no object"
         raw.segment_queries = np.asarray(segment_queries, dtype=np.int64)
         if segment_queries:
@@ -328,7 +357,9 @@ class Predictor:
     @torch.no_grad()
     def predict_prepared_raw(self, prepared, *, chunk_queries: int | None = None) -> list[RawPrediction]:
         """Like :meth:`predict_prepared` but returns :class:`RawPrediction` (no per-instance mask unpacking)."""
-        return [self.postprocess_output(o, chunk_queries=chunk_queries) for o in self.infer_prepared(prepared)]
+        return [
+            self.postprocess_output(o, chunk_queries=chunk_queries) for o in self.infer_prepared(prepared)
+        ]
 
 
 @dataclass
@@ -387,8 +418,12 @@ class RawPrediction:
     def to_result(self) -> PanopticResult:
         names = {c.id: c.name for c in self.vocabulary}
         instances = [
-            Instance(int(cid), names[int(cid)], float(score), self.instance_mask(i), tuple(int(v) for v in box))
-            for i, (cid, score, box) in enumerate(zip(self.instance_category_ids, self.instance_scores, self.instance_boxes))
+            Instance(
+                int(cid), names[int(cid)], float(score), self.instance_mask(i), tuple(int(v) for v in box)
+            )
+            for i, (cid, score, box) in enumerate(
+                zip(self.instance_category_ids, self.instance_scores, self.instance_boxes)
+            )
         ]
         return PanopticResult(
             panoptic_seg=self.panoptic,

@@ -139,8 +139,12 @@ class _Unpickler(pickle.Unpickler):
             try:
                 raw = self.zf.read(member)
             except KeyError:
-                raise TorchScriptReadError(f"{self.where}: storage {member!r} is missing from the archive") from None
-            untyped = torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8) if raw else torch.UntypedStorage(0)
+                raise TorchScriptReadError(
+                    f"{self.where}: storage {member!r} is missing from the archive"
+                ) from None
+            untyped = (
+                torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8) if raw else torch.UntypedStorage(0)
+            )
             self.storages[key] = untyped
         untyped = self.storages[key]
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -159,7 +163,9 @@ def read_torchscript_state_dict(path: str) -> dict[str, torch.Tensor]:
     with zipfile.ZipFile(path) as zf:
         pickles = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
-            raise TorchScriptReadError(f"{where}: expected one <name>/data.pkl in the archive, found {len(pickles)}")
+            raise TorchScriptReadError(
+                f"{where}: expected one <name>/data.pkl in the archive, found {len(pickles)}"
+            )
         prefix = pickles[0][: -len("data.pkl")]
         declared = _declarations(zf, prefix)
         root = _Unpickler(zf.read(pickles[0]), zf, prefix, where).load()

@@ -250,7 +250,8 @@ class TrainingModule(nn.Module):
                 return pred.with_logits(self.model.head.logits(pred.mask_embed, vocab, pred.logit_scale))
 
             outputs = dataclasses.replace(
-                with_vocab_logits(outputs), aux_outputs=tuple(with_vocab_logits(a) for a in outputs.aux_outputs)
+                with_vocab_logits(outputs),
+                aux_outputs=tuple(with_vocab_logits(a) for a in outputs.aux_outputs),
             )
             loss_targets = list(targets)
         else:

@@ -102,7 +102,9 @@ class PooledMaskEmbed(nn.Module):
         self.mask_embed = nn.Sequential(nn.LayerNorm(mask_dim), MLP(mask_dim, hidden_dim, projection_dim, 3))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
 
-    def forward(self, query: torch.Tensor, mask_features: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, mask_features: torch.Tensor, mask_logits: torch.Tensor
+    ) -> torch.Tensor:
         """``query`` ``BxQxC``, ``mask_features`` ``BxCxHxW``, ``mask_logits`` ``BxQxHxW`` -> ``BxQxP``."""
         pooled = self.pool_proj(mask_pooling(mask_features, mask_logits))
         return self.mask_embed(pooled + query)
@@ -162,7 +164,9 @@ class TransformerDecoder(nn.Module):
     ) -> None:
         super().__init__()
         if in_channels != cfg.hidden_dim:
-            raise ValueError(f"pixel decoder width {in_channels} must equal decoder hidden_dim {cfg.hidden_dim}")
+            raise ValueError(
+                f"pixel decoder width {in_channels} must equal decoder hidden_dim {cfg.hidden_dim}"
+            )
         self.cfg = cfg
         self.num_heads = cfg.num_heads
         self.num_layers = cfg.num_layers
@@ -173,8 +177,14 @@ class TransformerDecoder(nn.Module):
         self.transformer_cross_attention_layers = nn.ModuleList(
             CrossAttentionLayer(cfg.hidden_dim, cfg.num_heads) for _ in range(cfg.num_layers)
         )
-        self.transformer_ffn_layers = nn.ModuleList(FFNLayer(cfg.hidden_dim, cfg.ffn_dim) for _ in range(cfg.num_layers))
-        for layer in [*self.transformer_self_attention_layers, *self.transformer_cross_attention_layers, *self.transformer_ffn_layers]:
+        self.transformer_ffn_layers = nn.ModuleList(
+            FFNLayer(cfg.hidden_dim, cfg.ffn_dim) for _ in range(cfg.num_layers)
+        )
+        for layer in [
+            *self.transformer_self_attention_layers,
+            *self.transformer_cross_attention_layers,
+            *self.transformer_ffn_layers,
+        ]:
             for p in layer.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
@@ -229,7 +239,9 @@ class TransformerDecoder(nn.Module):
         for i in range(self.num_layers):
             level = i % self.num_feature_levels
             attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
-            output = self.transformer_cross_attention_layers[i](output, src[level], attn_mask, pos[level], query_embed)
+            output = self.transformer_cross_attention_layers[i](
+                output, src[level], attn_mask, pos[level], query_embed
+            )
             output = self.transformer_self_attention_layers[i](output, query_embed)
             output = self.transformer_ffn_layers[i](output)
             pred, attn_mask = self._heads(output, mask_features, sizes[(i + 1) % self.num_feature_levels])

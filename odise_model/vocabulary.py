@@ -496,9 +496,7 @@ def _split_marker(line: str, source: str, number: int, item: str | None = None) 
     return text, _MARKERS[marker]
 
 
-def _parse_class(
-    text: str, cat_id: int, source: str, number: int, item: str | None = None
-) -> Category:
+def _parse_class(text: str, cat_id: int, source: str, number: int, item: str | None = None) -> Category:
     """One class from ``"syn1, syn2 [stuff]"`` (no id prefix): the body of a file line or an inline class.
 
     ``number`` is the line (files) or the class position (inline / lists, with ``item`` = its text), for
@@ -1020,7 +1018,9 @@ def compose_vocabulary(
     extras = list(merge_with)
     if user is None:
         if not extras:
-            raise VocabularyError("no vocabulary: give a vocabulary file, inline classes, a caption or merge_with")
+            raise VocabularyError(
+                "no vocabulary: give a vocabulary file, inline classes, a caption or merge_with"
+            )
         user, extras = _load_one(extras[0], storage_options), extras[1:]
     for extra in extras:
         user = user.merge(_load_one(extra, storage_options))

@@ -86,13 +86,25 @@ class WeightsSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    model: str = Field("odise_label_coco", description="model variant (odise_label_coco, odise_caption_coco, tiny, tiny_caption) or JSON path")
+    model: str = Field(
+        "odise_label_coco",
+        description="model variant (odise_label_coco, odise_caption_coco, tiny, tiny_caption) or JSON path",
+    )
     checkpoint: str | None = Field(None, description="ODISE weights: release name, path or URL")
-    sd_weights: str | None = Field(None, description="Stable Diffusion v1.3 weights: sd-v1-3, .ckpt path/URL, diffusers folder or hub id")
+    sd_weights: str | None = Field(
+        None, description="Stable Diffusion v1.3 weights: sd-v1-3, .ckpt path/URL, diffusers folder or hub id"
+    )
     clip_weights: str | None = Field(None, description="CLIP ViT-L/14-336 weights: openai or a file path/URL")
-    pretrained: bool | None = Field(None, description="use the official weights for every source not given (default: yes, except for tiny)")
-    offline: bool | None = Field(None, description="never touch the network for weights (default: $ODISE_OFFLINE/$HF_HUB_OFFLINE)")
-    cache_dir: str | None = Field(None, description="weights cache (default $ODISE_CACHE or ~/.cache/odise_annotate)")
+    pretrained: bool | None = Field(
+        None,
+        description="use the official weights for every source not given (default: yes, except for tiny)",
+    )
+    offline: bool | None = Field(
+        None, description="never touch the network for weights (default: $ODISE_OFFLINE/$HF_HUB_OFFLINE)"
+    )
+    cache_dir: str | None = Field(
+        None, description="weights cache (default $ODISE_CACHE or ~/.cache/odise_annotate)"
+    )
 
     @property
     def use_pretrained(self) -> bool:
@@ -126,7 +138,10 @@ class AnnotateConfig(WeightsSettings):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    input: str | list[str] = Field(..., description="shards: glob, {000..009} brace pattern, manifest, folder of .tar, or folder of images")
+    input: str | list[str] = Field(
+        ...,
+        description="shards: glob, {000..009} brace pattern, manifest, folder of .tar, or folder of images",
+    )
     output: str = Field(..., description="output URL (local path, s3://bucket/prefix, ...)")
     vocab_file: str | None = Field(
         "coco_panoptic",
@@ -141,7 +156,9 @@ class AnnotateConfig(WeightsSettings):
     caption: str | None = Field(
         None, description="a caption whose nouns become classes (one synonym each), added after vocab's"
     )
-    merge_vocab: list[str] = Field(default_factory=list, description="built-in vocabularies merged after vocab_file")
+    merge_vocab: list[str] = Field(
+        default_factory=list, description="built-in vocabularies merged after vocab_file"
+    )
     preset: Literal["demo"] | None = Field(
         None,
         description="demo: the official demo's settings (user classes as things + COCO + ADE + LVIS, "
@@ -150,42 +167,88 @@ class AnnotateConfig(WeightsSettings):
 
     batch_size: int = Field(4, ge=1, description="images per model call")
     tile_batch_size: int = Field(12, ge=1, description="SD tiles per forward pass")
-    num_actors: int | None = Field(None, ge=1, description="model replicas (default: one per GPU, or 1 on CPU)")
-    gpus_per_actor: float | None = Field(None, ge=0, description="GPUs per replica (default 1 when GPUs exist, else 0)")
-    cpus_per_actor: float = Field(0.5, gt=0, description="CPUs reserved per replica (fractional avoids starving reads on small machines)")
+    num_actors: int | None = Field(
+        None, ge=1, description="model replicas (default: one per GPU, or 1 on CPU)"
+    )
+    gpus_per_actor: float | None = Field(
+        None, ge=0, description="GPUs per replica (default 1 when GPUs exist, else 0)"
+    )
+    cpus_per_actor: float = Field(
+        0.5,
+        gt=0,
+        description="CPUs reserved per replica (fractional avoids starving reads on small machines)",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where replicas run")
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="dtype of the frozen SD/CLIP weights (auto: bf16 on GPU, fp32 on CPU)")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="dtype of the frozen SD/CLIP weights (auto: bf16 on GPU, fp32 on CPU)"
+    )
 
-    object_mask_threshold: float | None = Field(None, ge=0, le=1, description="override the model's object score threshold")
-    overlap_threshold: float | None = Field(None, ge=0, le=1, description="override the model's overlap threshold")
-    alpha: float | None = Field(None, ge=0, le=1, description="CLIP fusion exponent for classes seen in training")
+    object_mask_threshold: float | None = Field(
+        None, ge=0, le=1, description="override the model's object score threshold"
+    )
+    overlap_threshold: float | None = Field(
+        None, ge=0, le=1, description="override the model's overlap threshold"
+    )
+    alpha: float | None = Field(
+        None, ge=0, le=1, description="CLIP fusion exponent for classes seen in training"
+    )
     beta: float | None = Field(None, ge=0, le=1, description="CLIP fusion exponent for unseen classes")
 
     include_png: bool = Field(True, description="store the panoptic PNG bytes in the Parquet rows")
     write_coco: bool = Field(True, description="write COCO panoptic + instances exports under coco/")
     overlays: int = Field(8, ge=0, description="number of overlay images written under overlays/")
     max_pixels: int = Field(89_478_485, ge=1, description="decompression-bomb limit (pixels per image)")
-    images_per_virtual_shard: int = Field(1000, ge=1, description="images per shard when the input is a folder of images")
+    images_per_virtual_shard: int = Field(
+        1000, ge=1, description="images per shard when the input is a folder of images"
+    )
 
-    ray_address: str | None = Field(None, description="existing Ray cluster address ('auto', 'ray://host:10001'); empty: start a local Ray")
+    ray_address: str | None = Field(
+        None,
+        description="existing Ray cluster address ('auto', 'ray://host:10001'); empty: start a local Ray",
+    )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all)")
-    no_progress_timeout_s: float = Field(1800.0, gt=0, description="fail if the pipeline makes no progress for this long")
+    no_progress_timeout_s: float = Field(
+        1800.0, gt=0, description="fail if the pipeline makes no progress for this long"
+    )
     shared_filesystem: bool = Field(
         False,
         description="local input/output paths are on a filesystem every Ray node mounts at the same path (NFS ...); "
         "without it a local path is refused when the Ray cluster has nodes on other hosts",
     )
     lease_ttl_s: float = Field(
-        300.0, ge=2, description="seconds without renewal after which another run may take over the output's lease"
+        300.0,
+        ge=2,
+        description="seconds without renewal after which another run may take over the output's lease",
     )
-    lease_renew_s: float = Field(30.0, gt=0, description="seconds between renewals of the output's lease (< lease_ttl_s / 2)")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the input (e.g. S3 endpoint)")
-    output_storage_options: dict[str, Any] | None = Field(None, description="fsspec options for the output (default: storage_options)")
-    allow_provenance_mismatch: bool = Field(False, description="allow adding labels to an output written with other settings")
-    retry_errors: bool = Field(False, description="relabel the retryable error rows (network, timeout, vanished file, out of memory) of committed shards and replace those shards atomically")
-    relabel_changed: bool = Field(False, description="relabel committed shards whose source changed since their commit (size, ETag or mtime) and replace them atomically")
-    coco_max_images_per_file: int = Field(50_000, ge=1, description="labelled images per COCO file; past it the export is split into numbered parts listed in coco/index.json")
-    image_root: str | None = Field(None, description="COCO file_name is relative to this folder or URL (default: image folders: relative to the input folder; tar members: <tar stem>/<member>)")
+    lease_renew_s: float = Field(
+        30.0, gt=0, description="seconds between renewals of the output's lease (< lease_ttl_s / 2)"
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for the input (e.g. S3 endpoint)"
+    )
+    output_storage_options: dict[str, Any] | None = Field(
+        None, description="fsspec options for the output (default: storage_options)"
+    )
+    allow_provenance_mismatch: bool = Field(
+        False, description="allow adding labels to an output written with other settings"
+    )
+    retry_errors: bool = Field(
+        False,
+        description="relabel the retryable error rows (network, timeout, vanished file, out of memory) of committed shards and replace those shards atomically",
+    )
+    relabel_changed: bool = Field(
+        False,
+        description="relabel committed shards whose source changed since their commit (size, ETag or mtime) and replace them atomically",
+    )
+    coco_max_images_per_file: int = Field(
+        50_000,
+        ge=1,
+        description="labelled images per COCO file; past it the export is split into numbered parts listed in coco/index.json",
+    )
+    image_root: str | None = Field(
+        None,
+        description="COCO file_name is relative to this folder or URL (default: image folders: relative to the input folder; tar members: <tar stem>/<member>)",
+    )
     copy_images: bool = Field(
         False,
         description="copy every image's original bytes into <output>/images/<shard_id>/<name> (COCO file_name "
@@ -453,7 +516,6 @@ class EvaluateConfig(BaseModel):
             return self.ground_truth_png
         base = self.ground_truth.rstrip("/")
         return base[: -len(".json")] if base.lower().endswith(".json") else base + "_png"
-
 
 
 @dataclass

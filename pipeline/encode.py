@@ -194,7 +194,10 @@ def _label_map_runs(seg_map: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarr
     values, starts, ends = values[order], starts[order], ends[order]
     ids, first = np.unique(values, return_index=True)
     bounds = np.append(first, values.size)
-    return {int(v): (starts[bounds[i] : bounds[i + 1]], ends[bounds[i] : bounds[i + 1]]) for i, v in enumerate(ids)}
+    return {
+        int(v): (starts[bounds[i] : bounds[i + 1]], ends[bounds[i] : bounds[i + 1]])
+        for i, v in enumerate(ids)
+    }
 
 
 def _coco_rle(rle: dict[str, Any]) -> dict[str, Any]:

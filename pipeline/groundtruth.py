@@ -190,7 +190,9 @@ class PanopticRecord:
 
         if self.image_bytes is None:
             raise ValueError(f"image {self.image_id!r}: no image bytes were read")
-        where = f"image {self.image_id!r}" + (f" (sample {self.key!r})" if self.key else f" ({self.file_name})")
+        where = f"image {self.image_id!r}" + (
+            f" (sample {self.key!r})" if self.key else f" ({self.file_name})"
+        )
         return decode_image(self.image_bytes, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, source=where)
 
     def segments_json(self) -> dict[str, Any]:

@@ -263,7 +263,9 @@ def image_id(seq: int, rank: int) -> int:
     if not 0 <= seq < MAX_SHARD_SEQ:
         raise ValueError(f"shard sequence number {seq} out of range [0, {MAX_SHARD_SEQ})")
     if not 0 <= rank < 2**IMAGE_ID_RANK_BITS:
-        raise ValueError(f"rank {rank} out of range [0, 2**{IMAGE_ID_RANK_BITS}): too many images in one shard")
+        raise ValueError(
+            f"rank {rank} out of range [0, 2**{IMAGE_ID_RANK_BITS}): too many images in one shard"
+        )
     return seq << IMAGE_ID_RANK_BITS | rank
 
 

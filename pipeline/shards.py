@@ -406,7 +406,9 @@ class _Found:
         if _is_tar(path):
             self.tars.setdefault(url, None)
         elif _is_image(path):
-            self.images.setdefault(url, url_identity(encode_name(fs.unstrip_protocol(root.rstrip("/")))) if root else "")
+            self.images.setdefault(
+                url, url_identity(encode_name(fs.unstrip_protocol(root.rstrip("/")))) if root else ""
+            )
         else:
             return False
         if signed != url:
@@ -630,7 +632,9 @@ def exclude_labelled_images(
             continue
         rest = {m: root for m in members if m not in covered}
         skipped = len(members) - len(rest)
-        log.info("%s: %d image(s) already labelled by committed shards; %d left to label", root, skipped, len(rest))
+        log.info(
+            "%s: %d image(s) already labelled by committed shards; %d left to label", root, skipped, len(rest)
+        )
         out.extend(_virtual_shards(rest, per_shard, label="rest", access=access))
     return sorted(out, key=lambda s: (s.url, s.shard_id))
 
@@ -810,7 +814,9 @@ class _TarReader:
         try:
             tf = tarfile.open(fileobj=fileobj, mode="r:*")
         except _TAR_ERRORS as exc:
-            yield self.shard_error(f"not a readable tar archive ({type(exc).__name__}: {exc})", "corrupt_shard")
+            yield self.shard_error(
+                f"not a readable tar archive ({type(exc).__name__}: {exc})", "corrupt_shard"
+            )
             return
         group: _Group | None = None
         last_name = "<start of archive>"
@@ -834,7 +840,9 @@ class _TarReader:
             group.members.setdefault(field, member.name)
             if reason is not None:
                 log.warning("%s: unsafe tar member %r (%s) not read", url, last_name, reason)
-                group.problems.append((f"unsafe tar member {last_name!r} ({reason}) not read", "unsafe_member"))
+                group.problems.append(
+                    (f"unsafe tar member {last_name!r} ({reason}) not read", "unsafe_member")
+                )
                 group.fields.setdefault(field, None)
                 continue
             if not self.wanted(field):
@@ -856,23 +864,31 @@ class _TarReader:
                 yield from self._truncated(group, f"in member {last_name!r}: {type(exc).__name__}: {exc}")
                 return
             if len(data) != member.size:
-                yield from self._truncated(group, f"in member {last_name!r}: {len(data)} of {member.size} bytes")
+                yield from self._truncated(
+                    group, f"in member {last_name!r}: {len(data)} of {member.size} bytes"
+                )
                 return
             if field in group.fields:
-                log.warning("%s: member %r repeats field %r of key %r; first one kept", url, last_name, field, key)
+                log.warning(
+                    "%s: member %r repeats field %r of key %r; first one kept", url, last_name, field, key
+                )
             group.fields.setdefault(field, data)
         if group is not None:
             yield self.finish(group)
         end = self._end_marker_problem(tf, fileobj)
         if end is not None:
             corrupt = end.startswith("invalid")
-            kind, label = ("corrupt_shard", "corrupt tar") if corrupt else ("truncated_shard", "truncated tar")
+            kind, label = (
+                ("corrupt_shard", "corrupt tar") if corrupt else ("truncated_shard", "truncated tar")
+            )
             yield self.shard_error(f"{label}: {end}; samples after this point (if any) are missing", kind)
 
     def _truncated(self, group: _Group | None, detail: str) -> Iterator[TarSample]:
         log.warning("%s: truncated or corrupt tar %s", self.url, detail)
         if group is not None:
-            yield self.finish(group, (f"incomplete sample: tar data ends or is corrupt {detail}", "truncated_shard"))
+            yield self.finish(
+                group, (f"incomplete sample: tar data ends or is corrupt {detail}", "truncated_shard")
+            )
         yield self.shard_error(
             f"truncated tar: data ends or is corrupt {detail}; samples after this point are missing",
             "truncated_shard",
@@ -1026,7 +1042,10 @@ def iter_tar(
             if retryable and kind != "out_of_memory" and failures < len(RETRY_DELAYS_S):
                 log.warning(
                     "%s: %s (%s); reading it again in %.1f s",
-                    url, kind, redact_text(f"{type(exc).__name__}: {exc}"), RETRY_DELAYS_S[failures],
+                    url,
+                    kind,
+                    redact_text(f"{type(exc).__name__}: {exc}"),
+                    RETRY_DELAYS_S[failures],
                 )
                 time.sleep(RETRY_DELAYS_S[failures])
                 failures += 1
@@ -1040,7 +1059,11 @@ def iter_tar(
 
 
 def iter_tar_fileobj(
-    fileobj, url: str, *, fields: Collection[str] | None = None, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    fileobj,
+    url: str,
+    *,
+    fields: Collection[str] | None = None,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> Iterator[TarSample]:
     """Like :func:`iter_tar` on an already open binary file (no retries, no growth check): the member rules
     alone. ``url`` names the shard in messages."""
@@ -1065,8 +1088,16 @@ def tar_member_url(member: str, tar_url: str) -> str:
 def _record(shard: ShardRef, key: str, *, image=None, ext=None, meta=None, error=None, kind=None, url=None):
     retryable = is_retryable(kind) if kind else False
     return RawSample(
-        key, image, ext, meta, error, shard_url=shard.url, shard_id=shard.shard_id,
-        error_kind=kind if error else None, retryable=retryable if error else False, image_url=url,
+        key,
+        image,
+        ext,
+        meta,
+        error,
+        shard_url=shard.url,
+        shard_id=shard.shard_id,
+        error_kind=kind if error else None,
+        retryable=retryable if error else False,
+        image_url=url,
     )
 
 
@@ -1087,16 +1118,31 @@ def _annotate_sample(shard: ShardRef, sample: TarSample) -> RawSample:
         inject("read", fault_of(meta), sample.key)
         if image_ext is None:
             have = ", ".join(sorted(e or "<no extension>" for e in sample.present)) or "nothing"
-            return _record(shard, sample.key, meta=meta, error=f"no image member (have: {have})", kind="no_image_member")
+            return _record(
+                shard, sample.key, meta=meta, error=f"no image member (have: {have})", kind="no_image_member"
+            )
         if image_ext not in sample.files:  # internal invariant: a present image field is always loaded
-            return _record(shard, sample.key, ext=image_ext, meta=meta, error="image member was not read",
-                           kind="read_error", url=url)
+            return _record(
+                shard,
+                sample.key,
+                ext=image_ext,
+                meta=meta,
+                error="image member was not read",
+                kind="read_error",
+                url=url,
+            )
         return _record(shard, sample.key, image=sample.files[image_ext], ext=image_ext, meta=meta, url=url)
     except Exception as exc:  # noqa: BLE001 - one sample's failure is its own error record
         kind, _ = classify(exc, stage="read")
         where = decode_name(url) if url else f"{shard.url}:{sample.key}"
-        return _record(shard, sample.key, ext=image_ext, error=f"read error: {type(exc).__name__}: {exc} [{encode_name(where)}]",
-                       kind=kind, url=url)
+        return _record(
+            shard,
+            sample.key,
+            ext=image_ext,
+            error=f"read error: {type(exc).__name__}: {exc} [{encode_name(where)}]",
+            kind=kind,
+            url=url,
+        )
 
 
 def _iter_tar(shard: ShardRef, storage_options: dict[str, Any], max_member_bytes: int) -> Iterator[RawSample]:
@@ -1139,7 +1185,13 @@ def _read_one(fs, path: str, url: str, first: BaseException) -> bytes | BaseExce
         kind, retryable = classify(exc, stage="read")
         if not retryable or kind == "out_of_memory":
             return exc
-        log.warning("%s: %s (%s); reading it again in %.1f s", url, kind, redact_text(f"{type(exc).__name__}: {exc}"), delay)
+        log.warning(
+            "%s: %s (%s); reading it again in %.1f s",
+            url,
+            kind,
+            redact_text(f"{type(exc).__name__}: {exc}"),
+            delay,
+        )
         time.sleep(delay)
         try:
             fs.invalidate_cache(path)
@@ -1172,7 +1224,10 @@ def _iter_images(shard: ShardRef, storage_options: dict[str, Any], chunk: int = 
                 if kind == "vanished":
                     error = f"image file vanished after listing: {url}"
                 else:
-                    error = redact_text(f"{kind}: cannot read image: {type(value).__name__}: {value}") + f" [{url}]"
+                    error = (
+                        redact_text(f"{kind}: cannot read image: {type(value).__name__}: {value}")
+                        + f" [{url}]"
+                    )
                 yield _record(shard, key, ext=ext, error=error, kind=kind, url=url)
             else:
                 yield _record(shard, key, image=value, ext=ext, url=url)

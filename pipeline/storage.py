@@ -275,9 +275,9 @@ def open_atomic(fs, path: str, *, durable: bool = True) -> Iterator[Any]:
 def json_bytes(obj: Any, *, indent: int | None = None, sort_keys: bool = False) -> bytes:
     """UTF-8 JSON (non-ASCII kept), compact unless ``indent``; keys sorted when ``sort_keys``."""
     separators = None if indent else (",", ":")
-    return json.dumps(obj, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys).encode(
-        "utf-8"
-    )
+    return json.dumps(
+        obj, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
+    ).encode("utf-8")
 
 
 class JsonArraySpool:
@@ -355,8 +355,12 @@ def cat_many(fs, paths: list[str], *, chunk: int = 256, what: str = "file") -> I
         for path in part:
             value = blobs[path] if path in blobs else _fetch_one(fs, path)
             attempt = 0
-            while isinstance(value, BaseException) and not _permanent(value) and attempt < len(RETRY_DELAYS_S):
-                log.warning("reading %s %s failed (%s: %s); retrying", what, path, type(value).__name__, value)
+            while (
+                isinstance(value, BaseException) and not _permanent(value) and attempt < len(RETRY_DELAYS_S)
+            ):
+                log.warning(
+                    "reading %s %s failed (%s: %s); retrying", what, path, type(value).__name__, value
+                )
                 time.sleep(RETRY_DELAYS_S[attempt])
                 attempt += 1
                 value = _fetch_one(fs, path)

@@ -173,7 +173,9 @@ def write_annotate_output(
 
     # 3. the annotate output: one Parquet file per shard, rows sorted by key, ids as a commit assigns them
     #    (shard sequence numbers 1, 2; the key's rank in its shard), and provenance.json
-    for seq, (shard_id, rows) in enumerate(((IMAGES_SHARD_ID, folder_rows), (TAR_SHARD_ID, tar_rows)), start=1):
+    for seq, (shard_id, rows) in enumerate(
+        ((IMAGES_SHARD_ID, folder_rows), (TAR_SHARD_ID, tar_rows)), start=1
+    ):
         rows = sorted(rows, key=lambda r: r["key"])
         for rank, row in enumerate(rows):
             row["image_id"] = image_id(seq, rank)

@@ -53,8 +53,6 @@ def _run(
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-
-
 def _flags(help_text: str) -> set[str]:
     return set(re.findall(r"--[a-z][a-z0-9-]*", help_text))
 
@@ -128,7 +126,12 @@ def test_ctrl_c_in_a_terminal_exits_130_and_a_rerun_completes(tmp_path, prefect_
     rerun = _run([*args, "-v"], tmp_path, timeout=540, api_url=prefect_server["PREFECT_API_URL"])
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "| INFO" in rerun.stderr and "already committed" in rerun.stderr  # -v shows the INFO lines
-    keys = pads.dataset(str(out / "parquet"), format="parquet").to_table(columns=["key"]).column("key").to_pylist()
+    keys = (
+        pads.dataset(str(out / "parquet"), format="parquet")
+        .to_table(columns=["key"])
+        .column("key")
+        .to_pylist()
+    )
     assert sorted(keys) == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"]
 
 
@@ -246,7 +249,15 @@ def test_progress_bar_counts_images_with_rate_eta_and_an_estimated_total(capsys)
     base = {"shards_done": 0, "shards_total": 4, "errors": 0, "images": 0}
     bar({"event": "start"})
     bar({**base, "event": "images", "images_staged": 0, "images_total": None, "images_total_estimated": True})
-    bar({**base, "event": "images", "images_staged": 250, "images_total": 1000, "images_total_estimated": True})
+    bar(
+        {
+            **base,
+            "event": "images",
+            "images_staged": 250,
+            "images_total": 1000,
+            "images_total_estimated": True,
+        }
+    )
     shown = capsys.readouterr().err
     assert "labelling: 0 images [" in shown  # no total before the first tar is read
     assert "250/1000" in shown and "(total estimated)" in shown and "img/s" in shown and "shards=0/4" in shown

@@ -49,13 +49,17 @@ def two_node_cluster():
         ray.shutdown()
     cluster.shutdown()
     if had_local:  # give the session's tests their local Ray back (tests/conftest.py ray_local)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False
+        )
         ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def _shard(path, photos, prefix: str, n: int) -> list[str]:
     names = sorted(photos)
-    samples = {f"{prefix}-{i:03d}": jpeg_bytes(photos[names[i % len(names)]], (64 + 8 * i, 48)) for i in range(n)}
+    samples = {
+        f"{prefix}-{i:03d}": jpeg_bytes(photos[names[i % len(names)]], (64 + 8 * i, 48)) for i in range(n)
+    }
     write_tar(path, webdataset_members(samples))
     return list(samples)
 
@@ -126,7 +130,9 @@ def test_two_node_cluster_labels_into_s3_with_replicas_on_both_nodes(
     )
 
 
-def test_without_ray_address_a_run_starts_its_own_ray_even_beside_a_running_cluster(two_node_cluster, tmp_path):
+def test_without_ray_address_a_run_starts_its_own_ray_even_beside_a_running_cluster(
+    two_node_cluster, tmp_path
+):
     """A bare ``ray.init()`` joins the cluster running on this machine (and then refuses ``num_cpus``); a run
     without ``ray_address`` (and without ``$RAY_ADDRESS``) starts its own local Ray, as documented."""
     script = (
@@ -144,7 +150,9 @@ def test_without_ray_address_a_run_starts_its_own_ray_even_beside_a_running_clus
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["bare"] == two_node_cluster.address  # the hazard is real here

@@ -69,7 +69,9 @@ def test_schema_rows_and_provenance() -> None:
     assert seg_type.field("rle").type.field("counts").type == pa.string()
     table = rows_to_table(make_rows(shard(0), ["a", "b"], errors=("b",)), PROV)
     assert table.schema.equals(schema, check_metadata=True) and table.num_rows == 2
-    assert table.column("image_id").to_pylist() == [image_id_for(shard(0).shard_id, k) for k in "ab"] == [0, 0]
+    assert (
+        table.column("image_id").to_pylist() == [image_id_for(shard(0).shard_id, k) for k in "ab"] == [0, 0]
+    )
     assert image_id(0, 0) == 0 and image_id(3, 5) == 3 * 2**28 + 5
     assert image_id(2**25 - 1, 2**28 - 1) == 2**53 - 1  # the largest id is exact in JavaScript
     for bad in [(-1, 0), (2**25, 0), (0, 2**28), (0, -1)]:
@@ -91,7 +93,9 @@ def test_key_to_filename() -> None:
 
 
 def test_png_names_replace_the_extension_and_never_collide() -> None:
-    names = png_names([("astronaut.jpg", "jpg"), ("cats/001.JPEG", "jpeg"), ("0001", "jpg"), ("x.tar.png", "png")])
+    names = png_names(
+        [("astronaut.jpg", "jpg"), ("cats/001.JPEG", "jpeg"), ("0001", "jpg"), ("x.tar.png", "png")]
+    )
     assert names == {
         "astronaut.jpg": "astronaut.png",
         "cats/001.JPEG": "cats/001.png",
@@ -108,7 +112,9 @@ def test_png_names_replace_the_extension_and_never_collide() -> None:
     clash = [("a.jpg", "jpg"), ("a.png", "png"), ("A.png", "png"), ("a-jpg", None), ("b.jpg", "jpg")]
     names = png_names(clash)
     assert len({n.casefold() for n in names.values()}) == len(clash)
-    assert names["b.jpg"] == "b.png" and all(names[k].startswith(("a-", "A-")) for k in ("a.jpg", "a.png", "A.png"))
+    assert names["b.jpg"] == "b.png" and all(
+        names[k].startswith(("a-", "A-")) for k in ("a.jpg", "a.png", "A.png")
+    )
     assert png_names(reversed(clash)) == names  # deterministic, whatever the order
     unsafe = png_names([("../x.jpg", "jpg")])["../x.jpg"]
     assert "/" not in unsafe and unsafe.endswith(".png") and ".." not in unsafe.split("-")[0]
@@ -284,7 +290,11 @@ def test_finalize_coco_and_readers_local(tmp_path: Path) -> None:
     out = str(tmp_path / "out")
     _build_output(out, None)
     paths = finalize_coco(out, None, CATS)
-    assert paths["panoptic"].endswith("/coco/panoptic.json") and paths["parts"] == "1" and paths["rebuilt"] == "1"
+    assert (
+        paths["panoptic"].endswith("/coco/panoptic.json")
+        and paths["parts"] == "1"
+        and paths["rebuilt"] == "1"
+    )
     panoptic = json.loads((tmp_path / "out" / "coco" / "panoptic.json").read_text())
     committed = pads.dataset(
         [str(tmp_path / "out" / "parquet" / f"{shard(i).shard_id}.parquet") for i in (0, 1)], format="parquet"
@@ -359,7 +369,9 @@ def test_s3_end_to_end(s3_bucket: str, s3_storage_options: dict, tmp_path: Path)
     local_instances = str(tmp_path / "instances.json")
     fs.get(f"{s3_bucket}/runs/r1/coco/instances.json", local_instances)
     committed = pads.dataset(
-        [f"{s3_bucket}/runs/r1/parquet/{shard(i).shard_id}.parquet" for i in (0, 1)], filesystem=fs, format="parquet"
+        [f"{s3_bucket}/runs/r1/parquet/{shard(i).shard_id}.parquet" for i in (0, 1)],
+        filesystem=fs,
+        format="parquet",
     ).to_table()
     _check_coco(
         panoptic, local_instances, lambda name: fs.cat(f"{s3_bucket}/runs/r1/coco/panoptic/{name}"), committed
@@ -416,7 +428,9 @@ def test_streaming_commit_equals_the_in_memory_semantics(tmp_path: Path) -> None
     want = _reference_commit(staging)
 
     # batches of 3 rows: many batches, row groups and PNG writes per staging file
-    prepared = write_shard_outputs(out, None, shard=s, expected_keys=set(keys), provenance=PROV, seq=3, batch_rows=3)
+    prepared = write_shard_outputs(
+        out, None, shard=s, expected_keys=set(keys), provenance=PROV, seq=3, batch_rows=3
+    )
     got = {r["key"]: r for r in pq.read_table(tmp_path / "out" / prepared.info.parquet).to_pylist()}
     assert set(got) == set(want) == set(keys)
     for key in keys:
@@ -425,10 +439,16 @@ def test_streaming_commit_equals_the_in_memory_semantics(tmp_path: Path) -> None
     assert prepared.info.n_labelled == sum(r["error"] is None for r in want.values())
     assert prepared.info.n_duplicates_dropped == sum(len(pq.read_table(p)) for p in staging) - len(keys)
     # the fragment: one line per labelled row, in Parquet row order, instance ids seq << 28 | running index
-    lines = [json.loads(x) for x in (tmp_path / "out" / "coco" / "_parts" / f"{s.shard_id}.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(x)
+        for x in (tmp_path / "out" / "coco" / "_parts" / f"{s.shard_id}.jsonl").read_text().splitlines()
+    ]
     assert [x["image"]["id"] for x in lines] == [r["image_id"] for r in got.values() if r["error"] is None]
     inst_ids = [a["id"] for x in lines for a in x["instances"]]
-    assert inst_ids == [image_id(3, i) for i in range(len(inst_ids))] and len(inst_ids) == prepared.info.n_instances
+    assert (
+        inst_ids == [image_id(3, i) for i in range(len(inst_ids))]
+        and len(inst_ids) == prepared.info.n_instances
+    )
 
 
 def test_transient_marker_reads_are_retried_not_taken_for_uncommitted(tmp_path: Path, monkeypatch) -> None:
@@ -436,7 +456,9 @@ def test_transient_marker_reads_are_retried_not_taken_for_uncommitted(tmp_path: 
     retried: the shard stays committed, nothing is relabelled or cleaned; a read that keeps failing raises."""
     import pipeline.storage
 
-    monkeypatch.setattr(pipeline.storage, "RETRY_DELAYS_S", (0.05, 0.1, 0.2))  # the production backoff, shortened
+    monkeypatch.setattr(
+        pipeline.storage, "RETRY_DELAYS_S", (0.05, 0.1, 0.2)
+    )  # the production backoff, shortened
 
     class FlakyFS(LocalFileSystem):
         protocol = ("flakyfile",)
@@ -502,7 +524,13 @@ def test_retry_replacement_relabels_only_the_retryable_rows(tmp_path: Path) -> N
     with pytest.raises(CommitError, match="were not being retried"):
         commit_shard(out, None, shard=s, expected_keys=2, provenance=PROV, replace="retry", retry_keys=["k4"])
     info = commit_shard(
-        out, None, shard=s, expected_keys={"k2", "k4"}, provenance=PROV, replace="retry", retry_keys=["k2", "k4", "k5"]
+        out,
+        None,
+        shard=s,
+        expected_keys={"k2", "k4"},
+        provenance=PROV,
+        replace="retry",
+        retry_keys=["k2", "k4", "k5"],
     )
     assert info.seq == 4 and info.replaced == "retry" and pending_replacements(out, None) == {}
     assert (info.n_images, info.n_labelled, info.n_errors, info.n_retryable) == (6, 3, 3, 2)
@@ -521,12 +549,17 @@ def test_retry_replacement_relabels_only_the_retryable_rows(tmp_path: Path) -> N
     assert {k: v for k, v in pngs_after.items() if k in pngs_before} == pngs_before
     assert set(pngs_after) - set(pngs_before) == {f"{s.shard_id}/k2.png"}
     marker = json.loads((tmp_path / "out" / "_commits" / f"{s.shard_id}.json").read_text())
-    assert marker["n_retryable"] == 2 and marker["parquet_sha256"] == hashlib.sha256(parquet.read_bytes()).hexdigest()
+    assert (
+        marker["n_retryable"] == 2
+        and marker["parquet_sha256"] == hashlib.sha256(parquet.read_bytes()).hexdigest()
+    )
 
     # a replacement interrupted before its marker leaves the record; the shard stays committed (old marker)
     begin_replacement(out, None, s.shard_id, mode="retry", run_id="run-0003")
     write_staging(make_rows(s, ["k4"], salt="again"), out, None, PROV)
-    write_shard_outputs(out, None, shard=s, expected_keys=1, provenance=PROV, replace="retry", retry_keys=["k4"])
+    write_shard_outputs(
+        out, None, shard=s, expected_keys=1, provenance=PROV, replace="retry", retry_keys=["k4"]
+    )
     assert set(pending_replacements(out, None)) == {s.shard_id} and s.shard_id in committed_shards(out, None)
     assert clean_uncommitted(out, None) == []  # committed: its staging goes, its outputs stay
     assert pq.read_table(parquet).num_rows == 6
@@ -546,7 +579,10 @@ def test_relabel_replacement_rebuilds_the_shard_and_drops_stale_pngs(tmp_path: P
     info = commit_shard(out, None, shard=s, expected_keys=2, provenance=PROV, replace="relabel")
     assert info.seq == first.seq == 2 and info.replaced == "relabel" and info.n_images == 2
     assert sorted(read_keys(tmp_path / "out" / info.parquet)) == ["a", "d"]
-    assert sorted(p.name for p in (tmp_path / "out" / "coco" / "panoptic" / s.shard_id).iterdir()) == ["a.png", "d.png"]
+    assert sorted(p.name for p in (tmp_path / "out" / "coco" / "panoptic" / s.shard_id).iterdir()) == [
+        "a.png",
+        "d.png",
+    ]
     assert info.parquet_sha256 != first.parquet_sha256
 
 
@@ -566,7 +602,11 @@ def test_member_lists_live_outside_the_markers_and_load_only_for_grown_folders(t
     info = commit_shard(out, None, shard=ref, expected_keys=3, provenance=PROV)
     marker = committed_shards(out, None)[ref.shard_id]
     assert "members" not in marker and marker["members_file"] == f"_members/{ref.shard_id}.json"
-    assert (marker["kind"], marker["root"], marker["n_members"]) == ("images", folder, 3) and info.n_members == 3
+    assert (marker["kind"], marker["root"], marker["n_members"]) == (
+        "images",
+        folder,
+        3,
+    ) and info.n_members == 3
     assert load_members(out, None, marker) == list(members)
     # the COCO name of an image-folder image: its path relative to the folder; the PNG replaces the extension
     line = json.loads((tmp_path / "out" / info.coco_part).read_text().splitlines()[0])
@@ -591,7 +631,9 @@ def test_member_lists_live_outside_the_markers_and_load_only_for_grown_folders(t
     assert sorted(s.members for s in todo) == sorted([(f"{folder}/d.jpg",), other.members])
 
 
-def test_source_stamps_detect_changed_shards(tmp_path: Path, s3_bucket: str, s3_storage_options: dict) -> None:
+def test_source_stamps_detect_changed_shards(
+    tmp_path: Path, s3_bucket: str, s3_storage_options: dict
+) -> None:
     import os
 
     import s3fs
@@ -612,7 +654,10 @@ def test_source_stamps_detect_changed_shards(tmp_path: Path, s3_bucket: str, s3_
     assert stamps[im.shard_id]["n"] == 2 and len(stamps[im.shard_id]["digest"]) == 40
     assert stamps[gone.shard_id] is None
     markers = {sid: {"source": stamp} for sid, stamp in stamps.items()}
-    assert not any(source_changed(markers[sid], source_stamps([r], None)[sid]) for sid, r in [(t.shard_id, t), (im.shard_id, im)])
+    assert not any(
+        source_changed(markers[sid], source_stamps([r], None)[sid])
+        for sid, r in [(t.shard_id, t), (im.shard_id, im)]
+    )
     tar.write_bytes(b"y" * 120)  # the tar was replaced
     (photos / "b.jpg").write_bytes(b"another jpeg")  # an image was edited
     os.utime(photos / "b.jpg", (1, 1))
@@ -654,13 +699,19 @@ def test_streaming_commit_on_s3_fetches_each_staging_file_at_most_twice(
 
     so = s3_storage_options
     keys = [f"k{i}" for i in range(12)]
-    batches = [make_rows(shard(0), keys[i : i + 3], errors=("k4",) if i == 3 else ()) for i in range(0, 12, 3)]
+    batches = [
+        make_rows(shard(0), keys[i : i + 3], errors=("k4",) if i == 3 else ()) for i in range(0, 12, 3)
+    ]
     batches.append(make_rows(shard(0), ["k4", "k5"]))  # a retried task: k4 labelled this time
     import s3fs
 
     fs = s3fs.S3FileSystem(**so)
     committed = []
-    for budget, out in ((64 * 2**20, f"s3://{s3_bucket}/a"), (1, f"s3://{s3_bucket}/b"), (None, str(tmp_path / "c"))):
+    for budget, out in (
+        (64 * 2**20, f"s3://{s3_bucket}/a"),
+        (1, f"s3://{s3_bucket}/b"),
+        (None, str(tmp_path / "c")),
+    ):
         options = so if budget else None
         if budget is not None:
             monkeypatch.setattr(commit_module, "_PREFETCH_BYTES", budget)
@@ -670,5 +721,7 @@ def test_streaming_commit_on_s3_fetches_each_staging_file_at_most_twice(
         path = f"{out.removeprefix('s3://')}/{info.parquet}"
         table = pq.read_table(path, filesystem=fs) if budget else pq.read_table(path)
         committed.append({r["key"]: r for r in table.to_pylist()})
-        assert info.n_labelled == 12 and info.n_duplicates_dropped == 2  # k4's error row lost to a labelled one
+        assert (
+            info.n_labelled == 12 and info.n_duplicates_dropped == 2
+        )  # k4's error row lost to a labelled one
     assert committed[0] == committed[1] == committed[2]

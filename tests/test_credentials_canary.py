@@ -226,7 +226,10 @@ def test_annotate_flow_records_no_canary(
     header, token, key_id, session = (_canary(t) for t in ("hdr", "tok", "AKIA", "sts"))
     server = _AuthServer(header, token)
     try:
-        shard_a = {"astronaut": jpeg_bytes(photos["astronaut"], 64), "coffee": jpeg_bytes(photos["coffee"], 64)}
+        shard_a = {
+            "astronaut": jpeg_bytes(photos["astronaut"], 64),
+            "coffee": jpeg_bytes(photos["coffee"], 64),
+        }
         server.files["/auth/shard-a.tar"] = tar_bytes(webdataset_members(shard_a))
         bucket = f"canary-{uuid.uuid4().hex[:10]}"
         fs = _s3(s3_endpoint)
@@ -437,7 +440,9 @@ def test_ray_train_run_state_holds_no_block_credentials(prefect_api, s3_endpoint
     monkeypatch.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False
+        )
     try:
         state = train_flow(
             train=f"s3://{bucket}/train",

@@ -83,7 +83,13 @@ def test_readme_commands_label_the_examples_through_a_worker(prefect_server, tmp
     # the commands of README.md, from the repository root
     _cli(["work-pool", "create", POOL, "--type", "process"], env)
     deployed = _cli(["--no-prompt", "deploy", "--all"], env, timeout=300)
-    for name in ("annotate/nightly", "annotate/adhoc", "annotate/plumbing", "train/finetune", "evaluate/score"):
+    for name in (
+        "annotate/nightly",
+        "annotate/adhoc",
+        "annotate/plumbing",
+        "train/finetune",
+        "evaluate/score",
+    ):
         assert name in deployed, deployed
     dep = httpx.get(f"{api}/deployments/name/annotate/nightly", timeout=10).json()
     assert [(s["schedule"]["cron"], s["active"]) for s in dep["schedules"]] == [("0 2 * * *", False)]
@@ -98,7 +104,9 @@ def test_readme_commands_label_the_examples_through_a_worker(prefect_server, tmp
     worker_log = tmp_path / "worker.log"
     _run_worker(env, worker_log)
 
-    runs = {rid: httpx.get(f"{api}/flow_runs/{rid}", timeout=10).json() for rid in (flow_run_id, second_run_id)}
+    runs = {
+        rid: httpx.get(f"{api}/flow_runs/{rid}", timeout=10).json() for rid in (flow_run_id, second_run_id)
+    }
     states = sorted(r["state"]["type"] for r in runs.values())
     assert states == ["CANCELLED", "COMPLETED"], f"{states}\n{worker_log.read_text()[-4000:]}"
     run = next(r for r in runs.values() if r["state"]["type"] == "COMPLETED")
@@ -181,7 +189,9 @@ def test_prefect_yaml_deployments():
         assert params["vocab_file"] == "classes.txt" and params["output"] == f"out/{name}"
     assert specs["annotate", "nightly"]["parameters"]["model"] == "odise_label_coco"
     assert specs["annotate", "adhoc"]["parameters"]["model"] == "odise_label_coco"
-    assert specs["annotate", "plumbing"]["parameters"]["model"] == "tiny"  # the only tiny one, never scheduled
+    assert (
+        specs["annotate", "plumbing"]["parameters"]["model"] == "tiny"
+    )  # the only tiny one, never scheduled
     for key, spec in specs.items():
         assert key == ("annotate", "nightly") or not spec["schedules"], key
     for spec in specs.values():  # one run per deployment at a time; a run started meanwhile is cancelled
@@ -199,7 +209,10 @@ def test_serve_builds_the_same_deployments():
     nightly = deps["annotate", "nightly"]
     assert [(s.schedule.cron, s.active) for s in nightly.schedules] == [("0 2 * * *", False)]
     assert nightly.schedules[0].schedule.timezone == "UTC"
-    assert nightly.parameters["vocab_file"] == "classes.txt" and nightly.parameters["model"] == "odise_label_coco"
+    assert (
+        nightly.parameters["vocab_file"] == "classes.txt"
+        and nightly.parameters["model"] == "odise_label_coco"
+    )
     assert deps["annotate", "plumbing"].parameters["model"] == "tiny"
     assert nightly.entrypoint == "flows.annotate.annotate"
     assert not deps["annotate", "adhoc"].schedules and not deps["annotate", "plumbing"].schedules

@@ -164,9 +164,11 @@ def test_fast_rle_is_byte_identical_to_pycocotools() -> None:
 
     for seed in range(20):  # whole label maps: every segment's RLE from one pass
         h, w = (int(v) for v in rng.integers(2, 50, 2))
-        seg = rng.integers(0, 6, size=(h, w)).astype(np.int32) if seed % 2 else np.repeat(
-            rng.integers(0, 4, size=(h, 1)), w, axis=1
-        ).astype(np.int32)
+        seg = (
+            rng.integers(0, 6, size=(h, w)).astype(np.int32)
+            if seed % 2
+            else np.repeat(rng.integers(0, 4, size=(h, 1)), w, axis=1).astype(np.int32)
+        )
         segments = [
             Segment(int(i), 1, "cat", True, 0.5, int((seg == i).sum()), bbox_from_mask(seg == i))
             for i in np.unique(seg)

@@ -209,7 +209,11 @@ def test_non_utf8_file_names_in_a_folder_and_a_tar(tmp_path):
         assert f.read() == _jpeg(3)
 
     path = tmp_path / "shard.tar"
-    write_tar(path, [(os.fsdecode(b"cats/bad\xff.jpg"), _jpeg(5)), ("cats/ok.jpg", _jpeg(6))], format=tarfile.GNU_FORMAT)
+    write_tar(
+        path,
+        [(os.fsdecode(b"cats/bad\xff.jpg"), _jpeg(5)), ("cats/ok.jpg", _jpeg(6))],
+        format=tarfile.GNU_FORMAT,
+    )
     (tar_shard,) = list_shards(str(path))
     got = read_shard(tar_shard)
     assert [s.key for s in got] == ["cats/bad%FF", "cats/ok"] and all(s.error is None for s in got)
@@ -242,7 +246,9 @@ def test_member_urls_open_on_s3_as_they_are(s3_bucket, s3_storage_options, tmp_p
 def test_labeled_shard_interface(tmp_path):
     """The one tar reader serves labeled shards too: every field of a sample, by key."""
     path = tmp_path / "labeled.tar"
-    write_tar(path, [("a.jpg", b"img"), ("a.panoptic.png", b"png"), ("a.segments.json", b"{}"), ("b.jpg", b"x")])
+    write_tar(
+        path, [("a.jpg", b"img"), ("a.panoptic.png", b"png"), ("a.segments.json", b"{}"), ("b.jpg", b"x")]
+    )
     samples = list(iter_tar(str(path), fields=None))
     assert [(s.key, s.files) for s in samples] == [
         ("a", {"jpg": b"img", "panoptic.png": b"png", "segments.json": b"{}"}),

@@ -56,7 +56,9 @@ def test_walkthrough_runs_end_to_end(tmp_path, prefect_server):
     annotate, export, convert, train, evaluate = steps
 
     # the README's main command: what the terminal shows, and what it writes
-    assert annotate["command"].startswith("odise-annotate --input examples/images --vocab-file examples/classes.txt")
+    assert annotate["command"].startswith(
+        "odise-annotate --input examples/images --vocab-file examples/classes.txt"
+    )
     assert "labelled 4 image(s) (0 errors" in annotate["stdout"]
     assert "PLUMBING CHECK" in annotate["stderr"] and "RANDOM weights" in annotate["stderr"]
     bar = annotate["stderr"]

@@ -33,7 +33,9 @@ def local_ray():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False
+        )
     yield
     if started:
         ray.shutdown()
@@ -64,7 +66,9 @@ def _logs(flow_run_id, wait_s: float = 15.0) -> list[str]:
         messages: list[str] = []
         with _client() as client:
             while True:
-                page = client.read_logs(log_filter=log_filter, offset=len(messages), sort=LogSort.TIMESTAMP_ASC)
+                page = client.read_logs(
+                    log_filter=log_filter, offset=len(messages), sort=LogSort.TIMESTAMP_ASC
+                )
                 messages += [log.message for log in page]
                 if not page:
                     return messages
@@ -197,7 +201,9 @@ def test_annotate_flow_artifacts(s3_runs):
 def test_annotate_flow_plumbing_check_and_forwarded_pipeline_logs(s3_runs):
     logs = "\n".join(_logs(s3_runs["first"].state_details.flow_run_id))
     assert "PLUMBING CHECK" in logs
-    assert "1 to label, 0 already committed" in logs  # pipeline.annotate.run's own log, forwarded to the run's logs
+    assert (
+        "1 to label, 0 already committed" in logs
+    )  # pipeline.annotate.run's own log, forwarded to the run's logs
     assert "committed: 1/1 shards" in logs  # progress
 
 
@@ -472,8 +478,12 @@ def test_one_command_lists_probes_and_reads_provenance_once(prefect_api, local_r
     images = tmp_path / "images"
     shutil.copytree(EXAMPLES / "images", images)
     out = tmp_path / "out"
-    for name, value in (("PREFECT_LOGGING_LEVEL", "WARNING"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
-                        ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"), ("RAY_USAGE_STATS_ENABLED", "0")):
+    for name, value in (
+        ("PREFECT_LOGGING_LEVEL", "WARNING"),
+        ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+        ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"),
+        ("RAY_USAGE_STATS_ENABLED", "0"),
+    ):
         monkeypatch.setenv(name, os.environ.get(name, value))  # the command sets these; restored afterwards
     calls = _Calls()
     saved_sigint = signal.getsignal(signal.SIGINT)
@@ -491,7 +501,12 @@ def test_one_command_lists_probes_and_reads_provenance_once(prefect_api, local_r
     probes = [p for op, p in calls if op == "pipe_file" and "/.write-probe-" in p]
     provenance_reads = [p for op, p in calls if op == "cat_file" and p == f"{out}/provenance.json"]
     assert (len(listings), len(probes), len(provenance_reads)) == (1, 1, 1), calls
-    keys = pads.dataset(str(out / "parquet"), format="parquet").to_table(columns=["key"]).column("key").to_pylist()
+    keys = (
+        pads.dataset(str(out / "parquet"), format="parquet")
+        .to_table(columns=["key"])
+        .column("key")
+        .to_pylist()
+    )
     assert sorted(keys) == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"]
     assert json.loads((out / "provenance.json").read_text())["model_variant"] == "tiny"
 

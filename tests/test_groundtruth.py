@@ -354,7 +354,15 @@ def test_convert_console_script(tmp_path):
         )
     )
     script = _console_script("odise-convert")
-    args = [script, "--ground-truth", str(json_path), "--images", str(image_dir), "--output", str(tmp_path / "shards")]
+    args = [
+        script,
+        "--ground-truth",
+        str(json_path),
+        "--images",
+        str(image_dir),
+        "--output",
+        str(tmp_path / "shards"),
+    ]
     proc = subprocess.run(
         [*args, "--samples-per-shard", "2", "--captions", str(captions)],
         capture_output=True,
@@ -376,8 +384,17 @@ def test_convert_console_script(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     proc = subprocess.run(
-        [script, "--ground-truth", str(bad), "--ground-truth-png", str(png_dir), "--images", str(image_dir),
-         "--output", str(tmp_path / "out2")],
+        [
+            script,
+            "--ground-truth",
+            str(bad),
+            "--ground-truth-png",
+            str(png_dir),
+            "--images",
+            str(image_dir),
+            "--output",
+            str(tmp_path / "out2"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -25,7 +25,11 @@ def test_tile_boxes_official_example_six_tiles():
     # 640x480 COCO image -> short side 1024: 1024x1365 -> padded 1024x1408 -> 2x3 windows of 512
     boxes = tile_boxes(1024, 1408, 512)
     assert len(boxes) == 6
-    assert boxes[:3] == [(0, 0, 512, 512), (0, 512, 512, 1024), (0, 896, 512, 1408)]  # last column shifted back
+    assert boxes[:3] == [
+        (0, 0, 512, 512),
+        (0, 512, 512, 1024),
+        (0, 896, 512, 1408),
+    ]  # last column shifted back
     assert all(y2 - y1 == 512 and x2 - x1 == 512 for y1, x1, y2, x2 in boxes)
 
 
@@ -59,7 +63,9 @@ def test_crop_tiles_resizes_bicubic_without_antialias():
     image = torch.rand(3, 128, 192)
     tiles = crop_tiles(image, tile_boxes(128, 192, 512), 512)
     assert tiles.shape == (2, 3, 512, 512)
-    expected = torch.nn.functional.interpolate(image[None, :, :, :128], size=(512, 512), mode="bicubic", align_corners=False)
+    expected = torch.nn.functional.interpolate(
+        image[None, :, :, :128], size=(512, 512), mode="bicubic", align_corners=False
+    )
     assert torch.allclose(tiles[0], expected[0])
 
 
@@ -163,7 +169,9 @@ def test_deformable_attention_matches_naive_reference():
     n, m, d, lq, points = 2, 2, 4, 5, 3
     value = torch.randn(n, sum(h * w for h, w in shapes), m, d)
     locations = torch.rand(n, lq, m, len(shapes), points, 2) * 1.4 - 0.2  # some points fall outside
-    weights = torch.softmax(torch.randn(n, lq, m, len(shapes) * points), -1).view(n, lq, m, len(shapes), points)
+    weights = torch.softmax(torch.randn(n, lq, m, len(shapes) * points), -1).view(
+        n, lq, m, len(shapes), points
+    )
     fast = ms_deform_attn(value, shapes, locations, weights)
     slow = _naive_deform_attn(value, shapes, locations, weights)
     assert torch.allclose(fast.double(), slow, atol=1e-5)
@@ -186,7 +194,9 @@ def test_fusion_by_hand():
     open_logits = torch.log(torch.tensor([[[0.8, 0.2]]]))
     clip_logits = torch.log(torch.tensor([[[0.4, 0.6]]]))
     seen = torch.tensor([True, False])
-    out = fuse_probabilities(open_logits, clip_logits, seen, alpha=0.25, beta=0.75, p_background=torch.tensor([[0.2]]))
+    out = fuse_probabilities(
+        open_logits, clip_logits, seen, alpha=0.25, beta=0.75, p_background=torch.tensor([[0.2]])
+    )
     f0 = 0.8**0.75 * 0.4**0.25
     f1 = 0.2**0.25 * 0.6**0.75
     expected = torch.tensor([f0 / (f0 + f1) * 0.8, f1 / (f0 + f1) * 0.8, 0.2])
@@ -196,7 +206,9 @@ def test_fusion_by_hand():
 def test_fusion_without_clip_equals_k_plus_1_softmax():
     logits = torch.randn(2, 3, 5)
     p = torch.softmax(logits, -1)
-    out = fuse_probabilities(logits[..., :-1], None, torch.zeros(4, dtype=torch.bool), alpha=0.3, beta=0.7, p_background=p[..., -1])
+    out = fuse_probabilities(
+        logits[..., :-1], None, torch.zeros(4, dtype=torch.bool), alpha=0.3, beta=0.7, p_background=p[..., -1]
+    )
     assert torch.allclose(out.exp(), p + 1e-8, atol=1e-6)
 
 
@@ -210,7 +222,9 @@ def test_panoptic_inference_merges_stuff_and_drops_overlapped_things():
     left = torch.zeros(h, w, dtype=torch.bool)
     left[:, :3] = True
     right = ~left
-    mask_pred = torch.stack([_big(left), _big(right), _big(right), _big(torch.ones(h, w, dtype=torch.bool)), _big(left)])
+    mask_pred = torch.stack(
+        [_big(left), _big(right), _big(right), _big(torch.ones(h, w, dtype=torch.bool)), _big(left)]
+    )
     # classes: 0 = thing "cat", 1 = stuff "grass"; last column = no object
     cls = torch.log(
         torch.tensor(
@@ -256,7 +270,9 @@ def test_semantic_and_instance_inference():
     from odise_model.postprocess import semantic_argmax
 
     assert semantic_argmax(cls, mask_pred).tolist() == [[0, 1], [1, 1]]
-    classes, scores, queries = instance_inference(cls, mask_pred, torch.tensor([True, False]), topk=10, things_only=True)
+    classes, scores, queries = instance_inference(
+        cls, mask_pred, torch.tensor([True, False]), topk=10, things_only=True
+    )
     assert classes.tolist() == [0, 0]  # only the thing class survives, from both queries
     assert queries.tolist() == [0, 1]
     # score = class probability x mean mask probability inside the mask (sigmoid(20) ~ 1)

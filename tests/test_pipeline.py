@@ -48,7 +48,9 @@ def good_samples(photos, prefix, n):
         arr = photos[names[i % len(names)]]
         scale = 0.3 + 0.1 * (i % 3)
         size = (max(32, int(arr.shape[1] * scale)), max(32, int(arr.shape[0] * scale)))
-        out.append((f"{prefix}-{i:04d}", {"jpg": jpeg_bytes(arr, size), "json": json.dumps({"i": i}).encode()}))
+        out.append(
+            (f"{prefix}-{i:04d}", {"jpg": jpeg_bytes(arr, size), "json": json.dumps({"i": i}).encode()})
+        )
     return out
 
 
@@ -65,8 +67,16 @@ def read_rows(out, storage_options=None):
 
 
 def config(inp, out, **kw) -> pipeline.AnnotateConfig:
-    base = dict(input=inp, output=out, vocab_file="coco_panoptic", model="tiny", num_cpus=2, overlays=2,
-                batch_size=2, no_progress_timeout_s=240)
+    base = dict(
+        input=inp,
+        output=out,
+        vocab_file="coco_panoptic",
+        model="tiny",
+        num_cpus=2,
+        overlays=2,
+        batch_size=2,
+        no_progress_timeout_s=240,
+    )
     base.update(kw)
     return pipeline.AnnotateConfig(**base)
 
@@ -76,7 +86,9 @@ def _foreign_lease(run_id: str, *, renewed_s_ago: float, ttl_s: float):
     from pipeline.annotate.lease import LeaseRecord
 
     now = time.time()
-    rec = LeaseRecord.new(run_id, ttl_s=ttl_s, renew_s=ttl_s / 10, now=now - renewed_s_ago - 60).renewed(now - renewed_s_ago)
+    rec = LeaseRecord.new(run_id, ttl_s=ttl_s, renew_s=ttl_s / 10, now=now - renewed_s_ago - 60).renewed(
+        now - renewed_s_ago
+    )
     return LeaseRecord(**{**rec.to_dict(), "host": "other-host", "pid": 4242, "process_ns": "elsewhere"})
 
 
@@ -216,7 +228,11 @@ def test_actor_killed_mid_run_loses_nothing(tmp_path, photos, ray_local):
         deadline = time.monotonic() + 10
         while not killed and time.monotonic() < deadline:
             for actor in ray._private.state.actors().values():
-                if "MapWorker" in actor.get("ActorClassName", "") and actor.get("State") == "ALIVE" and actor.get("Pid"):
+                if (
+                    "MapWorker" in actor.get("ActorClassName", "")
+                    and actor.get("State") == "ALIVE"
+                    and actor.get("Pid")
+                ):
                     os.kill(actor["Pid"], 9)
                     killed.append(actor["Pid"])
             time.sleep(0.05)
@@ -224,7 +240,10 @@ def test_actor_killed_mid_run_loses_nothing(tmp_path, photos, ray_local):
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     out = tmp_path / "out"
-    summary = pipeline.run_annotation(config(str(shards), str(out), overlays=0), on_progress=lambda p: p["images_staged"] > 0 and first_commit.set())
+    summary = pipeline.run_annotation(
+        config(str(shards), str(out), overlays=0),
+        on_progress=lambda p: p["images_staged"] > 0 and first_commit.set(),
+    )
     thread.join(timeout=5)
     assert killed, "the test never found the model actor to kill"
     rows = read_rows(str(out))
@@ -244,7 +263,9 @@ def test_rerun_over_a_grown_image_folder_labels_only_the_new_images(tmp_path, ph
     out = tmp_path / "out"
     first = pipeline.run_annotation(config(str(folder), str(out), overlays=0, images_per_virtual_shard=2))
     assert first.images == 3
-    (folder / "a_new.jpg").write_bytes(jpeg_bytes(photos[names[0]], (48, 64)))  # sorts first: shifts every group
+    (folder / "a_new.jpg").write_bytes(
+        jpeg_bytes(photos[names[0]], (48, 64))
+    )  # sorts first: shifts every group
     (folder / "c_new.jpg").write_bytes(jpeg_bytes(photos[names[1]], (48, 64)))
     second = pipeline.run_annotation(config(str(folder), str(out), overlays=0, images_per_virtual_shard=2))
     assert second.images == 2 and second.errors == 0
@@ -253,7 +274,9 @@ def test_rerun_over_a_grown_image_folder_labels_only_the_new_images(tmp_path, ph
     check_coco(out, rows)
     # nothing new, or another group size: nothing is labelled again
     for per_shard in (2, 3):
-        again = pipeline.run_annotation(config(str(folder), str(out), overlays=0, images_per_virtual_shard=per_shard))
+        again = pipeline.run_annotation(
+            config(str(folder), str(out), overlays=0, images_per_virtual_shard=per_shard)
+        )
         assert again.images == 0
     assert len(read_rows(str(out))) == 5
     totals = json.loads((out / "summary.json").read_text())
@@ -270,7 +293,9 @@ def test_missing_shard_fails_before_any_model(tmp_path, photos):
     with pytest.raises(FileNotFoundError, match="shard-000001.tar"):
         pipeline.run_annotation(config(str(tmp_path / "shard-{000000..000001}.tar"), str(tmp_path / "out")))
     assert time.time() - started < 15
-    assert ray.is_initialized() == ray_was_running  # the run never got as far as Ray (where the model is built)
+    assert (
+        ray.is_initialized() == ray_was_running
+    )  # the run never got as far as Ray (where the model is built)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing written
 
 
@@ -309,8 +334,13 @@ def test_missing_official_weights_offline_say_which_file(tmp_path, photos):
     write_shard(tmp_path / "s.tar", good_samples(photos, "w", 1))
     with pytest.raises(WeightsNotFoundError, match=r"(?s)odise_label_coco_50e.*how to provide"):
         check_inputs(
-            config(str(tmp_path / "s.tar"), str(tmp_path / "out"), model="odise_label_coco", offline=True,
-                   cache_dir=str(tmp_path / "cache"))
+            config(
+                str(tmp_path / "s.tar"),
+                str(tmp_path / "out"),
+                model="odise_label_coco",
+                offline=True,
+                cache_dir=str(tmp_path / "cache"),
+            )
         )
 
 
@@ -326,7 +356,9 @@ def test_output_of_another_vocabulary_is_refused_before_the_run(tmp_path, photos
     other = config(str(tmp_path / "s.tar"), out, vocab_file="ade20k_150")
     with pytest.raises(ProvenanceMismatchError, match=r"vocabulary_sha256.*provenance.json"):
         check_inputs(other)
-    check_inputs(config(str(tmp_path / "s.tar"), out, vocab_file="ade20k_150", allow_provenance_mismatch=True))
+    check_inputs(
+        config(str(tmp_path / "s.tar"), out, vocab_file="ade20k_150", allow_provenance_mismatch=True)
+    )
 
 
 # --- one writer per output -----------------------------------------------------------------------------------
@@ -374,7 +406,9 @@ def test_a_second_run_into_a_busy_output_exits_2_naming_the_holder_and_nothing_i
         if where == "local":
             holder = json.loads((Path(out) / "_lease.json").read_text())
         else:
-            holder = json.loads(s3fs.S3FileSystem(**s3_storage_options).cat(f"{s3_bucket}/labels/_lease.json"))
+            holder = json.loads(
+                s3fs.S3FileSystem(**s3_storage_options).cat(f"{s3_bucket}/labels/_lease.json")
+            )
         script = str(Path(sys.executable).parent / "odise-annotate")
         second = subprocess.run(
             [script, "--input", str(shards), "--output", out, "--vocab-file", "coco_panoptic", "--model", "tiny",
@@ -387,7 +421,12 @@ def test_a_second_run_into_a_busy_output_exits_2_naming_the_holder_and_nothing_i
     assert second.returncode == 2, second.stdout + second.stderr
     err = second.stderr
     assert "is being written by another run" in err and "Traceback" not in err
-    for part in (f"run {holder['run_id']}", f"host {holder['host']}", f"pid {holder['pid']}", holder["since"]):
+    for part in (
+        f"run {holder['run_id']}",
+        f"host {holder['host']}",
+        f"pid {holder['pid']}",
+        holder["since"],
+    ):
         assert part in err, part
     assert "error" not in result, result.get("error")
     summary = result["summary"]

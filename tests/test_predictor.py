@@ -63,7 +63,9 @@ def test_batched_equals_one_by_one(model, photos):
     batched = odise_model.Predictor(model, "ade20k_150", batch_size=4).predict(photos)
     single = [odise_model.Predictor(model, "ade20k_150", batch_size=1).predict(p)[0] for p in photos]
     for a, b in zip(batched, single):
-        assert [(s.id, s.category_id, s.isthing) for s in a.segments] == [(s.id, s.category_id, s.isthing) for s in b.segments]
+        assert [(s.id, s.category_id, s.isthing) for s in a.segments] == [
+            (s.id, s.category_id, s.isthing) for s in b.segments
+        ]
         for sa, sb in zip(a.segments, b.segments):
             assert sa.score == pytest.approx(sb.score, abs=1e-4)
             assert abs(sa.area - sb.area) <= max(2, sa.area // 1000)
@@ -125,7 +127,9 @@ def test_extreme_aspect_ratios_and_single_pixel_images():
 
     predictor = odise_model.Predictor(odise_model.build_odise("tiny"), ["cat", "sky [stuff]"])
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in [(3, 2000, 3), (2000, 3, 3), (1, 1, 3)]]
+    images = [
+        rng.integers(0, 255, shape, dtype=np.uint8) for shape in [(3, 2000, 3), (2000, 3, 3), (1, 1, 3)]
+    ]
     for image, result in zip(images, predictor.predict(images), strict=True):
         assert result.panoptic_seg.shape == image.shape[:2]
 
@@ -230,7 +234,9 @@ def test_uncertainty_and_branch_disagreement(model, photos):
     # the tiny model's random branches disagree somewhere, so the statistic is not trivially 0
     assert any(r.branch_disagreement > 0 for r in raws)
     # without the CLIP branch there is nothing to disagree with
-    no_clip = odise_model.Predictor(model, vocab, use_clip=False).predict_prepared_raw([predictor.prepare(photos[0])])
+    no_clip = odise_model.Predictor(model, vocab, use_clip=False).predict_prepared_raw(
+        [predictor.prepare(photos[0])]
+    )
     assert no_clip[0].branch_disagreement is None and no_clip[0].clip_top_class is None
     # without segments: no uncertainty either
     output = predictor.infer_prepared([predictor.prepare(photos[1])])[0]
@@ -301,15 +307,21 @@ def test_labels_equal_the_code_before_this_change(model, photos):
     new = predictor.predict_prepared_raw(prepared)
     vocab_emb = model.vocabulary_embedding(predictor.vocabulary)
     old_outputs = model.infer([p[0] for p in prepared], [p[1] for p in prepared], vocab_emb)
-    for (tensor, resized, original), (mask_cls, mask_logits), raw in zip(prepared, old_outputs, new, strict=True):
+    for (tensor, resized, original), (mask_cls, mask_logits), raw in zip(
+        prepared, old_outputs, new, strict=True
+    ):
         masks = resize_mask_logits(mask_logits, tuple(tensor.shape[-2:]), resized, original)
-        pan, segs = _reference_panoptic(mask_cls, masks, isthing, cfg.object_mask_threshold, cfg.overlap_threshold)
+        pan, segs = _reference_panoptic(
+            mask_cls, masks, isthing, cfg.object_mask_threshold, cfg.overlap_threshold
+        )
         np.testing.assert_array_equal(raw.panoptic, pan.numpy())
         assert [(s.id, s.category_id, s.isthing, s.score) for s in raw.segments] == [
             (sid, categories[c].id, thing, score) for sid, c, thing, score in segs
         ]
         np.testing.assert_array_equal(raw.semantic, cat_ids[semantic_argmax(mask_cls, masks)].numpy())
-        classes, scores, queries = instance_inference(mask_cls, masks, isthing, topk=cfg.topk_per_image, things_only=True)
+        classes, scores, queries = instance_inference(
+            mask_cls, masks, isthing, topk=cfg.topk_per_image, things_only=True
+        )
         unique, inverse = torch.unique(queries, return_inverse=True)
         binary = masks[unique] > 0
         np.testing.assert_array_equal(raw.instance_category_ids, cat_ids[classes].numpy())

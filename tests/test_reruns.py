@@ -88,7 +88,10 @@ def test_retry_errors_relabels_only_the_transient_failures(tmp_path, photos, ray
 def test_relabel_changed_and_a_noop_rerun_that_reads_markers_only(tmp_path, photos, ray_local):
     shards = tmp_path / "shards"
     shards.mkdir()
-    a_samples = {"a0": jpeg_bytes(photos["astronaut"], (64, 48)), "a1": jpeg_bytes(photos["coffee"], (48, 64))}
+    a_samples = {
+        "a0": jpeg_bytes(photos["astronaut"], (64, 48)),
+        "a1": jpeg_bytes(photos["coffee"], (48, 64)),
+    }
     write_tar(shards / "a.tar", webdataset_members(a_samples))
     write_tar(shards / "b.tar", webdataset_members({"b0": jpeg_bytes(photos["chelsea"], (64, 48))}))
     out = tmp_path / "out"
@@ -179,7 +182,9 @@ def test_sigkill_during_commit_and_during_coco_assembly_then_rerun(tmp_path, pre
     assert len(list((out / "_commits").glob("*.json"))) == 4
     assert not (out / "coco" / "index.json").exists()  # the export was never completed
     # 3. the next rerun finishes: one row per key, the COCO parts agree with the Parquet
-    proc = subprocess.run(args, cwd=REPO, env=_env(tmp_path, api_url), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        args, cwd=REPO, env=_env(tmp_path, api_url), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = rows_of(out)
     assert sorted(rows) == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"]

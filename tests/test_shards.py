@@ -465,7 +465,9 @@ def test_connection_dropped_mid_shard_is_retried_without_duplicates(tmp_path: Pa
                 self.close_connection = True  # no response at all: the client sees the server disconnect
                 return
             body = data[start : end + 1]
-            self._headers(206 if rng else 200, len(body), {"Content-Range": f"bytes {start}-{end}/{len(data)}"})
+            self._headers(
+                206 if rng else 200, len(body), {"Content-Range": f"bytes {start}-{end}/{len(data)}"}
+            )
             self.wfile.write(body)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -333,7 +333,9 @@ def test_one_of_several_captions_is_drawn_each_time_an_image_is_used(tmp_path):
 
     json_path, png_dir, image_dir, _ = make_coco_panoptic(tmp_path / "coco")
     captions = {139: ["a person next to a car", "the sky", "a bicycle"], 285: "a car under the sky"}
-    convert_coco_panoptic_to_shards(str(json_path), str(png_dir), str(image_dir), str(tmp_path / "s"), captions=captions)
+    convert_coco_panoptic_to_shards(
+        str(json_path), str(png_dir), str(image_dir), str(tmp_path / "s"), captions=captions
+    )
     records = {r.image_id: r for r in iter_labeled_shards(str(tmp_path / "s"))}
     assert records[139].caption == "a person next to a car" and records[285].caption == "a car under the sky"
     meta = json.loads(next(iter(_members(tmp_path / "s", "139.segments.json"))))
@@ -341,7 +343,12 @@ def test_one_of_several_captions_is_drawn_each_time_an_image_is_used(tmp_path):
         next(iter(_members(tmp_path / "s", "285.segments.json")))
     )
     stream = TrainDataStream(
-        str(tmp_path / "s"), class_index={1: 0, 2: 1, 3: 2}, crop_size=16, num_words=4, lexicon=noun_lexicon(), seed=3
+        str(tmp_path / "s"),
+        class_index={1: 0, 2: 1, 3: 2},
+        crop_size=16,
+        num_words=4,
+        lexicon=noun_lexicon(),
+        seed=3,
     )
     per_caption = [{"person", "car"}, {"sky"}, {"bicycle"}]
     seen = set()
@@ -546,7 +553,9 @@ def test_checkpoints_are_fsynced_before_last_checkpoint_names_them(data, tmp_pat
     for step in (1, 2):
         ckpt = f"{ckpt_dir}/model_{step:07d}.pth"
         renamed = events.index(("replace", ckpt))
-        fsynced = max(i for i, (kind, path) in enumerate(events[:renamed]) if kind == "fsync" and "model_" in path)
+        fsynced = max(
+            i for i, (kind, path) in enumerate(events[:renamed]) if kind == "fsync" and "model_" in path
+        )
         dir_synced = events.index(("fsync", ckpt_dir), renamed)
         pointed = [i for i, e in enumerate(events) if e == ("replace", pointer)][step - 1]
         assert fsynced < renamed < dir_synced < pointed

@@ -401,12 +401,20 @@ def test_matching_builtin_vocabulary_recognises_coco_and_ade_categories():
     as_list = [{"id": i, **v} for i, v in cats.items()]
     assert matching_builtin_vocabulary(as_list) == "coco_panoptic"
     ade = load_vocabulary("ade20k_150")
-    assert matching_builtin_vocabulary({c.id: {"name": c.name, "isthing": c.isthing} for c in ade}) == "ade20k_150"
+    assert (
+        matching_builtin_vocabulary({c.id: {"name": c.name, "isthing": c.isthing} for c in ade})
+        == "ade20k_150"
+    )
     # One id more or less, a flipped thing/stuff flag, or unrelated names: not the built-in.
     assert matching_builtin_vocabulary({i: v for i, v in cats.items() if i != 1}) is None
     assert matching_builtin_vocabulary({**cats, 201: {"name": "extra", "isthing": 1}}) is None
     assert matching_builtin_vocabulary({**cats, 1: {"name": "person", "isthing": 0}}) is None
-    assert matching_builtin_vocabulary({i: {"name": f"class {i}", "isthing": v["isthing"]} for i, v in cats.items()}) is None
+    assert (
+        matching_builtin_vocabulary(
+            {i: {"name": f"class {i}", "isthing": v["isthing"]} for i, v in cats.items()}
+        )
+        is None
+    )
     assert matching_builtin_vocabulary({}) is None
 
 
@@ -488,7 +496,9 @@ def test_benchmark_builtins_thing_stuff_rule():
     assert [c.name for c in load_vocabulary("pascal_voc_21") if not c.isthing] == ["background"]
 
 
-@pytest.mark.parametrize("name", ["lvis_1203", "ade20k_847", "pascal_context_459", "pascal_context_59", "pascal_voc_21"])
+@pytest.mark.parametrize(
+    "name", ["lvis_1203", "ade20k_847", "pascal_context_459", "pascal_context_59", "pascal_voc_21"]
+)
 def test_benchmark_builtins_equal_the_reference_files(name):
     """Class for class and synonym for synonym what the official ``get_openseg_labels`` reads."""
     folder = next((p for p in REFERENCE if (p / f"{name}_with_prompt_eng.txt").is_file()), None)
@@ -529,7 +539,10 @@ def test_allow_repeats_directive(tmp_path):
 def test_inline_vocabulary_like_the_demo():
     vocab = parse_inline_vocabulary("person,man;sky [stuff]")
     assert vocab.source == "vocab"
-    assert [(c.id, c.synonyms, c.isthing) for c in vocab] == [(1, ("person", "man"), True), (2, ("sky",), False)]
+    assert [(c.id, c.synonyms, c.isthing) for c in vocab] == [
+        (1, ("person", "man"), True),
+        (2, ("sky",), False),
+    ]
     # the demo's own example, whitespace trimmed around classes and synonyms
     demo = parse_inline_vocabulary(" black pickup truck, pickup truck ;  blue sky, sky ")
     assert demo.names == ["black pickup truck", "blue sky"]
@@ -601,13 +614,22 @@ def test_demo_vocabulary_is_the_official_label_list():
         + [c.synonyms for c in ade if not c.isthing]
     )
     assert [c.synonyms for c in demo] == expected
-    assert (demo[0].name, demo[1].name, demo[2].name, demo[82].name) == ("black pickup truck", "blue sky", "person", "bed")
+    assert (demo[0].name, demo[1].name, demo[2].name, demo[82].name) == (
+        "black pickup truck",
+        "blue sky",
+        "person",
+        "bed",
+    )
     assert demo[182].name == "aerosol can" and demo[1385].name == "banner" and not demo[1385].isthing
     assert demo[-1].name == [c.name for c in ade if not c.isthing][-1]
     # repeats kept as in the demo: COCO's, ADE's and LVIS's person are three classes
     ade_person = [c.name for c in ade if c.isthing].index("person")
     lvis_person = lvis.names.index("person")
-    assert [c.id for c in demo if c.name == "person"] == [3, 2 + 80 + ade_person + 1, 2 + 180 + lvis_person + 1]
+    assert [c.id for c in demo if c.name == "person"] == [
+        3,
+        2 + 80 + ade_person + 1,
+        2 + 180 + lvis_person + 1,
+    ]
     assert len(demo.flat_synonyms()[0]) == 4 + 254 + 403 + 1825
     assert parse_vocabulary(demo.to_text()) == demo  # survives the trip to the annotate actors
     assert len(demo_vocabulary()) == 1486 and demo_vocabulary()[0].name == "person"
@@ -618,12 +640,16 @@ def test_demo_vocabulary_is_the_official_label_list():
 
 def test_compose_vocabulary_sources_and_precedence(tmp_path):
     path = write(tmp_path, "3: forklift\n7: pallet, pallets\n")
-    vocab = compose_vocabulary(file=str(path), inline="pallet; safety vest", caption="A man driving a forklift.")
+    vocab = compose_vocabulary(
+        file=str(path), inline="pallet; safety vest", caption="A man driving a forklift."
+    )
     # file first (its ids kept), then the inline classes, then the caption's nouns; repeats dropped;
     # Vocabulary.merge's id rule: a kept class keeps its own id (1..n) when it is free
     assert vocab.names == ["forklift", "pallet", "safety vest", "man"]
     assert vocab.ids == [3, 7, 2, 1]
-    clash = compose_vocabulary(file=str(write(tmp_path, "1: crate\n2: pallet jack\n", "c.txt")), inline="a; b")
+    clash = compose_vocabulary(
+        file=str(write(tmp_path, "1: crate\n2: pallet jack\n", "c.txt")), inline="a; b"
+    )
     assert clash.ids == [1, 2, 3, 4]
     with_builtin = compose_vocabulary(inline="forklift", merge_with=["coco_panoptic"])
     assert with_builtin.names[0] == "forklift" and len(with_builtin) == 134

@@ -24,7 +24,9 @@ def cfg(**kw) -> AnnotateConfig:
 
 # --- the config: precedence and the preset ---------------------------------------------------------------
 def test_vocabulary_sources_and_default():
-    assert cfg().vocab_file == "coco_panoptic" and resolve_vocabulary(cfg()) == load_vocabulary("coco_panoptic")
+    assert cfg().vocab_file == "coco_panoptic" and resolve_vocabulary(cfg()) == load_vocabulary(
+        "coco_panoptic"
+    )
     # inline classes alone replace the default vocab_file ...
     inline = cfg(vocab="person, man; sky [stuff]")
     assert inline.vocab_file is None and inline.vocab == ["person, man", "sky [stuff]"]
@@ -35,7 +37,10 @@ def test_vocabulary_sources_and_default():
     both = cfg(vocab_file="ade20k_150", vocab="forklift", merge_vocab=["coco_panoptic"])
     vocab = resolve_vocabulary(both)
     assert vocab.names[:2] == ["wall", "building"] and vocab.names[150] == "forklift"
-    assert len(vocab) == 150 + 1 + len(load_vocabulary("ade20k_150").merge(load_vocabulary("coco_panoptic"))) - 150
+    assert (
+        len(vocab)
+        == 150 + 1 + len(load_vocabulary("ade20k_150").merge(load_vocabulary("coco_panoptic"))) - 150
+    )
     assert both.vocabulary_spec == "ade20k_150 + vocab 'forklift' + coco_panoptic"
     caption = cfg(caption="A man walking a dog on the beach.")
     assert caption.vocab_file is None and resolve_vocabulary(caption).names == ["man", "dog", "beach"]
@@ -63,7 +68,9 @@ def test_demo_preset_settings_and_overrides():
 
 
 def test_bad_vocabulary_parameters_name_the_class():
-    with pytest.raises(ParameterError, match=r"invalid parameter vocab=.*vocab: class 2 \('dog,,puppy'\): empty synonym"):
+    with pytest.raises(
+        ParameterError, match=r"invalid parameter vocab=.*vocab: class 2 \('dog,,puppy'\): empty synonym"
+    ):
         annotate_config({"input": "x", "output": "o", "vocab": "cat; dog,,puppy"})
     with pytest.raises(ParameterError, match=r"vocab: class 3 \('Cat'\): duplicate class 'Cat'"):
         annotate_config({"input": "x", "output": "o", "vocab": ["cat", "dog; Cat"]})
@@ -80,16 +87,31 @@ def test_command_line_and_flow_parameters():
     from flows.cli import _options_from, build_annotate_parser
 
     parser = build_annotate_parser()
-    argv = ["--input", "x", "--output", "o", "--vocab", "person, man; sky [stuff]", "--caption", "a dog", "--preset", "demo"]
+    argv = [
+        "--input",
+        "x",
+        "--output",
+        "o",
+        "--vocab",
+        "person, man; sky [stuff]",
+        "--caption",
+        "a dog",
+        "--preset",
+        "demo",
+    ]
     params = _options_from(parser.parse_args(argv), AnnotateConfig)
     assert params["vocab"] == ["person, man; sky [stuff]"] and params["preset"] == "demo"
     config = annotate_config(params)
-    assert config.vocab == ["person, man", "sky [stuff]"] and config.caption == "a dog" and config.alpha == 0.35
+    assert (
+        config.vocab == ["person, man", "sky [stuff]"] and config.caption == "a dog" and config.alpha == 0.35
+    )
     with pytest.raises(SystemExit):
         parser.parse_args(["--input", "x", "--output", "o", "--preset", "fast"])
     # the flow: list or string parameter, caption, preset; no vocab_file default that would add COCO
     sig = inspect.signature(annotate.fn)
-    assert {"vocab", "caption", "preset"} <= set(sig.parameters) and sig.parameters["vocab_file"].default is None
+    assert {"vocab", "caption", "preset"} <= set(sig.parameters) and sig.parameters[
+        "vocab_file"
+    ].default is None
     schema = annotate.parameters.model_dump()["properties"]
     assert {"vocab", "caption", "preset"} <= set(schema)
 
@@ -105,7 +127,9 @@ def test_training_vocabulary_of_a_demo_output_keeps_repeated_names():
     assert [c.synonyms for c in vocab] == [c.synonyms for c in demo]
     assert class_index_map(vocab, categories) == {c.id: k for k, c in enumerate(demo)}
     # names only (no synonyms), repeated: still one class per id
-    plain = vocabulary_from_categories({1: {"name": "person", "isthing": 1}, 2: {"name": "Person", "isthing": 0}})
+    plain = vocabulary_from_categories(
+        {1: {"name": "person", "isthing": 1}, 2: {"name": "Person", "isthing": 0}}
+    )
     assert [(c.id, c.name, c.isthing) for c in plain] == [(1, "person", True), (2, "Person", False)]
 
 
@@ -181,5 +205,7 @@ def test_demo_preset_run_end_to_end(tmp_path, ray_local):
                     crop_size=64, num_points=256, log_every=1, checkpoint_every=2, eval_every=0)
     )  # fmt: skip
     assert trained.steps == 2 and list((tmp_path / "run" / "checkpoints").glob("model_*.pth"))
-    scored = run_evaluation(EvaluateConfig(ground_truth_shards=str(data), predictions=str(out), instance_ap=False))
+    scored = run_evaluation(
+        EvaluateConfig(ground_truth_shards=str(data), predictions=str(out), instance_ap=False)
+    )
     assert scored.num_images == summary.labelled and scored.overall.pq == pytest.approx(1.0)

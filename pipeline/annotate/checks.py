@@ -134,7 +134,9 @@ def check_output_writable(url: str, storage_options: dict) -> bool:
         local = not ("://" in url and not url.startswith("file://"))
         if local:
             if os.path.exists(root) and not os.path.isdir(root):
-                raise OutputError(f"output {url} is a file, not a folder; give a folder (it is created if missing)")
+                raise OutputError(
+                    f"output {url} is a file, not a folder; give a folder (it is created if missing)"
+                )
             os.makedirs(root, exist_ok=True)
         fs.pipe_file(probe, b"ok")
         try:
@@ -162,7 +164,9 @@ def _check_output_outside_input(config: AnnotateConfig) -> None:
             continue
         base = os.path.abspath(base)
         if out_abs == base or out_abs.startswith(base + os.sep):
-            raise OutputError(f"output {config.output} lies inside the input folder {base}; its files would be read as input")
+            raise OutputError(
+                f"output {config.output} lies inside the input folder {base}; its files would be read as input"
+            )
 
 
 def check_inputs(config: AnnotateConfig) -> CheckedInputs:
@@ -188,7 +192,9 @@ def check_inputs(config: AnnotateConfig) -> CheckedInputs:
     from pipeline.shards import list_shards
 
     vocabulary = resolve_vocabulary(config)
-    shards = list_shards(config.input, config.storage_options, images_per_virtual_shard=config.images_per_virtual_shard)
+    shards = list_shards(
+        config.input, config.storage_options, images_per_virtual_shard=config.images_per_virtual_shard
+    )
     _check_output_outside_input(config)
     model_cfg = odise_model.load_config(config.model)
     sources = WeightSources.resolve(
@@ -198,12 +204,18 @@ def check_inputs(config: AnnotateConfig) -> CheckedInputs:
         clip_weights=config.clip_weights,
         pretrained=config.use_pretrained,
     )
-    loader = WeightLoader(offline=config.offline, cache_dir=config.cache_dir, storage_options=config.storage_options)
+    loader = WeightLoader(
+        offline=config.offline, cache_dir=config.cache_dir, storage_options=config.storage_options
+    )
     located = loader.locate_all(sources)
-    conditional = check_output_writable(config.output, config.out_storage_options)  # creates a local output folder
+    conditional = check_output_writable(
+        config.output, config.out_storage_options
+    )  # creates a local output folder
     # another run writes this output: fail before Prefect or Ray start (the run takes the lease atomically)
     check_not_leased(config.output, config.out_storage_options)
-    new = provenance_for(config, {"vocabulary": vocabulary, "model_config": model_cfg, "located": located}, "check")
+    new = provenance_for(
+        config, {"vocabulary": vocabulary, "model_config": model_cfg, "located": located}, "check"
+    )
     existing = None
     if not config.allow_provenance_mismatch:
         # an output labelled with another model / vocabulary / thresholds: refuse now, not after Ray started
@@ -272,7 +284,11 @@ def take_over(config: AnnotateConfig, scope: str | None = None) -> CheckedInputs
     """
     with _HANDOFF_LOCK:
         checked = _HANDOFF.pop(_handoff_key(config, scope), None)
-    if checked is None or time.time() - checked.checked_at > HANDOFF_MAX_AGE_S or checked.output != config.output:
+    if (
+        checked is None
+        or time.time() - checked.checked_at > HANDOFF_MAX_AGE_S
+        or checked.output != config.output
+    ):
         return None
     return checked
 
@@ -342,7 +358,9 @@ def check_cluster_paths(
 # --------------------------------------------------------------------------------------------------------
 # 2. provenance
 # --------------------------------------------------------------------------------------------------------
-def provenance_for(config: AnnotateConfig, checked: CheckedInputs | Mapping[str, Any], run_id: str) -> RunProvenance:
+def provenance_for(
+    config: AnnotateConfig, checked: CheckedInputs | Mapping[str, Any], run_id: str
+) -> RunProvenance:
     """The provenance record of a run of ``config`` over ``checked`` inputs, with id ``run_id``; URLs in it are
     redacted (no user-info, signatures, tokens)."""
     from pipeline.redact import redact, redact_text, redact_url, url_identity
@@ -354,13 +372,21 @@ def provenance_for(config: AnnotateConfig, checked: CheckedInputs | Mapping[str,
     weights = located.provenance()
     post = model_cfg.postprocess
     thresholds = {
-        "object_mask_threshold": config.object_mask_threshold if config.object_mask_threshold is not None else post.object_mask_threshold,
-        "overlap_threshold": config.overlap_threshold if config.overlap_threshold is not None else post.overlap_threshold,
+        "object_mask_threshold": config.object_mask_threshold
+        if config.object_mask_threshold is not None
+        else post.object_mask_threshold,
+        "overlap_threshold": config.overlap_threshold
+        if config.overlap_threshold is not None
+        else post.overlap_threshold,
         "alpha": config.alpha if config.alpha is not None else model_cfg.classifier.alpha,
         "beta": config.beta if config.beta is not None else model_cfg.classifier.beta,
     }
     # the vocabulary file by its identity (a signed URL without its signature), then any credential masked
-    vocab_config = config.model_copy(update={"vocab_file": url_identity(config.vocab_file)}) if config.vocab_file else config
+    vocab_config = (
+        config.model_copy(update={"vocab_file": url_identity(config.vocab_file)})
+        if config.vocab_file
+        else config
+    )
     licences = sorted({w["license"] for w in weights.values() if w and w.get("license")})
     if config.is_plumbing_check:
         licences = ["none: random weights (plumbing check, labels are meaningless)"]
@@ -374,7 +400,10 @@ def provenance_for(config: AnnotateConfig, checked: CheckedInputs | Mapping[str,
         thresholds=thresholds,
         weights_licences="; ".join(licences),
         settings={
-            "weights": {k: (None if w is None else redact_url(url_identity(str(w["source"])))) for k, w in weights.items()},
+            "weights": {
+                k: (None if w is None else redact_url(url_identity(str(w["source"]))))
+                for k, w in weights.items()
+            },
             "plumbing_check": config.is_plumbing_check,
             "input_resize": {"short_side": model_cfg.input.short_side, "max_size": model_cfg.input.max_size},
             "include_png": config.include_png,

@@ -512,7 +512,9 @@ def finalize_coco(
     if max_images_per_file < 1:
         raise ValueError(f"max_images_per_file must be >= 1, got {max_images_per_file}")
     if image_root and copied_images:
-        raise ValueError(f"image_root ({image_root}) and copied_images exclude each other: copies are under images/")
+        raise ValueError(
+            f"image_root ({image_root}) and copied_images exclude each other: copies are under images/"
+        )
     fs, root = fs_root(out_url, storage_options)
     if markers is None:
         from pipeline.annotate.commit import committed_shards
@@ -527,7 +529,9 @@ def finalize_coco(
         {
             "categories": pan_cats,
             "image_root": norm_root,
-            **({"copied_images": True} if copied_images else {}),  # absent otherwise: older digests stay valid
+            **(
+                {"copied_images": True} if copied_images else {}
+            ),  # absent otherwise: older digests stay valid
             "max_images_per_file": max_images_per_file,
             "description": description,
             "schema_version": SCHEMA_VERSION,

@@ -83,7 +83,11 @@ def _start_ray(config: AnnotateConfig) -> bool:
 
     started = False
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False,
+            "log_to_driver": True,
+            "configure_logging": False,
+        }
         address = ray_init_address(config.ray_address)
         if address == "local":
             kwargs["num_cpus"] = config.num_cpus
@@ -123,7 +127,9 @@ def _resources(config: AnnotateConfig) -> tuple[str, float, int]:
         device = "cuda" if gpus > 0 else "cpu"
     if device == "cuda" and gpus == 0:
         raise PipelineError("device='cuda' but the Ray cluster has no GPUs")
-    per_actor = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if device == "cuda" else 0.0)
+    per_actor = (
+        config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if device == "cuda" else 0.0)
+    )
     if config.num_actors is not None:
         actors = config.num_actors
     elif device == "cuda" and per_actor > 0:
@@ -157,7 +163,9 @@ class _TableAnnotator(Annotator):
         return pa.Table.from_pydict(super().__call__(batch.to_pydict()))
 
 
-def _build_dataset(config: AnnotateConfig, todo, checked: CheckedInputs, provenance, device, gpus_per_actor, actors):
+def _build_dataset(
+    config: AnnotateConfig, todo, checked: CheckedInputs, provenance, device, gpus_per_actor, actors
+):
     import ray
 
     model_cfg = checked.model_config
@@ -315,7 +323,9 @@ def _plan_work(config: AnnotateConfig, shards: list[ShardRef], done: dict[str, d
         if sid not in by_id and (m.get("root") or str(m.get("shard", "")).split("#", 1)[0]) in listed_roots
     ]
     plan.stamps = source_stamps(shards, config.storage_options)
-    plan.changed = sorted(sid for sid in by_id if sid in done and source_changed(done[sid], plan.stamps.get(sid)))
+    plan.changed = sorted(
+        sid for sid in by_id if sid in done and source_changed(done[sid], plan.stamps.get(sid))
+    )
     seq = next_seq(done)
     for s in shards:
         if s.shard_id not in done:
@@ -327,7 +337,11 @@ def _plan_work(config: AnnotateConfig, shards: list[ShardRef], done: dict[str, d
     pending = pending_replacements(out, out_opts)
     relabel = set(plan.changed) if config.relabel_changed else set()
     relabel |= {sid for sid, rec in pending.items() if sid in done and rec.get("mode") == "relabel"}
-    retry = {sid for sid, m in done.items() if int(m.get("n_retryable") or 0) > 0} if config.retry_errors else set()
+    retry = (
+        {sid for sid, m in done.items() if int(m.get("n_retryable") or 0) > 0}
+        if config.retry_errors
+        else set()
+    )
     retry |= {sid for sid, rec in pending.items() if sid in done and rec.get("mode") == "retry"}
     retry_keys = {}
     for sid in sorted(retry - relabel):
@@ -353,10 +367,14 @@ def _plan_work(config: AnnotateConfig, shards: list[ShardRef], done: dict[str, d
         if ref is None and marker.get("kind") == "images" and marker.get("root") in listed_roots:
             root = str(marker["root"]).rstrip("/") + "/"
             members = tuple(u for u in load_members(out, out_opts, marker) if u.removeprefix(root) in wanted)
-            ref = ShardRef(url=str(marker["shard"]), shard_id=sid, kind="images", members=members, root=marker["root"])
+            ref = ShardRef(
+                url=str(marker["shard"]), shard_id=sid, kind="images", members=members, root=marker["root"]
+            )
         elif ref is not None and ref.kind == "images":
             root = ref.root.rstrip("/") + "/"
-            ref = dataclasses.replace(ref, members=tuple(u for u in ref.members if u.removeprefix(root) in wanted))
+            ref = dataclasses.replace(
+                ref, members=tuple(u for u in ref.members if u.removeprefix(root) in wanted)
+            )
         if ref is None:
             log.warning("shard %s has retryable errors but is not in the input any more; not retried", sid)
             continue
@@ -395,7 +413,10 @@ class ImageTotals:
         if not self._tars_read:
             return {"images_total": None, "images_total_estimated": True}
         mean = self._tar_images / len(self._tars_read)
-        return {"images_total": self._known + self._tar_images + round(mean * unread), "images_total_estimated": True}
+        return {
+            "images_total": self._known + self._tar_images + round(mean * unread),
+            "images_total_estimated": True,
+        }
 
 
 def run_annotation(
@@ -468,7 +489,9 @@ def _settle_provenance(config: AnnotateConfig, checked: CheckedInputs):
         return checked.provenance
     if not config.allow_provenance_mismatch and checked.conditional_writes:
         fs, root = fs_root(out, out_opts)
-        if create_exclusive(fs, posixpath.join(root, "provenance.json"), (provenance.to_json() + "\n").encode()):
+        if create_exclusive(
+            fs, posixpath.join(root, "provenance.json"), (provenance.to_json() + "\n").encode()
+        ):
             return provenance
     return write_provenance(out, out_opts, provenance, allow_mismatch=config.allow_provenance_mismatch)
 
@@ -513,11 +536,17 @@ def _label_under_lease(
         plumbing_check=config.is_plumbing_check,
     )
     summary.lease_takeover = lease.taken_over.to_dict() if lease.taken_over is not None else None
-    summary.changed_shards = {"count": len(plan.changed), "first": plan.changed[:20], "relabelled": config.relabel_changed}
+    summary.changed_shards = {
+        "count": len(plan.changed),
+        "first": plan.changed[:20],
+        "relabelled": config.relabel_changed,
+    }
     if plan.changed and not config.relabel_changed:
         log.warning(
             "%d committed shard(s) changed at the source since their commit (first: %s); rerun with "
-            "--relabel-changed to relabel them", len(plan.changed), plan.changed[:5],
+            "--relabel-changed to relabel them",
+            len(plan.changed),
+            plan.changed[:5],
         )
     log.info(
         "%d shard(s): %d to label, %d already committed, %d to replace",
@@ -551,7 +580,12 @@ def _label_under_lease(
             begin_replacement(out, out_opts, sid, mode=plan.modes[sid], run_id=run_id)
     for sid in plan.direct:  # an interrupted retry with nothing left to relabel: finish it from the base
         begin_replacement(out, out_opts, sid, mode="retry", run_id=run_id)
-        shard = {"url": done[sid]["shard"], "shard_id": sid, "kind": done[sid].get("kind"), "root": done[sid].get("root")}
+        shard = {
+            "url": done[sid]["shard"],
+            "shard_id": sid,
+            "kind": done[sid].get("kind"),
+            "root": done[sid].get("root"),
+        }
         info = commit_shard(out, out_opts, shard=shard, expected_keys=0, provenance=provenance,
                             categories=categories, write_coco=config.write_coco, replace="retry", retry_keys=())  # fmt: skip
         plan.modes[sid] = "retry"
@@ -688,7 +722,9 @@ def _label_under_lease(
         markers=done,
         # (errors by reason are the file's top-level "errors_by_reason", over every committed shard)
         extra={
-            "last_run": redact({k: v for k, v in summary.to_dict().items() if k != "error_reasons"}, keys=False),
+            "last_run": redact(
+                {k: v for k, v in summary.to_dict().items() if k != "error_reasons"}, keys=False
+            ),
             "changed_shards": redact(summary.changed_shards, keys=False),
         },
     )

@@ -205,7 +205,9 @@ class ReadShard:
         self.overlays_total = overlays_total
         self.rows_per_batch = rows_per_batch
 
-    def _decode_resized(self, data: bytes, location: str, fault: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    def _decode_resized(
+        self, data: bytes, location: str, fault: str, key: str
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(original RGB, resized RGB)``; a ``MemoryError`` is retried once after freeing memory."""
         from odise_model.predictor import resize_image
         from pipeline.images import decode_image
@@ -235,9 +237,13 @@ class ReadShard:
                 write_bytes(fs, dest, sample.image_bytes, durable=False)
                 return
             except Exception as exc:
-                if not (is_storage_error(exc) and classify(exc, stage="stage")[1]) or attempt == len(WRITE_DELAYS_S):
+                if not (is_storage_error(exc) and classify(exc, stage="stage")[1]) or attempt == len(
+                    WRITE_DELAYS_S
+                ):
                     raise
-                log.warning("copying %s to %s failed (%s: %s); retrying", location, dest, type(exc).__name__, exc)
+                log.warning(
+                    "copying %s to %s failed (%s: %s); retrying", location, dest, type(exc).__name__, exc
+                )
             time.sleep(WRITE_DELAYS_S[attempt])
 
     def _decode(self, shard: dict, sample, position: int) -> dict[str, Any]:
@@ -268,10 +274,17 @@ class ReadShard:
                 self._copy(shard, sample, location)
             except Exception as exc:  # noqa: BLE001 - this image's row: no labelled row without its copy
                 kind = classify(exc, stage="stage")[0]
-                _set_error(row, f"copying the image (--copy-images) failed: {type(exc).__name__}: {exc} [{location}]", kind)
+                _set_error(
+                    row,
+                    f"copying the image (--copy-images) failed: {type(exc).__name__}: {exc} [{location}]",
+                    kind,
+                )
                 return row
         index = self.shard_index.get(shard["shard_id"], 0)
-        overlay = position < self.overlays_per_shard and index * self.overlays_per_shard + position < self.overlays_total
+        overlay = (
+            position < self.overlays_per_shard
+            and index * self.overlays_per_shard + position < self.overlays_total
+        )
         self._decoded += 1
         row.update(
             image=np.ascontiguousarray(resized).tobytes(),
@@ -369,9 +382,15 @@ class Annotator:
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("this replica was given a GPU slot but CUDA is not available")
         cfg = odise_model.load_config(model_kwargs.pop("config"))
-        post = {k: v for k, v in overrides.items() if k in ("object_mask_threshold", "overlap_threshold") and v is not None}
+        post = {
+            k: v
+            for k, v in overrides.items()
+            if k in ("object_mask_threshold", "overlap_threshold") and v is not None
+        }
         fusion = {k: v for k, v in overrides.items() if k in ("alpha", "beta") and v is not None}
-        cfg = cfg.replace(**({"postprocess": post} if post else {}), **({"classifier": fusion} if fusion else {}))
+        cfg = cfg.replace(
+            **({"postprocess": post} if post else {}), **({"classifier": fusion} if fusion else {})
+        )
         self.model = odise_model.build_odise(cfg, device=device, **model_kwargs)
         vocab = odise_model.parse_vocabulary(vocabulary_text, source="run vocabulary")
         self.predictor = odise_model.Predictor(self.model, vocab, **predictor_kwargs)
@@ -382,7 +401,9 @@ class Annotator:
     def _location(self, batch: dict[str, Any], i: int) -> str:
         return _get(batch, "image_url", i, "") or f"{batch['shard'][i]}:{batch['key'][i]}"
 
-    def _fail(self, out: dict[str, Any], batch: dict[str, Any], i: int, stage: str, exc: BaseException) -> None:
+    def _fail(
+        self, out: dict[str, Any], batch: dict[str, Any], i: int, stage: str, exc: BaseException
+    ) -> None:
         message, kind = _exception_text(stage, exc, self._location(batch, i))
         log.warning("%s/%s: %s", batch["shard_id"][i], batch["key"][i], message)
         out["error"][i], out["error_kind"][i], out["retryable"][i] = message, kind, is_retryable(kind)
@@ -399,12 +420,14 @@ class Annotator:
         )
         out["inst_masks"][i] = np.ascontiguousarray(raw.instance_masks_packed).tobytes()
         out["uncertainty"][i] = math.nan if raw.uncertainty is None else float(raw.uncertainty)
-        out["branch_disagreement"][i] = math.nan if raw.branch_disagreement is None else float(raw.branch_disagreement)
+        out["branch_disagreement"][i] = (
+            math.nan if raw.branch_disagreement is None else float(raw.branch_disagreement)
+        )
 
     def _postprocess(self, out: dict, batch: dict, i: int, output, *, chunked_only: bool = False) -> None:
         """Post-process one image's model output into ``out``; out of memory -> in chunks; then an error row."""
         fault, key = _get(batch, "fault", i, ""), batch["key"][i]
-        for chunk in ((OOM_CHUNK_QUERIES,) if chunked_only else (None, OOM_CHUNK_QUERIES)):
+        for chunk in (OOM_CHUNK_QUERIES,) if chunked_only else (None, OOM_CHUNK_QUERIES):
             oom = False
             try:
                 inject("postprocess", fault, key)
@@ -418,7 +441,9 @@ class Annotator:
                     self._fail(out, batch, i, "postprocess", exc)
                     return
                 oom = True
-                log.warning("%s/%s: out of memory in post-processing; retrying in chunks", batch["shard_id"][i], key)
+                log.warning(
+                    "%s/%s: out of memory in post-processing; retrying in chunks", batch["shard_id"][i], key
+                )
             if oom:
                 _free_memory()
 
@@ -447,7 +472,10 @@ class Annotator:
         except Exception as exc:  # noqa: BLE001 - retried image by image below
             oom = is_out_of_memory(exc)
             log.warning(
-                "batch of %d image(s) failed (%s: %s); retrying them one at a time", len(idx), type(exc).__name__, exc
+                "batch of %d image(s) failed (%s: %s); retrying them one at a time",
+                len(idx),
+                type(exc).__name__,
+                exc,
             )
         if outputs is None:  # outside the except block: the traceback (and its tensors) is gone
             _free_memory()
@@ -490,7 +518,9 @@ class Annotator:
 class EncodeAndStage:
     """CPU stage: encode results (RLE, PNG), render overlays, write staging Parquet; emit driver records."""
 
-    def __init__(self, *, out_url: str, storage_options: dict, provenance_json: str, include_png: bool) -> None:
+    def __init__(
+        self, *, out_url: str, storage_options: dict, provenance_json: str, include_png: bool
+    ) -> None:
         self.out_url = out_url
         self.storage_options = storage_options
         self.provenance_json = provenance_json
@@ -506,12 +536,18 @@ class EncodeAndStage:
             semantic = np.frombuffer(batch["semantic"][i], dtype=np.int32).reshape(h, w)
         segments = [Segment(**{**s, "bbox": tuple(s["bbox"])}) for s in json.loads(batch["segments"][i])]
         meta = json.loads(batch["inst_meta"][i])
-        packed = np.frombuffer(batch["inst_masks"][i], dtype=np.uint8).reshape(len(meta), -1) if meta else None
+        packed = (
+            np.frombuffer(batch["inst_masks"][i], dtype=np.uint8).reshape(len(meta), -1) if meta else None
+        )
         instances = []
         for j, inst in enumerate(meta):
             mask = np.unpackbits(packed[j], count=h * w).reshape(h, w).astype(bool)
-            instances.append(Instance(inst["category_id"], inst["category_name"], inst["score"], mask, (0, 0, 0, 0)))
-        return PanopticResult(panoptic_seg=panoptic, segments=segments, semantic_seg=semantic, instances=instances)
+            instances.append(
+                Instance(inst["category_id"], inst["category_name"], inst["score"], mask, (0, 0, 0, 0))
+            )
+        return PanopticResult(
+            panoptic_seg=panoptic, segments=segments, semantic_seg=semantic, instances=instances
+        )
 
     def _write_overlay(self, batch: dict[str, Any], i: int, result) -> str:
         import io
@@ -552,7 +588,13 @@ class EncodeAndStage:
                 if not (is_storage_error(exc) and retryable) or attempt == len(WRITE_DELAYS_S):
                     raise
                 delay = WRITE_DELAYS_S[attempt]
-                log.warning("staging write failed (%s: %s: %s); retrying in %.1f s", kind, type(exc).__name__, exc, delay)
+                log.warning(
+                    "staging write failed (%s: %s: %s); retrying in %.1f s",
+                    kind,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
             time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -567,7 +609,12 @@ class EncodeAndStage:
         except Exception as exc:
             if is_storage_error(exc) or is_out_of_memory(exc):
                 raise  # the task fails and Ray retries it (write-once staging files: nothing duplicated)
-            log.warning("staging %d row(s) failed (%s: %s); checking them one by one", len(rows), type(exc).__name__, exc)
+            log.warning(
+                "staging %d row(s) failed (%s: %s); checking them one by one",
+                len(rows),
+                type(exc).__name__,
+                exc,
+            )
         checked = []
         for row in rows:
             try:
@@ -575,9 +622,15 @@ class EncodeAndStage:
                 rows_to_table([row], provenance)
                 checked.append(row)
             except Exception as exc:  # noqa: BLE001 - this row's problem
-                message, kind = _exception_text("stage", exc, locations.get((row["shard_id"], row["key"]), row["key"]))
-                keep = {k: row.get(k) for k in ("run_id", "shard", "shard_id", "key", "image_ext", "image_url")}
-                checked.append(error_row(**keep, error=message, error_kind=kind, retryable=is_retryable(kind)))
+                message, kind = _exception_text(
+                    "stage", exc, locations.get((row["shard_id"], row["key"]), row["key"])
+                )
+                keep = {
+                    k: row.get(k) for k in ("run_id", "shard", "shard_id", "key", "image_ext", "image_url")
+                }
+                checked.append(
+                    error_row(**keep, error=message, error_kind=kind, retryable=is_retryable(kind))
+                )
         return self._write(checked, provenance, faults)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -590,10 +643,22 @@ class EncodeAndStage:
         faults: dict[tuple[str, str], str] = {}  # (shard_id, key) -> injected fault ("" normally)
         locations: dict[tuple[str, str], str] = {}
         for i in range(len(batch["key"])):
-            common = {"run_id": provenance.run_id, "shard": batch["shard"][i], "shard_id": batch["shard_id"][i]}
+            common = {
+                "run_id": provenance.run_id,
+                "shard": batch["shard"][i],
+                "shard_id": batch["shard_id"][i],
+            }
             if batch["kind"][i] == "end":
-                records.append({"type": "end", "shard_id": batch["shard_id"][i], "shard": batch["shard"][i],
-                                "count": int(batch["shard_total"][i]), "keys": [], "overlays": []})
+                records.append(
+                    {
+                        "type": "end",
+                        "shard_id": batch["shard_id"][i],
+                        "shard": batch["shard"][i],
+                        "count": int(batch["shard_total"][i]),
+                        "keys": [],
+                        "overlays": [],
+                    }
+                )
                 continue
             key = batch["key"][i]
             ext = batch["image_ext"][i] or None
@@ -603,21 +668,49 @@ class EncodeAndStage:
             size = {"width": int(batch["width"][i]) or None, "height": int(batch["height"][i]) or None}
             if batch["error"][i]:
                 kind = _get(batch, "error_kind", i, "") or classify(batch["error"][i])[0]
-                rows.append(error_row(**common, key=key, error=batch["error"][i], error_kind=kind,
-                                      retryable=is_retryable(kind), image_ext=ext, image_url=url, **size))
+                rows.append(
+                    error_row(
+                        **common,
+                        key=key,
+                        error=batch["error"][i],
+                        error_kind=kind,
+                        retryable=is_retryable(kind),
+                        image_ext=ext,
+                        image_url=url,
+                        **size,
+                    )
+                )
                 continue
             try:
                 inject("encode", _get(batch, "fault", i, ""), key)
                 result = self._result(batch, i)
                 encoded = encode_result(result, include_png=self.include_png)
-                rows.append(label_row(**common, key=key, encoded=encoded, image_ext=ext, image_url=url,
-                                      uncertainty=self._nullable(_get(batch, "uncertainty", i, math.nan)),
-                                      branch_disagreement=self._nullable(_get(batch, "branch_disagreement", i, math.nan))))
+                rows.append(
+                    label_row(
+                        **common,
+                        key=key,
+                        encoded=encoded,
+                        image_ext=ext,
+                        image_url=url,
+                        uncertainty=self._nullable(_get(batch, "uncertainty", i, math.nan)),
+                        branch_disagreement=self._nullable(_get(batch, "branch_disagreement", i, math.nan)),
+                    )
+                )
             except Exception as exc:  # noqa: BLE001 - this image's row, not the batch
                 message, kind = _exception_text("encode", exc, location)
                 log.warning("%s/%s: %s", batch["shard_id"][i], key, message)
-                rows.append(error_row(**common, key=key, error=message, error_kind=kind, retryable=is_retryable(kind),
-                                      image_ext=ext, image_url=url, **size))
+                rows.append(
+                    error_row(
+                        **common,
+                        key=key,
+                        error=message,
+                        error_kind=kind,
+                        retryable=is_retryable(kind),
+                        image_ext=ext,
+                        image_url=url,
+                        **size,
+                    )
+                )
                 continue
             if batch["overlay"][i] and batch["image"][i]:
                 try:
@@ -627,8 +720,18 @@ class EncodeAndStage:
                     log.warning("overlay for %s/%s failed: %s", batch["shard_id"][i], key, exc)
         if rows:
             for rec in self._stage(rows, provenance, faults, locations):
-                records.append({"type": "staged", "shard_id": rec["shard_id"], "shard": "", "count": rec["n_rows"],
-                                "keys": rec["keys"], "overlays": overlays.pop(rec["shard_id"], [])})
+                records.append(
+                    {
+                        "type": "staged",
+                        "shard_id": rec["shard_id"],
+                        "shard": "",
+                        "count": rec["n_rows"],
+                        "keys": rec["keys"],
+                        "overlays": overlays.pop(rec["shard_id"], []),
+                    }
+                )
         if not records:
-            records.append({"type": "none", "shard_id": "", "shard": "", "count": 0, "keys": [], "overlays": []})
+            records.append(
+                {"type": "none", "shard_id": "", "shard": "", "count": 0, "keys": [], "overlays": []}
+            )
         return _columns(records)

@@ -460,7 +460,11 @@ class TrainDataStream:
             # one caption drawn at random each time the image is used, as the official caption mapper
             pick = int(rng.integers(len(several)))
             caption = several[pick]
-            if isinstance(nouns, list) and len(nouns) == len(several) and all(isinstance(n, list) for n in nouns):
+            if (
+                isinstance(nouns, list)
+                and len(nouns) == len(several)
+                and all(isinstance(n, list) for n in nouns)
+            ):
                 nouns = nouns[pick]  # stored per caption
         if isinstance(nouns, list) and any(isinstance(n, list) for n in nouns):
             nouns = [w for n in nouns for w in (n if isinstance(n, list) else [n])]
@@ -547,7 +551,9 @@ def _synthetic_image(
         if colour_coded:
             import colorsys
 
-            rgb = colorsys.hsv_to_rgb(_SHAPE_HUES[cat] + rng.uniform(-0.04, 0.04), rng.uniform(0.7, 1.0), rng.uniform(0.6, 1.0))
+            rgb = colorsys.hsv_to_rgb(
+                _SHAPE_HUES[cat] + rng.uniform(-0.04, 0.04), rng.uniform(0.7, 1.0), rng.uniform(0.6, 1.0)
+            )
             colour = (np.array(rgb) * 255).astype(np.int64) % 256
         else:
             colour = rng.integers(0, 256, size=3)

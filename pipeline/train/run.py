@@ -487,7 +487,10 @@ def _train_worker(
     # 2. vocabulary and data
     train_categories = read_categories(_dataset_folder(cfg.train), storage_options=options)
     vocabulary = training_vocabulary(
-        cfg.vocab, train_categories, source=f"{_dataset_folder(cfg.train)}/categories.json", storage_options=options
+        cfg.vocab,
+        train_categories,
+        source=f"{_dataset_folder(cfg.train)}/categories.json",
+        storage_options=options,
     )
     class_index = class_index_map(vocabulary, train_categories, where=str(cfg.train))
     crop_size = cfg.crop_size or model.config.input.short_side
@@ -677,7 +680,9 @@ def _train_worker(
         device=str(device),
         losses=last_losses,
     )
-    _write(f"{cfg.output}/train_summary.json", json.dumps(summary.to_dict(), indent=2).encode("utf-8"), options)
+    _write(
+        f"{cfg.output}/train_summary.json", json.dumps(summary.to_dict(), indent=2).encode("utf-8"), options
+    )
     return summary.to_dict()
 
 
