@@ -64,9 +64,9 @@ def prefect_server(tmp_path_factory):
     """One real ``prefect server start`` on 127.0.0.1:<free port> (SQLite in a temporary PREFECT_HOME) for the
     whole session; yields the environment its clients need (``PREFECT_API_URL`` included).
 
-    Flow tests in this process point Prefect at it (``prefect_api`` fixtures), and console-script tests pass
-    ``PREFECT_API_URL`` to their subprocesses, instead of each starting a temporary server (about 6 s a
-    process, more with a fresh PREFECT_HOME's database). The README's main command is still tested in
+    Console-script tests pass ``PREFECT_API_URL`` to their subprocesses instead of each starting a temporary
+    server (about 6 s a process, more with a fresh PREFECT_HOME's database); flows run in this process use a
+    module's own ``prefect_test_harness``, so Prefect's in-process state never crosses modules. The README's main command is still tested in
     Prefect's ephemeral mode (tests/test_cli.py). Clients filter by their own flow-run ids, so sharing is safe.
     """
     import subprocess
@@ -108,15 +108,6 @@ def prefect_server(tmp_path_factory):
     yield {**env, "PREFECT_API_URL": api}
     stop_process(server)
     log.close()
-
-
-@pytest.fixture(scope="module")
-def prefect_api(prefect_server):
-    """This process's Prefect client pointed at the session's server (for flows run in-process)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
-        yield prefect_server["PREFECT_API_URL"]
 
 
 @pytest.fixture(scope="session")

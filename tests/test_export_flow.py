@@ -1,5 +1,5 @@
-"""Tests of flows/export.py and ``odise-export``: the Prefect ``export`` flow in-process against
-the session's real ``prefect server`` (conftest's ``prefect_api``) with credentials from a Secret block, its artifacts,
+"""Tests of flows/export.py and ``odise-export``: the Prefect ``export`` flow in-process under
+``prefect_test_harness`` (a real temporary Prefect server) with credentials from a Secret block, its artifacts,
 parameter validation, and the console script's help and one-line errors.
 """
 
@@ -18,6 +18,17 @@ import pytest
 from export_fixtures import write_annotate_output
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    """A temporary Prefect server for this module's in-process flow runs (``prefect_test_harness``): Prefect's
+    in-process state (log worker, clients, settings) never crosses modules. Console-script tests use the
+    session's server instead (conftest ``prefect_server``)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
 
 
 def _artifacts(flow_run_id) -> dict:

@@ -1,5 +1,5 @@
-"""Tests of flows/: the annotate flow in-process against the session's real ``prefect server`` (conftest's
-``prefect_api``), the evaluate flow on its output, parameter validation, the credential rules and the retry rule.
+"""Tests of flows/: the annotate flow in-process under ``prefect_test_harness`` (a real temporary Prefect
+server), the evaluate flow on its output, parameter validation, the credential rules and the retry rule.
 
 One real plumbing-check run of the tiny model (the shipped examples -> S3 on a local moto server, with
 fake secrets in the environment and in a Prefect Secret block), then a rerun into the same output, then
@@ -26,6 +26,17 @@ BLOCK_SECRET = f"blockSECRET{uuid.uuid4().hex}"
 # --------------------------------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prefect_api():
+    """A temporary Prefect server for this module's in-process flow runs (``prefect_test_harness``): Prefect's
+    in-process state (log worker, clients, settings) never crosses modules. Console-script tests use the
+    session's server instead (conftest ``prefect_server``)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray with 2 CPUs, reused by the flow runs of this module (the pipeline reuses it)."""
