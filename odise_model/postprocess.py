@@ -237,6 +237,23 @@ def semantic_argmax_chunked(
     return out.view(h, w)
 
 
+def _top_class_queries(
+    mask_cls: torch.Tensor, isthing: torch.Tensor, *, topk: int, things_only: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``topk`` best (query, class) pairs over all queries (Mask2Former's instance selection), things only
+    if asked: ``(score, class_index, query)``, scores descending."""
+    num_classes = mask_cls.shape[-1] - 1
+    scores = F.softmax(mask_cls.float(), dim=-1)[:, :-1]
+    k = min(topk, scores.numel())
+    top_scores, top_idx = scores.flatten().topk(k, sorted=True)
+    labels = top_idx % num_classes
+    queries = torch.div(top_idx, num_classes, rounding_mode="floor")
+    if things_only:
+        keep = isthing.to(labels.device)[labels]
+        top_scores, labels, queries = top_scores[keep], labels[keep], queries[keep]
+    return top_scores, labels, queries
+
+
 def instance_inference(
     mask_cls: torch.Tensor,
     mask_pred: torch.Tensor,
@@ -255,15 +272,7 @@ def instance_inference(
     Returns:
         ``(class_index N long, score N float, query N long)`` on ``mask_pred``'s device.
     """
-    num_classes = mask_cls.shape[-1] - 1
-    scores = F.softmax(mask_cls.float(), dim=-1)[:, :-1]
-    k = min(topk, scores.numel())
-    top_scores, top_idx = scores.flatten().topk(k, sorted=True)
-    labels = top_idx % num_classes
-    queries = torch.div(top_idx, num_classes, rounding_mode="floor")
-    if things_only:
-        keep = isthing.to(labels.device)[labels]
-        top_scores, labels, queries = top_scores[keep], labels[keep], queries[keep]
+    top_scores, labels, queries = _top_class_queries(mask_cls, isthing, topk=topk, things_only=things_only)
     unique, inverse = torch.unique(queries, return_inverse=True)
     logits = mask_pred[unique].float().flatten(1)
     binary = logits > 0
@@ -287,15 +296,7 @@ def instance_inference_chunked(
     torch may split that sum differently (threads, GPU blocks) for a different number of rows, so they can
     differ in the last bits (relative 1e-7), which can only reorder instances whose scores tie to that
     precision."""
-    num_classes = mask_cls.shape[-1] - 1
-    scores = F.softmax(mask_cls.float(), dim=-1)[:, :-1]
-    k = min(topk, scores.numel())
-    top_scores, top_idx = scores.flatten().topk(k, sorted=True)
-    labels = top_idx % num_classes
-    queries = torch.div(top_idx, num_classes, rounding_mode="floor")
-    if things_only:
-        keep = isthing.to(labels.device)[labels]
-        top_scores, labels, queries = top_scores[keep], labels[keep], queries[keep]
+    top_scores, labels, queries = _top_class_queries(mask_cls, isthing, topk=topk, things_only=things_only)
     unique, inverse = torch.unique(queries, return_inverse=True)
     parts = []
     for _, idx in _chunks(unique, chunk):
