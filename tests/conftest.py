@@ -26,7 +26,33 @@ os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 os.environ.pop("AWS_SESSION_TOKEN", None)
 os.environ.pop("AWS_PROFILE", None)
 
+# OpenMP threads sleep instead of spinning while they wait: with two test workers (pytest-xdist) on two cores, torch's
+# spinning threads burned ~100 CPU-seconds of the other worker's time (measured: machine busy 1137 -> ~1000 core-s).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# Prefect reads its settings (PREFECT_LOGGING_LEVEL among them) from the environment and sets up its logging once per
+# process, binding its console handler to the sys.stderr of that moment. Do both now, for the whole session:
+# - otherwise the first set-up could happen inside a console-script main called in-process (``train_main`` sets
+#   PREFECT_LOGGING_LEVEL=WARNING for its terminal), and every later flow run of the process dropped its INFO logs
+#   (test_training's refusal test before test_flows' forwarded-logs test failed that way);
+# - or inside a test with capsys / capfd, whose stream is closed after that test: every later Prefect log line of the
+#   process became a "--- Logging error ---" dump on stderr (a canary test failed on such dumps).
+import prefect.main  # noqa: E402, F401
 import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Long modules first (``full_size``, then any with a ``slow`` test), each module's tests kept together and
+    in file order. Serially this changes nothing but the order; with ``pytest -n 2 --dist loadfile`` the
+    workers take whole modules in this order, so the longest ones start first instead of ending the run alone."""
+    rank: dict[str, int] = {}
+    for item in items:
+        level = 0 if item.get_closest_marker("full_size") else 1 if item.get_closest_marker("slow") else 2
+        rank[item.module.__name__] = min(level, rank.get(item.module.__name__, 2))
+    first_seen = {}
+    for i, item in enumerate(items):
+        first_seen.setdefault(item.module.__name__, i)
+    items.sort(key=lambda it: (rank[it.module.__name__], first_seen[it.module.__name__]))
 
 
 @pytest.fixture(scope="session")
@@ -148,3 +174,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Every test leaves ``os.environ`` as it found it (the console-script mains called in-process set
+    ``PREFECT_LOGGING_LEVEL`` and friends for what they take to be their own process)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)

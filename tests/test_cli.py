@@ -92,6 +92,7 @@ def test_evaluate_and_train_help_document_every_config_field(tmp_path, script, m
         assert renamed.get(name, "--" + name.replace("_", "-")) in flags, name
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_terminal_exits_130_and_a_rerun_completes(tmp_path, prefect_server):
     """Ctrl-C reaches the whole process group (the temporary Prefect server and Ray too): the command must
     still end promptly with exit code 130, and the same command afterwards labels every image exactly once

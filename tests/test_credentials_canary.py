@@ -169,7 +169,9 @@ def _assert_absent(canaries: list[str], texts: dict[str, bytes | str]) -> None:
     for where, text in texts.items():
         data = text.encode() if isinstance(text, str) else text
         for canary in canaries:
-            assert canary.encode() not in data, f"canary {canary[:6]}... found in {where}"
+            at = data.find(canary.encode())
+            context = data[max(0, at - 600) : at + 100].decode(errors="replace").replace(canary, "<CANARY>")
+            assert at < 0, f"canary {canary[:6]}... found in {where}:\n{context}"
 
 
 def _ray_session_logs() -> dict[str, bytes]:
