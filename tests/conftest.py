@@ -136,6 +136,17 @@ def prefect_server(tmp_path_factory):
     log.close()
 
 
+@pytest.fixture(scope="module")
+def prefect_api():
+    """A temporary Prefect server for the in-process flow runs of the requesting module (``prefect_test_harness``,
+    one per module): Prefect's in-process state (log worker, clients, settings) never crosses modules.
+    Console-script tests use the session's server instead (``prefect_server``)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray with 2 CPUs shared by the tests of a session (started once; ~3 s)."""

@@ -45,17 +45,6 @@ def _canary(tag: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # fixtures and helpers
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def prefect_api():
-    """A temporary Prefect server for this module's in-process flow runs (``prefect_test_harness``): Prefect's
-    in-process state (log worker, clients, settings) never crosses modules. Console-script tests use the
-    session's server instead (conftest ``prefect_server``)."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 class _AuthServer:
     """A local http server for files that demands ``Authorization: Bearer <header>`` and ``?token=<token>``."""
 

@@ -20,17 +20,6 @@ from export_fixtures import write_annotate_output
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    """A temporary Prefect server for this module's in-process flow runs (``prefect_test_harness``): Prefect's
-    in-process state (log worker, clients, settings) never crosses modules. Console-script tests use the
-    session's server instead (conftest ``prefect_server``)."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 def _artifacts(flow_run_id) -> dict:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId

@@ -27,17 +27,6 @@ BLOCK_SECRET = f"blockSECRET{uuid.uuid4().hex}"
 # fixtures
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def prefect_api():
-    """A temporary Prefect server for this module's in-process flow runs (``prefect_test_harness``): Prefect's
-    in-process state (log worker, clients, settings) never crosses modules. Console-script tests use the
-    session's server instead (conftest ``prefect_server``)."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
-@pytest.fixture(scope="module")
 def local_ray():
     """A local Ray with 2 CPUs, reused by the flow runs of this module (the pipeline reuses it)."""
     import ray
